@@ -1,0 +1,134 @@
+"""One small exception tree for every failure the gateway answers, and the one
+function that renders it in the API family's own shape.
+
+Every boundary (server, upstream client, relay, config) translates what it
+catches into a ``ProxyError`` so that the status, the OpenAI ``type``/``code``
+and any ``Retry-After`` travel together.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+
+
+class ApiFamily(enum.Enum):
+    """Which error dialect a path speaks (PRODUCT §2)."""
+
+    NATIVE = "native"  # /api/*, /, /health: {"error": "..."}
+    OPENAI = "openai"  # /v1/*, /admin/api/*: {"error": {"message", "type", "code"}}
+
+
+def family_of(path: str) -> ApiFamily:
+    """The error dialect of ``path``: OpenAI for /v1 and /admin/api, else native."""
+    if path.startswith("/v1/") or path == "/v1" or path.startswith("/admin/api"):
+        return ApiFamily.OPENAI
+    return ApiFamily.NATIVE
+
+
+# OpenAI's error ``type`` by status; anything else is ``api_error`` (as Ollama's
+# own /v1 layer does, middleware/openai.go).
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    431: "invalid_request_error",
+}
+
+
+class ProxyError(Exception):
+    """A failure with the HTTP status, a short machine code and a message."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        retry_after_s: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Extra response headers this error carries (``Retry-After``)."""
+        if self.retry_after_s is None:
+            return []
+        return [(b"retry-after", str(self.retry_after_s).encode())]
+
+
+class BadRequest(ProxyError):
+    status = 400
+    code = "invalid_request"
+
+
+class NotFound(ProxyError):
+    status = 404
+    code = "not_found"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UpstreamUnreachable(ProxyError):
+    """No connection to the backend could be made (nothing was sent)."""
+
+    status = 502
+    code = "upstream_unreachable"
+
+
+class UpstreamProtocolError(ProxyError):
+    """The backend answered something that is not valid HTTP, or broke off."""
+
+    status = 502
+    code = "upstream_error"
+
+
+class UpstreamTimeout(ProxyError):
+    """The backend sent no first byte, or went silent between chunks."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+class ConfigError(ProxyError):
+    """A bad config value; the message names file, section, key and what is allowed."""
+
+    status = 500
+    code = "config_error"
+
+
+def error_body(family: ApiFamily, status: int, message: str, code: str | None) -> bytes:
+    """Render an error body in the API family's shape."""
+    if family is ApiFamily.OPENAI:
+        payload: dict[str, object] = {
+            "error": {
+                "message": message,
+                "type": _OPENAI_TYPES.get(status, "api_error"),
+                "param": None,
+                "code": code,
+            }
+        }
+    else:
+        payload = {"error": message}
+    return json.dumps(payload).encode()
+
+
+def render(family: ApiFamily, err: ProxyError) -> bytes:
+    """Render a ``ProxyError`` in the API family's shape."""
+    return error_body(family, err.status, err.message, err.code)

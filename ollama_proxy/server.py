@@ -1,0 +1,416 @@
+"""The HTTP/1.1 server: one h11 connection per socket, keep-alive and
+pipelining, request limits with clean errors, client-gone detection, and a
+graceful drain. What to do with a request is injected as a ``Handler``.
+
+While a handler runs, a watcher task reads the client socket: EOF there means
+the client left, and the handler's cancel scope is cancelled at once, so a
+proxied upstream request dies with it (even while nothing is being written).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import Awaitable, Callable
+
+import h11
+import trio
+
+from .errors import ProxyError, error_body, family_of
+
+log = logging.getLogger("ollama_proxy.server")
+
+# Large reads keep per-request work low; h11 buffers what it is not asked for yet.
+RECEIVE_SIZE = 64 * 1024
+# Pipelined bytes buffered while a response is still running; past this the
+# watcher stops reading and TCP back-pressure holds the client.
+MAX_PIPELINE_BUFFER = 256 * 1024
+# Bounded time for a polite close (shielded), so a stuck peer cannot hold us.
+CLOSE_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """Limits of the HTTP server (``[server]`` section, in bytes and seconds)."""
+
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    header_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 75.0
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A fully received request (the body is read before the handler runs)."""
+
+    method: str
+    target: str
+    path: str
+    query: str
+    headers: list[tuple[bytes, bytes]]  # names lower-cased by h11
+    body: bytes
+    client: str  # peer address, for logs and IP rules
+
+    def header(self, name: bytes) -> bytes | None:
+        """First value of header ``name`` (lower-case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+class ClientGone(Exception):
+    """The client closed its connection; nothing more can be sent to it."""
+
+
+_date_cache: list = [0, b""]
+
+
+def http_date() -> bytes:
+    """The ``Date`` header value, rebuilt at most once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = formatdate(now, usegmt=True).encode()
+    return _date_cache[1]
+
+
+class Responder:
+    """Sends one response on its connection; the handler's only way to write."""
+
+    __slots__ = ("_conn", "_head_only", "started", "ended", "client_gone", "status")
+
+    def __init__(self, conn: _Connection, method: str) -> None:
+        self._conn = conn
+        self._head_only = method == "HEAD"
+        self.started = False
+        self.ended = False
+        self.client_gone = False
+        self.status = 0
+
+    async def start(
+        self, status: int, headers: list[tuple[bytes, bytes]], *, length: int | None = None
+    ) -> None:
+        """Send the status line and headers; without ``length`` the body is chunked."""
+        headers = [(b"date", http_date()), *headers]
+        if length is not None:
+            headers.append((b"content-length", str(length).encode()))
+        if self._conn.server.draining:
+            headers.append((b"connection", b"close"))
+        self.started = True
+        self.status = status
+        await self._conn.send(h11.Response(status_code=status, headers=headers))
+
+    async def write(self, data: bytes) -> None:
+        """Send a piece of the body (dropped for HEAD, as HTTP requires)."""
+        if data and not self._head_only:
+            await self._conn.send(h11.Data(data=data))
+
+    async def end(self) -> None:
+        """Finish the body."""
+        self.ended = True
+        await self._conn.send(h11.EndOfMessage())
+
+    async def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """A whole response in one go."""
+        await self.start(status, headers, length=len(body))
+        await self.write(body)
+        await self.end()
+
+    async def abort(self) -> None:
+        """Drop the connection without finishing the body (a simulated crash)."""
+        self.ended = True
+        self._conn.aborted = True
+        await self._conn.stream.aclose()
+
+
+Handler = Callable[[Request, Responder], Awaitable[None]]
+
+
+class _Connection:
+    """One client socket and its h11 state machine; the only reader and writer."""
+
+    def __init__(self, server: HttpServer, stream: trio.SocketStream, client: str) -> None:
+        self.server = server
+        self.stream = stream
+        self.client = client
+        self.h11 = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=server.settings.max_header_bytes
+        )
+        self.aborted = False
+        self.idle_scope: trio.CancelScope | None = None
+
+    async def send(self, event: h11.Event) -> None:
+        data = self.h11.send(event)
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.h11.send_failed()
+            raise ClientGone() from exc
+        except BaseException:
+            self.h11.send_failed()
+            raise
+
+    async def _receive(self) -> None:
+        try:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        self.h11.receive_data(data)
+
+    async def _next_event(self) -> h11.Event:
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            await self._receive()
+
+    async def _next_request(self) -> h11.Request | None:
+        """Wait for a request head: idle waits end silently, partial heads get 408."""
+        settings = self.server.settings
+        if not self.h11.trailing_data[0]:
+            # Idle: nothing of the next request yet. Drain can interrupt this.
+            self.idle_scope = trio.CancelScope()
+            if self.server.draining:
+                return None
+            with self.idle_scope:
+                with trio.move_on_after(settings.keepalive_timeout_s):
+                    event = self.h11.next_event()
+                    if event is h11.NEED_DATA:
+                        await self._receive()
+            self.idle_scope = None
+            if not self.h11.trailing_data[0] and self.h11.their_state is h11.IDLE:
+                return None
+        with trio.move_on_after(settings.header_timeout_s):
+            event = await self._next_event()
+            if isinstance(event, h11.Request):
+                return event
+            return None  # ConnectionClosed
+        await self.error(408, "timed out reading the request head")
+        return None
+
+    async def _read_body(self, request: Request, head: h11.Request) -> bytes | None:
+        """The whole body, or None after answering 413 (too big) or 408 (too slow)."""
+        limit = self.server.settings.max_body_bytes
+        length = request.header(b"content-length")
+        if length is not None and int(length) > limit:
+            await self.error(413, f"request body is larger than {limit} bytes", request.path)
+            return None
+        if self.h11.client_is_waiting_for_100_continue:
+            await self.send(h11.InformationalResponse(status_code=100, headers=[]))
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            with trio.move_on_after(self.server.settings.header_timeout_s) as scope:
+                event = await self._next_event()
+            if scope.cancelled_caught:
+                await self.error(408, "timed out reading the request body", request.path)
+                return None
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limit:
+                    await self.error(413, f"request body is larger than {limit} bytes", request.path)
+                    return None
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            else:  # ConnectionClosed mid-body
+                return None
+
+    async def error(self, status: int, message: str, path: str = "/") -> None:
+        """Answer an error of the server's own, then this connection closes."""
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = error_body(family_of(path), status, message, None)
+        headers = [
+            (b"date", http_date()),
+            (b"content-type", b"application/json; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        try:
+            await self.send(h11.Response(status_code=status, headers=headers))
+            await self.send(h11.Data(data=body))
+            await self.send(h11.EndOfMessage())
+        except ClientGone:
+            pass
+
+    async def _watch_client(self, scope: trio.CancelScope, responder: Responder) -> None:
+        """Read while the handler runs: EOF means the client left, so cancel it."""
+        while len(self.h11.trailing_data[0]) < MAX_PIPELINE_BUFFER:
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                responder.client_gone = True
+                scope.cancel()
+                return
+            self.h11.receive_data(data)  # pipelined: kept for the next cycle
+        await trio.sleep_forever()
+
+    async def _run_handler(self, request: Request) -> Responder:
+        responder = Responder(self, request.method)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_client, nursery.cancel_scope, responder)
+            try:
+                await self.server.handler(request, responder)
+            except ClientGone:
+                responder.client_gone = True
+            except ProxyError as err:
+                if responder.started:  # too late for a status: cut the body short
+                    log.warning("%s %s failed mid-response: %s", request.method, request.path, err)
+                    self.aborted = True
+                else:
+                    await self._send_proxy_error(request, err)
+            except Exception:
+                log.exception("handler failed for %s %s", request.method, request.path)
+                if not responder.started:
+                    await self.error(500, "internal error", request.path)
+            finally:
+                nursery.cancel_scope.cancel()
+        return responder
+
+    async def _send_proxy_error(self, request: Request, err: ProxyError) -> None:
+        body = error_body(family_of(request.path), err.status, err.message, err.code)
+        headers = [(b"content-type", b"application/json; charset=utf-8"), *err.headers()]
+        await Responder(self, request.method).respond(err.status, headers, body)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                head = await self._next_request()
+                if head is None:
+                    return
+                if _head_size(head) > self.server.settings.max_header_bytes:
+                    # h11 caps only heads still incomplete; one read can bring a whole big one
+                    await self.error(431, "request header block is too large")
+                    return
+                target = head.target.decode("ascii", "replace")
+                path, _, query = target.partition("?")
+                request = Request(
+                    method=head.method.decode("ascii", "replace"),
+                    target=target,
+                    path=path,
+                    query=query,
+                    headers=list(head.headers),
+                    body=b"",
+                    client=self.client,
+                )
+                body = await self._read_body(request, head)
+            except h11.RemoteProtocolError as exc:
+                await self.error(exc.error_status_hint, f"malformed request: {exc}")
+                return
+            if body is None:
+                return
+            if body:
+                request = _with_body(request, body)
+            responder = await self._run_handler(request)
+            if (
+                responder.client_gone
+                or self.aborted
+                or self.server.draining
+                or self.h11.our_state is not h11.DONE
+                or self.h11.their_state is not h11.DONE
+            ):
+                return
+            self.h11.start_next_cycle()
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
+            scope.shield = True
+            await self.stream.aclose()
+
+
+def _head_size(head: h11.Request) -> int:
+    return len(head.target) + sum(len(k) + len(v) + 4 for k, v in head.headers)
+
+
+def _with_body(request: Request, body: bytes) -> Request:
+    return Request(
+        method=request.method,
+        target=request.target,
+        path=request.path,
+        query=request.query,
+        headers=request.headers,
+        body=body,
+        client=request.client,
+    )
+
+
+class HttpServer:
+    """Accepts connections and runs one ``_Connection`` task per socket."""
+
+    def __init__(self, handler: Handler, settings: ServerSettings | None = None) -> None:
+        self.handler = handler
+        self.settings = settings or ServerSettings()
+        self.draining = False
+        self._accept_scope = trio.CancelScope()
+        self._connections: set[_Connection] = set()
+        self._conn_nursery: trio.Nursery | None = None
+
+    @property
+    def active_connections(self) -> int:
+        return len(self._connections)
+
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``host:port`` (0 = any free port) until drained or cancelled.
+
+        ``task_status.started`` reports the bound ``(host, port)``.
+        """
+        listeners = await trio.open_tcp_listeners(port, host=host or None)
+        bound = listeners[0].socket.getsockname()
+        async with trio.open_nursery() as conns:
+            self._conn_nursery = conns
+            with self._accept_scope:
+                async with trio.open_nursery() as accept:
+                    for listener in listeners:
+                        accept.start_soon(self._accept_loop, listener, conns)
+                    task_status.started((bound[0], bound[1]))
+            for listener in listeners:
+                with trio.CancelScope(shield=True):
+                    await listener.aclose()
+
+    async def _accept_loop(self, listener: trio.SocketListener, conns: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # EMFILE and friends: back off, keep serving
+                log.warning("accept failed: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            conns.start_soon(self._handle, stream)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = stream.socket.getpeername()
+            client = str(peer[0])
+        except OSError:
+            client = "?"
+        conn = _Connection(self, stream, client)
+        self._connections.add(conn)
+        try:
+            await conn.run()
+        except Exception:  # contained: one bad connection never stops the server
+            log.exception("connection from %s failed", client)
+        finally:
+            self._connections.discard(conn)
+            await conn.aclose()
+
+    def drain(self, grace_s: float) -> None:
+        """Stop accepting, close idle connections, cancel the rest after ``grace_s``."""
+        self.draining = True
+        self._accept_scope.cancel()
+        for conn in list(self._connections):
+            if conn.idle_scope is not None:
+                conn.idle_scope.cancel()
+        if self._conn_nursery is not None:
+            self._conn_nursery.cancel_scope.deadline = trio.current_time() + grace_s

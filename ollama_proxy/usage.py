@@ -1,0 +1,222 @@
+"""Usage extraction from relayed responses, sans-IO.
+
+``StreamScanner`` is fed the upstream body piece by piece and returns the
+bytes to forward: the same bytes, cut only at frame ends, minus the
+usage-only SSE chunk when the proxy itself asked for it. On the way it keeps
+a ``UsageTally``. The fast path (no usage, no error in a piece) costs a few
+substring searches in C; frames are parsed only when they may hold counts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .framing import FrameBuffer, FrameKind, ndjson_lines, sse_data, sse_events
+
+
+@dataclass(slots=True)
+class UsageTally:
+    """What one response used, as far as the relayed frames tell."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    exact: bool = False  # counts came from the backend, not an estimate
+    frames: int = 0  # content frames relayed (the estimate when counts never come)
+    finished: bool = False  # the backend's end marker (done:true / [DONE]) was seen
+    error: str | None = None  # an in-band error the backend sent
+
+    def estimate(self, prompt_tokens_guess: int) -> None:
+        """Fill in counts for a response that ended before the backend's totals."""
+        if not self.exact:
+            self.prompt_tokens = prompt_tokens_guess
+            self.completion_tokens = self.frames
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def apply_usage_object(tally: UsageTally, obj: Any) -> bool:
+    """Take counts from a parsed JSON document of either dialect; True if it had some.
+
+    Native: ``prompt_eval_count``/``eval_count`` on a ``done:true`` frame or a
+    whole reply (missing means 0: Go's omitempty). OpenAI: a ``usage`` object;
+    the last one wins (``/v1/completions`` repeats zeros on every chunk).
+    """
+    if not isinstance(obj, dict):
+        return False
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        prompt, completion = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+        if not prompt and not completion:
+            return False  # /v1/completions' placeholder on every chunk, not a count
+        tally.prompt_tokens = prompt
+        tally.completion_tokens = completion
+        tally.exact = True
+        return True
+    if obj.get("done") is True or "prompt_eval_count" in obj or "eval_count" in obj:
+        tally.prompt_tokens = _int(obj.get("prompt_eval_count"))
+        tally.completion_tokens = _int(obj.get("eval_count"))
+        tally.exact = True
+        return True
+    return False
+
+
+def _error_message(obj: Any) -> str | None:
+    if not isinstance(obj, dict) or not obj.get("error"):
+        return None
+    err = obj["error"]
+    if isinstance(err, dict):
+        return str(err.get("message") or err)
+    return str(err)
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None  # garbage or a frame cut by the size cap: not ours to judge
+
+
+_NATIVE_FINAL = (b'"done":true', b'"done": true')
+
+
+class StreamScanner:
+    """Frames a streamed body, forwards it unchanged and tallies its usage.
+
+    ``drop_usage_chunk``: the client did not ask for usage, the proxy did, so
+    the usage-only chunk (``choices: []``) is removed before the client sees it.
+    """
+
+    __slots__ = ("kind", "tally", "_frames", "_drop_usage_chunk")
+
+    def __init__(self, kind: FrameKind, *, drop_usage_chunk: bool = False,
+                 max_frame_bytes: int = 1 << 20) -> None:
+        self.kind = kind
+        self.tally = UsageTally()
+        self._frames = FrameBuffer(kind, max_frame_bytes)
+        self._drop_usage_chunk = drop_usage_chunk
+
+    def feed(self, data: bytes) -> bytes:
+        """Take an upstream piece; return the bytes that can go to the client now."""
+        region = self._frames.feed(data)
+        if not region:
+            return region
+        if self.kind is FrameKind.NDJSON:
+            self._scan_ndjson(region)
+            return region
+        return self._scan_sse(region)
+
+    def finish(self) -> bytes:
+        """End of the upstream body: the last (unterminated) frame, scanned too."""
+        rest = self._frames.flush()
+        if not rest:
+            return rest
+        if self.kind is FrameKind.NDJSON:
+            self._scan_ndjson(rest)
+            return rest
+        return self._scan_sse(rest)
+
+    def _scan_ndjson(self, region: bytes) -> None:
+        tally = self.tally
+        tally.frames += region.count(b"\n")
+        if (b'"error"' not in region and _NATIVE_FINAL[0] not in region
+                and _NATIVE_FINAL[1] not in region):
+            return
+        for line in ndjson_lines(region):
+            if b'"error"' not in line and b'"done"' not in line:
+                continue
+            obj = _loads(line)
+            message = _error_message(obj)
+            if message is not None:
+                tally.frames -= 1  # an error line is not a token
+                tally.error = message
+            elif isinstance(obj, dict) and obj.get("done") is True:
+                tally.frames -= 1  # the final frame carries stats, not a token
+                tally.finished = True
+                apply_usage_object(tally, obj)
+
+    def _scan_sse(self, region: bytes) -> bytes:
+        tally = self.tally
+        if b'"usage"' not in region and b'"error"' not in region and b"[DONE]" not in region:
+            tally.frames += region.count(b"data:")
+            return region
+        return b"".join(self._inspect_sse_event(region[start:end])
+                        for start, end in sse_events(region))
+
+    def _inspect_sse_event(self, event: bytes) -> bytes:
+        """Tally one SSE event; return what of it goes to the client."""
+        tally = self.tally
+        data = sse_data(event)
+        if data is None:
+            return event  # comments, blank keep-alives: forwarded as they are
+        if data.startswith(b"[DONE]"):
+            tally.finished = True
+            return event
+        obj = _loads(data)
+        message = _error_message(obj)
+        if message is not None:
+            tally.error = message
+            return event
+        if not isinstance(obj, dict):
+            tally.frames += 1
+            return event
+        choices = obj.get("choices")
+        if choices:
+            tally.frames += 1
+        has_usage = isinstance(obj.get("usage"), dict)
+        apply_usage_object(tally, obj)
+        if not has_usage or not self._drop_usage_chunk:
+            return event
+        if choices == []:
+            return b""  # the usage-only chunk the client never asked for
+        # /v1/completions repeats zero usage on every chunk once usage is asked
+        # for; the client did not ask, so those bytes go as if it had not.
+        return _ZERO_USAGE.sub(b"", event)
+
+
+# Ollama's placeholder usage on every /v1/completions chunk (Go field order).
+_ZERO_USAGE = re.compile(
+    rb',"usage":\{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0\}'
+)
+
+
+def scan_whole_body(body: bytes) -> UsageTally:
+    """Usage of a non-streamed JSON reply (either dialect)."""
+    tally = UsageTally(finished=True)
+    obj = _loads(body)
+    message = _error_message(obj)
+    if message is not None:
+        tally.error = message
+    apply_usage_object(tally, obj)
+    return tally
+
+
+def estimate_prompt_tokens(request: Any) -> int:
+    """A rough prompt size (4 characters a token) for responses cut short."""
+    if not isinstance(request, dict):
+        return 0
+    chars = 0
+    for key in ("prompt", "system", "suffix", "input"):
+        chars += _text_length(request.get(key))
+    for message in request.get("messages") or ():
+        if isinstance(message, dict):
+            chars += _text_length(message.get("content"))
+    return (chars + 3) // 4
+
+
+def _text_length(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        total = 0
+        for item in value:
+            if isinstance(item, str):
+                total += len(item)
+            elif isinstance(item, dict) and isinstance(item.get("text"), str):
+                total += len(item["text"])
+        return total
+    return 0

@@ -1,0 +1,155 @@
+"""StreamScanner and the whole-body scan: usage found in every dialect, bytes
+forwarded unchanged (or minus only what the proxy itself asked for), fed in
+pieces of every size."""
+
+from __future__ import annotations
+
+import pytest
+
+from ollama_proxy.framing import FrameKind
+from ollama_proxy.usage import StreamScanner, estimate_prompt_tokens, scan_whole_body
+
+NATIVE_CHAT = (
+    b'{"model":"llama3.2","created_at":"2026-08-21T10:05:00.1Z","message":{"role":"assistant","content":"Hi"},"done":false}\n'
+    b'{"model":"llama3.2","created_at":"2026-08-21T10:05:00.2Z","message":{"role":"assistant","content":" there"},"done":false}\n'
+    b'{"model":"llama3.2","created_at":"2026-08-21T10:05:00.9Z","message":{"role":"assistant","content":""},"done":true,'
+    b'"done_reason":"stop","total_duration":800000000,"prompt_eval_count":26,"eval_count":2}\n'
+)
+# omitempty: a cached prompt may leave prompt_eval_count out entirely.
+NATIVE_MISSING = (
+    b'{"model":"m","response":"a","done":false}\n'
+    b'{"model":"m","response":"","done":true,"done_reason":"stop","eval_count":1}\n'
+)
+NATIVE_ERROR = (
+    b'{"model":"m","response":"The","done":false}\n'
+    b'{"error":"an error was encountered while running the model"}\n'
+)
+OPENAI_CHUNK = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"%s"},"finish_reason":null}]}\n\n'
+OPENAI_FINISH = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+OPENAI_USAGE = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":26,"completion_tokens":2,"total_tokens":28}}\n\n'
+DONE = b"data: [DONE]\n\n"
+OPENAI_STREAM = OPENAI_CHUNK % b"Hi" + OPENAI_CHUNK % b" there" + OPENAI_FINISH + OPENAI_USAGE + DONE
+ZERO = b',"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}'
+COMPLETIONS_STREAM = (
+    b'data: {"id":"cmpl-1","object":"text_completion","choices":[{"text":"a","index":0,"finish_reason":null}]' + ZERO + b'}\n\n'
+    b'data: {"id":"cmpl-1","object":"text_completion","choices":[{"text":"","index":0,"finish_reason":"stop"}]' + ZERO + b'}\n\n'
+    b'data: {"id":"cmpl-1","object":"text_completion","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}\n\n'
+    + DONE
+)
+# llama.cpp puts usage on the last chunk that still has choices.
+LLAMACPP_STREAM = (
+    OPENAI_CHUNK % b"x"
+    + b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10},"timings":{}}\n\n'
+    + DONE
+)
+
+
+def run(kind, data, size, drop=False):
+    scanner = StreamScanner(kind, drop_usage_chunk=drop)
+    out = b""
+    for i in range(0, len(data), size):
+        out += scanner.feed(data[i:i + size])
+    out += scanner.finish()
+    return out, scanner.tally
+
+
+SIZES = [1, 2, 3, 7, 64, 100000]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize(("kind", "data", "prompt", "completion", "finished"), [
+    (FrameKind.NDJSON, NATIVE_CHAT, 26, 2, True),
+    (FrameKind.NDJSON, NATIVE_MISSING, 0, 1, True),
+    (FrameKind.SSE, OPENAI_STREAM, 26, 2, True),
+    (FrameKind.SSE, OPENAI_STREAM.replace(b"\n", b"\r\n"), 26, 2, True),
+    (FrameKind.SSE, COMPLETIONS_STREAM, 5, 1, True),
+    (FrameKind.SSE, LLAMACPP_STREAM, 9, 1, True),
+])
+def test_usage_found_and_bytes_unchanged(kind, data, prompt, completion, finished, size):
+    """Exact counts from the final frame / last usage object; output == input."""
+    out, tally = run(kind, data, size)
+    assert out == data
+    assert (tally.prompt_tokens, tally.completion_tokens) == (prompt, completion)
+    assert tally.exact and tally.finished == finished
+    assert tally.error is None
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_injected_usage_chunk_is_removed(size):
+    """When the proxy asked for usage, the usage-only chunk never reaches the client."""
+    out, tally = run(FrameKind.SSE, OPENAI_STREAM, size, drop=True)
+    assert out == OPENAI_CHUNK % b"Hi" + OPENAI_CHUNK % b" there" + OPENAI_FINISH + DONE
+    assert (tally.prompt_tokens, tally.completion_tokens) == (26, 2)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_injected_completions_usage_is_removed_everywhere(size):
+    """/v1/completions' zero usage on every chunk is stripped too, rest byte-exact."""
+    out, tally = run(FrameKind.SSE, COMPLETIONS_STREAM, size, drop=True)
+    assert ZERO not in out and b'"choices":[]' not in out
+    assert out.endswith(b'"finish_reason":"stop"}]}\n\n' + DONE)
+    assert (tally.prompt_tokens, tally.completion_tokens) == (5, 1)
+
+
+def test_usage_chunk_kept_when_client_asked():
+    """Without injection, the usage chunk is the client's and stays."""
+    out, _ = run(FrameKind.SSE, OPENAI_STREAM, 5, drop=False)
+    assert OPENAI_USAGE in out
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_native_midstream_error_is_seen(size):
+    """An in-band {"error"} line is recorded; no counts, not finished."""
+    out, tally = run(FrameKind.NDJSON, NATIVE_ERROR, size)
+    assert out == NATIVE_ERROR
+    assert tally.error == "an error was encountered while running the model"
+    assert not tally.finished and not tally.exact
+    assert tally.frames == 1  # the token line; the error line is no token
+
+
+def test_cut_stream_estimates_from_frames():
+    """A stream cut before its final frame is estimated from relayed frames."""
+    scanner = StreamScanner(FrameKind.NDJSON)
+    scanner.feed(NATIVE_CHAT.split(b"\n", 2)[0] + b"\n" + NATIVE_CHAT.split(b"\n", 2)[1] + b"\n")
+    tally = scanner.tally
+    tally.estimate(7)
+    assert (tally.prompt_tokens, tally.completion_tokens, tally.exact) == (7, 2, False)
+
+
+def test_partial_last_frame_held_back():
+    """Half a line is not forwarded until its newline comes (or the stream ends)."""
+    scanner = StreamScanner(FrameKind.NDJSON)
+    assert scanner.feed(b'{"response":"a","done":false}\n{"resp') == b'{"response":"a","done":false}\n'
+    assert scanner.finish() == b'{"resp'
+
+
+def test_garbage_and_giant_lines_pass_through():
+    """Non-JSON lines and over-long lines go through untouched, counts stay sane."""
+    data = b"not json\n" + b'{"error": ' + b"x" * 5000 + b"\n" + NATIVE_CHAT
+    scanner = StreamScanner(FrameKind.NDJSON, max_frame_bytes=1000)
+    out = b"".join(scanner.feed(data[i:i + 300]) for i in range(0, len(data), 300)) + scanner.finish()
+    assert out == data
+    assert (scanner.tally.prompt_tokens, scanner.tally.completion_tokens) == (26, 2)
+
+
+@pytest.mark.parametrize(("body", "prompt", "completion", "exact"), [
+    (b'{"model":"m","response":"hi","done":true,"prompt_eval_count":3,"eval_count":4}', 3, 4, True),
+    (b'{"model":"m","embeddings":[[0.1]],"prompt_eval_count":8}', 8, 0, True),
+    (b'{"object":"list","data":[],"usage":{"prompt_tokens":8,"total_tokens":8}}', 8, 0, True),
+    (b'{"choices":[],"usage":{"prompt_tokens":26,"completion_tokens":3,"total_tokens":29}}\n', 26, 3, True),
+    (b'{"embedding":[0.1,0.2]}', 0, 0, False),  # legacy /api/embeddings: no counts
+    (b"garbage", 0, 0, False),
+])
+def test_whole_body_usage(body, prompt, completion, exact):
+    """Non-streamed replies of both dialects give their counts."""
+    tally = scan_whole_body(body)
+    assert (tally.prompt_tokens, tally.completion_tokens, tally.exact) == (prompt, completion, exact)
+
+
+def test_estimate_prompt_tokens():
+    """Prompt estimate: about four characters a token over prompt/messages/input."""
+    assert estimate_prompt_tokens({"prompt": "x" * 40}) == 10
+    assert estimate_prompt_tokens({"messages": [{"role": "user", "content": "x" * 8},
+                                                {"role": "user", "content": [{"type": "text", "text": "y" * 4}]}]}) == 3
+    assert estimate_prompt_tokens({"input": ["abcd", "efgh"]}) == 2
+    assert estimate_prompt_tokens(None) == 0
