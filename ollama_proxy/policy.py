@@ -1,0 +1,105 @@
+"""Per-request decisions that need no I/O: parsing and checking the request
+body, and the rewrites the gateway makes to it (an OpenAI stream must report
+usage; ``max_completion_tokens`` is ignored by Ollama, so it becomes
+``max_tokens``). Later policy steps (keys, limits) work on the same
+``Exchange`` and mark the body dirty; it is re-serialised once, at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from .errors import BadRequest
+from .routes import Route, RouteKind
+
+if TYPE_CHECKING:  # the pure core needs the type, not the trio server
+    from .server import Request
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One proxied request on its way through the policy chain to a backend."""
+
+    request: Request
+    route: Route
+    request_id: bytes
+    body_obj: dict[str, Any] | None = None  # parsed JSON body (routes with json_body)
+    body_dirty: bool = False  # a step changed body_obj: re-serialise before sending
+    stream: bool = False
+    usage_injected: bool = False  # we asked for usage the client did not: hide it
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def model(self) -> str | None:
+        obj = self.body_obj
+        if obj is None:
+            return None
+        model = obj.get("model") or obj.get("name")  # /api/show still takes "name"
+        return model if isinstance(model, str) else None
+
+    def body(self) -> bytes:
+        """The body to send upstream: as received unless a step changed it."""
+        if self.body_dirty and self.body_obj is not None:
+            return json.dumps(self.body_obj, ensure_ascii=False, separators=(",", ":")).encode()
+        return self.request.body
+
+
+# A policy step may refuse (raise a ProxyError) or adjust the exchange.
+PolicyStep = Callable[[Exchange], Awaitable[None]]
+
+
+def parse_body(route: Route, raw: bytes) -> dict[str, Any] | None:
+    """The JSON object of a JSON route's body (400 when it is not one)."""
+    if not route.json_body:
+        return None
+    if not raw.strip():
+        raise BadRequest("missing request body")
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"invalid JSON in request body: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise BadRequest("request body must be a JSON object")
+    return obj
+
+
+def wants_stream(route: Route, obj: dict[str, Any] | None) -> bool:
+    """Whether the backend will stream: native defaults to true, /v1 to false."""
+    if obj is None:
+        return False
+    value = obj.get("stream")
+    if value is None:
+        return route.stream_default
+    if not isinstance(value, bool):
+        raise BadRequest('"stream" must be true or false')
+    return value
+
+
+def apply_openai_rules(route: Route, obj: dict[str, Any], stream: bool) -> tuple[bool, bool]:
+    """Rewrite an OpenAI generation body; returns ``(changed, usage_injected)``."""
+    if route.kind is not RouteKind.GENERATION or route.name not in (
+        "openai_chat", "openai_completions"
+    ):
+        return False, False
+    changed = False
+    if "max_completion_tokens" in obj:
+        cap = obj.pop("max_completion_tokens")
+        changed = True
+        if cap is not None:
+            current = obj.get("max_tokens")
+            if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+                raise BadRequest('"max_completion_tokens" must be a whole number >= 1')
+            if not isinstance(current, int) or isinstance(current, bool) or current > cap:
+                obj["max_tokens"] = cap
+    injected = False
+    if stream:
+        options = obj.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise BadRequest('"stream_options" must be an object')
+        if not (options or {}).get("include_usage"):
+            obj["stream_options"] = {**(options or {}), "include_usage": True}
+            changed = injected = True
+    return changed, injected

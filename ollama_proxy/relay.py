@@ -1,0 +1,321 @@
+"""One proxied request, end to end: route → policy chain → backend → relay
+of the response → usage to the sink.
+
+Streams go to the client frame by frame as they arrive, bytes unchanged (cut
+only at frame ends so a broken upstream never leaves half a frame); replies
+that do not stream are small JSON documents and are read whole, so their
+usage can be recorded before the client gets their last byte. The usage of a
+response is always handed to the sink before its final bytes are sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Protocol, Sequence
+
+import trio
+
+from . import __version__
+from .backends import Backend, Router
+from .errors import (
+    NotFound,
+    ProxyError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    error_body,
+    family_of,
+)
+from .framing import FrameKind
+from .headers import client_response_headers, upstream_request_headers
+from .policy import Exchange, PolicyStep, apply_openai_rules, parse_body, wants_stream
+from .routes import RouteKind, match_route
+from .server import ClientGone, Request, Responder
+from .upstream import UpstreamResponse
+from .usage import StreamScanner, UsageTally, estimate_prompt_tokens, scan_whole_body
+
+log = logging.getLogger("ollama_proxy.relay")
+
+JSON_TYPE = b"application/json; charset=utf-8"
+# A bounded, shielded wait for the sink when the request is being cancelled.
+RECORD_TIMEOUT_S = 5.0
+# A client's X-Request-Id is kept when it looks like an id, else we make one.
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """What the ledger keeps of one proxied request."""
+
+    request_id: str
+    time: float  # start, Unix seconds
+    endpoint: str  # the path, e.g. /api/chat
+    model: str | None
+    backend: str | None
+    status: int
+    outcome: str  # ok | client_closed | upstream_error | unreachable | timeout | refused | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool
+    stream: bool
+    duration_s: float
+    ttfb_s: float | None
+    client: str
+
+
+class UsageSink(Protocol):
+    """Where usage goes; awaited before a response's last bytes are sent."""
+
+    async def record(self, record: UsageRecord) -> None: ...
+
+
+class LogUsageSink:
+    """Usage as one JSON log line per request (the ledger replaces it later)."""
+
+    def __init__(self) -> None:
+        self._log = logging.getLogger("ollama_proxy.usage")
+
+    async def record(self, record: UsageRecord) -> None:
+        self._log.info("%s", json.dumps(asdict(record), separators=(",", ":")))
+
+
+def _outcome_of_error(err: ProxyError) -> str:
+    if isinstance(err, UpstreamUnreachable):
+        return "unreachable"
+    if isinstance(err, UpstreamTimeout):
+        return "timeout"
+    if isinstance(err, UpstreamProtocolError):
+        return "upstream_error"
+    return "refused"
+
+
+class _Meter:
+    """Collects what one exchange used and hands it to the sink exactly once."""
+
+    __slots__ = ("exchange", "backend", "status", "tally", "ttfb_s", "recorded", "started")
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.backend: Backend | None = None
+        self.status = 0
+        self.tally = UsageTally(exact=True)  # nothing used until a backend is asked
+        self.ttfb_s: float | None = None
+        self.recorded = False
+        self.started = time.perf_counter()
+
+    def build(self, outcome: str) -> UsageRecord:
+        ex = self.exchange
+        tally = self.tally
+        tally.estimate(estimate_prompt_tokens(ex.body_obj))
+        return UsageRecord(
+            request_id=ex.request_id.decode(),
+            time=ex.started_at,
+            endpoint=ex.request.path,
+            model=ex.model,
+            backend=self.backend.name if self.backend else None,
+            status=self.status,
+            outcome=outcome,
+            prompt_tokens=tally.prompt_tokens,
+            completion_tokens=tally.completion_tokens,
+            estimated=not tally.exact,
+            stream=ex.stream,
+            duration_s=round(time.perf_counter() - self.started, 6),
+            ttfb_s=self.ttfb_s,
+            client=ex.request.client,
+        )
+
+
+def error_frame(kind: FrameKind, message: str) -> bytes:
+    """A well-formed in-band error to end a stream that broke after its 200."""
+    if kind is FrameKind.NDJSON:
+        return json.dumps({"error": message}).encode() + b"\n"
+    payload = {"error": {"message": message, "type": "api_error", "param": None,
+                         "code": "upstream_error"}}
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def _frame_kind(content_type: bytes | None) -> FrameKind | None:
+    ctype = (content_type or b"").lower()
+    if b"ndjson" in ctype:
+        return FrameKind.NDJSON
+    if b"text/event-stream" in ctype:
+        return FrameKind.SSE
+    return None
+
+
+class Relay:
+    """The request handler for every proxied path, plus ``/`` and ``/health``."""
+
+    def __init__(
+        self,
+        router: Router,
+        sink: UsageSink,
+        *,
+        steps: Sequence[PolicyStep] = (),
+        max_response_bytes: int = 256 * 1024 * 1024,
+        max_frame_bytes: int = 1 << 20,
+    ) -> None:
+        self._router = router
+        self._sink = sink
+        self._steps = tuple(steps)
+        self._max_response_bytes = max_response_bytes
+        self._max_frame_bytes = max_frame_bytes
+        self._started = time.time()
+
+    async def handle(self, request: Request, responder: Responder) -> None:
+        path = request.path
+        if path == "/" and request.method in ("GET", "HEAD"):
+            await responder.respond(200, [(b"content-type", b"text/plain; charset=utf-8")],
+                                    b"Ollama is running")
+            return
+        if path == "/health" and request.method in ("GET", "HEAD"):
+            await self._health(responder)
+            return
+        route = match_route(path)
+        if route is None:
+            raise NotFound(f"{path} is not a path this gateway serves")
+        if request.method not in route.methods:
+            allowed = ", ".join(sorted(route.methods))
+            raise ProxyError(f"method {request.method} is not allowed on {path} (allowed: {allowed})",
+                             status=405, code="method_not_allowed")
+        ex = Exchange(request, route, self._request_id(request))
+        await self._proxy(ex, responder)
+
+    @staticmethod
+    def _request_id(request: Request) -> bytes:
+        given = request.header(b"x-request-id")
+        if given is not None and _REQUEST_ID.fullmatch(given):
+            return given
+        return uuid.uuid4().hex.encode()
+
+    async def _health(self, responder: Responder) -> None:
+        up = self._router.any_up()
+        body = json.dumps({
+            "status": "ok" if up else "unavailable",
+            "version": __version__,
+            "uptime_s": round(time.time() - self._started, 3),
+            "backends": [b.describe() for b in self._router.backends],
+        }).encode()
+        await responder.respond(200 if up else 503, [(b"content-type", JSON_TYPE)], body)
+
+    async def _proxy(self, ex: Exchange, responder: Responder) -> None:
+        meter = _Meter(ex)
+        upstream: UpstreamResponse | None = None
+        try:
+            try:
+                ex.body_obj = parse_body(ex.route, ex.request.body)
+                ex.stream = wants_stream(ex.route, ex.body_obj)
+                for step in self._steps:
+                    await step(ex)
+                if ex.body_obj is not None:
+                    changed, ex.usage_injected = apply_openai_rules(ex.route, ex.body_obj, ex.stream)
+                    ex.body_dirty = ex.body_dirty or changed
+                upstream = await self._open_upstream(ex, meter)
+            except ProxyError as err:
+                meter.status = err.status
+                await self._record(meter, _outcome_of_error(err))
+                await self._send_error(responder, ex, err)
+                return
+            meter.ttfb_s = round(time.perf_counter() - meter.started, 6)
+            meter.status = upstream.status
+            await self._relay(ex, upstream, responder, meter)
+        except ClientGone:
+            await self._record(meter, "client_closed")
+        finally:
+            if not meter.recorded:  # cancelled: the client left, or shutdown
+                outcome = "client_closed" if responder.client_gone else "cancelled"
+                with trio.move_on_after(RECORD_TIMEOUT_S) as scope:
+                    scope.shield = True
+                    await self._record(meter, outcome)
+            if upstream is not None:
+                await upstream.aclose()
+
+    async def _open_upstream(self, ex: Exchange, meter: _Meter) -> UpstreamResponse:
+        """Send to the first backend that takes the connection."""
+        request = ex.request
+        body = ex.body()
+        failure: ProxyError | None = None
+        for backend in self._router.candidates(ex):
+            headers = upstream_request_headers(
+                request.headers, host=backend.host_header, body_length=len(body),
+                api_key=backend.api_key, request_id=ex.request_id,
+            )
+            meter.backend = backend
+            if ex.route.kind in (RouteKind.GENERATION, RouteKind.EMBEDDING):
+                meter.tally = UsageTally()  # sent: from here on, usage is unknown until counted
+            try:
+                response = await backend.pool.request(
+                    request.method, backend.target(request.target), headers, body)
+            except UpstreamUnreachable as err:
+                meter.tally = UsageTally(exact=True)  # never reached a backend: nothing used
+                backend.mark(False, err.message)
+                failure = err
+                continue
+            backend.mark(True)
+            return response
+        assert failure is not None
+        raise failure
+
+    async def _relay(self, ex: Exchange, upstream: UpstreamResponse, responder: Responder,
+                     meter: _Meter) -> None:
+        kind = _frame_kind(upstream.header(b"content-type"))
+        headers = client_response_headers(upstream.headers, streaming=kind is not None,
+                                          request_id=ex.request_id)
+        metered = ex.route.kind in (RouteKind.GENERATION, RouteKind.EMBEDDING)
+        if kind is None:
+            try:
+                body = await upstream.read_all(self._max_response_bytes)
+            except ProxyError as err:
+                meter.status = err.status
+                await self._record(meter, _outcome_of_error(err))
+                await self._send_error(responder, ex, err)
+                return
+            if metered:  # an error reply used nothing
+                meter.tally = scan_whole_body(body) if upstream.status < 400 else UsageTally(exact=True)
+            await self._record(meter, "ok" if upstream.status < 500 else "upstream_error")
+            await responder.respond(upstream.status, headers, body)
+            return
+        scanner = StreamScanner(kind, drop_usage_chunk=ex.usage_injected,
+                                max_frame_bytes=self._max_frame_bytes)
+        meter.tally = scanner.tally
+        await responder.start(upstream.status, headers)
+        failure: str | None = None
+        try:
+            while True:
+                data = await upstream.receive()
+                if not data:
+                    break
+                out = scanner.feed(data)
+                if out:
+                    await responder.write(out)
+            out = scanner.finish()
+            if out:
+                await responder.write(out)
+        except (UpstreamTimeout, UpstreamProtocolError) as err:
+            failure = err.message
+            log.warning("%s: backend broke mid-stream: %s", ex.request_id.decode(), err.message)
+        tally = scanner.tally
+        if failure is None and metered and upstream.status < 400 and not tally.finished \
+                and tally.error is None:
+            failure = "the backend ended the stream before it was complete"
+        if failure is not None:
+            await responder.write(error_frame(kind, failure))
+        bad = failure is not None or tally.error is not None or upstream.status >= 500
+        await self._record(meter, "upstream_error" if bad else "ok")
+        await responder.end()
+
+    async def _record(self, meter: _Meter, outcome: str) -> None:
+        if meter.recorded:
+            return
+        meter.recorded = True
+        await self._sink.record(meter.build(outcome))
+
+    async def _send_error(self, responder: Responder, ex: Exchange, err: ProxyError) -> None:
+        body = error_body(family_of(ex.request.path), err.status, err.message, err.code)
+        headers = [(b"content-type", JSON_TYPE), (b"x-request-id", ex.request_id), *err.headers()]
+        await responder.respond(err.status, headers, body)
