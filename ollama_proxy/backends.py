@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .errors import ProxyError
-from .upstream import PoolSettings, UpstreamPool
+from .upstream import UpstreamPool
 
 if TYPE_CHECKING:
     from .policy import Exchange
@@ -44,7 +44,9 @@ class Backend:
         self.base_path = base_path
         self.api_key = api_key
         self.pool = pool
-        self.host_header = f"{pool.settings.host}:{pool.settings.port}".encode()
+        host = pool.settings.host
+        host = f"[{host}]" if ":" in host else host  # IPv6 literal
+        self.host_header = f"{host}:{pool.settings.port}".encode()
         self.state = BackendState()
 
     def target(self, request_target: str) -> str:
@@ -69,12 +71,6 @@ class Backend:
             "error": self.state.last_error,
             "connections": self.pool.stats(),
         }
-
-
-def backend_from_settings(name: str, *, kind: str, url: str, base_path: str,
-                          api_key: str | None, pool_settings: PoolSettings) -> Backend:
-    return Backend(name, kind=kind, url=url, base_path=base_path, api_key=api_key,
-                   pool=UpstreamPool(pool_settings))
 
 
 class Router:

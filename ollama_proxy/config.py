@@ -1,0 +1,440 @@
+"""Settings: ``ollama-proxy.ini``, then ``OLLAMA_PROXY_*`` environment variables,
+then command-line flags, parsed once into frozen dataclasses (STYLE 19).
+
+Pure (no trio). One table, ``SCHEMA``, lists every key: validation, defaults, the
+environment names and ``describe`` all come from it, and the shipped
+``ollama-proxy.ini`` repeats its help text (a test keeps the two equal). A new key
+is a new row plus a dataclass field.
+"""
+
+from __future__ import annotations
+
+import configparser
+import difflib
+import ipaddress
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "ollama-proxy.ini"
+ENV_PREFIX = "OLLAMA_PROXY_"
+ADMIN_KEY_ENV = "OLLAMA_PROXY_ADMIN_KEY"  # bootstrap admin key (PRODUCT §8): outside the scheme
+UPSTREAM = "upstream"  # schema section shared by every [upstream.NAME]
+_UPSTREAM_NAME = re.compile(r"[a-z0-9_-]+")
+_ENV_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_API_KEY_CHARS = re.compile(r"[\x21-\x7e]+")  # it goes into an HTTP header: no spaces, no CR/LF
+_MIB = 1024 * 1024
+_KIB = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str
+    port: int
+    max_body_bytes: int
+    max_header_bytes: int
+    header_timeout_s: float
+    keepalive_timeout_s: float
+    drain_s: float
+    database: str
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    name: str
+    url: str
+    host: str
+    port: int
+    base_path: str
+    kind: str
+    api_key: str | None
+    max_connections: int
+    connect_timeout_s: float
+    first_byte_timeout_s: float
+    chunk_gap_timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    log: LogConfig
+    upstreams: tuple[UpstreamConfig, ...]
+    source: str | None
+
+
+# --- value parsers: text -> value in the ini's unit, or ValueError("expected ...") ---
+
+
+def _whole(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"[0-9]{1,18}", text) or int(text) < low:
+            raise ValueError(f"expected a whole number >= {low}")
+        return int(text)
+    return parse
+
+
+def _seconds(low: float, *, inclusive: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise ValueError(f"expected a number of seconds {'>=' if inclusive else '>'} {low:g}")
+        return value
+    return parse
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in options:
+            raise ValueError(f"expected one of: {', '.join(options)}")
+        return text.lower()
+    return parse
+
+
+def _path(text: str) -> str:
+    if not text:
+        raise ValueError("expected a file path")
+    return text
+
+
+def _optional_path(text: str) -> str | None:
+    return text or None
+
+
+def _optional_env_var(text: str) -> str | None:
+    if text and not _ENV_VAR_NAME.fullmatch(text):
+        raise ValueError("expected the name of an environment variable (letters, digits, _), or nothing")
+    return text or None
+
+
+def _listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPV6]:PORT``; brackets because an IPv6 address has colons."""
+    m = re.fullmatch(r"\[([^\]\s]+)\]:([0-9]{1,5})|([^\s:\[\]]+):([0-9]{1,5})", text)
+    host, port = (m.group(1) or m.group(3), int(m.group(2) or m.group(4))) if m else ("", -1)
+    if m and m.group(1):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            host = ""
+    if not host or not 0 <= port <= 65535:
+        raise ValueError("expected HOST:PORT with port 0..65535 (0: the OS picks), "
+                         "e.g. 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080")
+    return host, port
+
+
+def _url(text: str) -> str:
+    """The normalised backend URL: http only, no userinfo/query/fragment, no trailing slash."""
+    allowed = "expected http://HOST[:PORT][/PATH] without query, fragment or user:password"
+    if re.search(r"\s", text) or "?" in text or "#" in text:
+        raise ValueError(allowed)
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # e.g. an unclosed "[" of an IPv6 host
+        raise ValueError(allowed) from None
+    if parts.scheme == "https":
+        raise ValueError("TLS upstreams are not supported yet; use http:// (e.g. to a local TLS terminator)")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if parts.scheme != "http" or not parts.hostname or "@" in parts.netloc or port == 0:
+        raise ValueError(allowed)
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"http://{host}{'' if port in (None, 80) else f':{port}'}{parts.path.rstrip('/')}"
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One ini key. ``default`` is written as in the ini ("" = unset); ``field`` is
+    the dataclass attribute it fills (None: derived in ``_build_*``), times ``scale``."""
+
+    section: str  # "server", "log" or UPSTREAM
+    name: str
+    parse: Callable[[str], Any]
+    default: str
+    help: str
+    field: str | None = None
+    scale: int = 1
+
+
+SCHEMA: tuple[Key, ...] = (
+    Key("server", "listen", _listen, "127.0.0.1:8080",
+        "Address and port to listen on, HOST:PORT; an IPv6 address in brackets: [::1]:8080.\n"
+        "0.0.0.0:8080 accepts connections from other machines; port 0 lets the OS pick."),
+    Key("server", "max_body_mb", _whole(1), "64",
+        "Largest request body accepted, in MiB (whole number >= 1); bigger gets 413.",
+        "max_body_bytes", _MIB),
+    Key("server", "max_header_kb", _whole(1), "64",
+        "Largest request head (request line and headers), in KiB (whole number >= 1); bigger gets 431.",
+        "max_header_bytes", _KIB),
+    Key("server", "header_timeout_s", _seconds(0, inclusive=False), "30",
+        "Seconds a client may take to send its request head, or the next part of its body\n"
+        "(number > 0); slower gets 408.", "header_timeout_s"),
+    Key("server", "keepalive_timeout_s", _seconds(0, inclusive=False), "75",
+        "Seconds an idle keep-alive connection waits for the next request (number > 0).",
+        "keepalive_timeout_s"),
+    Key("server", "drain_s", _seconds(0, inclusive=True), "30",
+        "On SIGTERM, seconds in-flight requests and streams get to finish before they are cut\n"
+        "(number >= 0).", "drain_s"),
+    Key("server", "database", _path, "ollama-proxy.db",
+        "SQLite database file (users, keys, usage ledger); a relative path is relative to the\n"
+        "current folder.", "database"),
+    Key("log", "level", _choice("debug", "info", "warning", "error"), "info",
+        "Log level: debug, info, warning or error.", "level"),
+    Key(UPSTREAM, "url", _url, "http://127.0.0.1:11434",
+        "Backend base URL, http://HOST[:PORT][/PATH] (https is not supported yet); a PATH is\n"
+        "put in front of every request path, e.g. http://gpu1:8000/ollama.", "url"),
+    Key(UPSTREAM, "kind", _choice("ollama", "openai"), "ollama",
+        "API the backend speaks: ollama (Ollama: /api and /v1) or openai (an OpenAI-compatible\n"
+        "server such as vLLM or llama.cpp's llama-server).", "kind"),
+    Key(UPSTREAM, "api_key_env", _optional_env_var, "",
+        "Name of an environment variable holding the bearer key sent to this backend\n"
+        "(empty: no key)."),
+    Key(UPSTREAM, "api_key_file", _optional_path, "",
+        "Path of a file holding the bearer key sent to this backend, surrounding whitespace\n"
+        "removed (empty: no key). Set at most one of api_key_env and api_key_file."),
+    Key(UPSTREAM, "max_connections", _whole(1), "64",
+        "Most connections open to this backend at once (whole number >= 1).", "max_connections"),
+    Key(UPSTREAM, "connect_timeout_s", _seconds(0, inclusive=False), "5",
+        "Seconds to wait for this backend to accept a connection (number > 0).",
+        "connect_timeout_s"),
+    Key(UPSTREAM, "first_byte_timeout_s", _seconds(0, inclusive=False), "600",
+        "Seconds to wait for the first byte of the backend's answer (number > 0); long because\n"
+        "loading a model can take minutes. Slower gets 504.", "first_byte_timeout_s"),
+    Key(UPSTREAM, "chunk_gap_timeout_s", _seconds(0, inclusive=False), "300",
+        "Seconds a streamed answer may go silent between two chunks before it is cut (number > 0).",
+        "chunk_gap_timeout_s"),
+)
+
+Raw = dict[str, tuple[str, str]]  # key -> (text, origin for messages)
+
+
+def rows(section: str) -> tuple[Key, ...]:
+    """The schema rows of ``section`` ("server", "log" or an "upstream.NAME")."""
+    kind = UPSTREAM if section.startswith(UPSTREAM + ".") else section
+    return tuple(row for row in SCHEMA if row.section == kind)
+
+
+def env_name(section: str, key: str) -> str:
+    """``OLLAMA_PROXY_<SECTION>_<KEY>``: ``[upstream.gpu-1] url`` -> ``OLLAMA_PROXY_UPSTREAM_GPU_1_URL``."""
+    return ENV_PREFIX + re.sub(r"[.-]", "_", section).upper() + "_" + key.upper()
+
+
+def _redact(text: str) -> str:
+    """Echo a bad value without any ``user:password@`` it holds."""
+    return re.sub(r"//[^/@\s]*@", "//***@", text)
+
+
+def _hint(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _parse_error(path: str, exc: configparser.Error) -> str:
+    """configparser's error as ``FILE: line N: what``, never echoing the line (it may be a secret)."""
+    lineno: Any = getattr(exc, "lineno", None)
+    if isinstance(exc, configparser.DuplicateOptionError):
+        what = f"[{exc.section}] {exc.option} is set twice"
+    elif isinstance(exc, configparser.DuplicateSectionError):
+        what = f"[{exc.section}] appears twice"
+    elif isinstance(exc, configparser.MissingSectionHeaderError):
+        what = "a setting before the first [section] header"
+    elif isinstance(exc, configparser.ParsingError):
+        lineno = lineno or (exc.errors[0][0] if exc.errors else "?")
+        what = "expected KEY = VALUE, a [section] header or a # comment"
+    else:
+        what = type(exc).__name__
+    return f"{path}: line {lineno}: {what}"
+
+
+def _read_file(path: str | None) -> tuple[str | None, dict[str, Raw]]:
+    """The ini's sections in file order, every section and key checked against SCHEMA."""
+    if path is None:
+        if not os.path.isfile(DEFAULT_CONFIG_FILE):
+            return None, {}
+        path = DEFAULT_CONFIG_FILE
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            parser.read_file(f, source=path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc}") from None
+    except configparser.Error as exc:
+        raise ConfigError(_parse_error(path, exc)) from None
+    if parser.defaults():
+        raise ConfigError(f"{path}: [{parser.default_section}]: not supported (its keys would apply to "
+                          "every section); put each key in its own section")
+    sections: dict[str, Raw] = {}
+    for section in parser.sections():
+        if section.startswith(UPSTREAM + "."):
+            if not _UPSTREAM_NAME.fullmatch(section[len(UPSTREAM) + 1:]):
+                raise ConfigError(f"{path}: [{section}]: an upstream NAME may only hold lowercase "
+                                  "letters, digits, _ and -")
+        elif section not in ("server", "log"):
+            raise ConfigError(f"{path}: [{section}]: unknown section; allowed: [server], [log], "
+                              f"[upstream.NAME]{_hint(section, ['server', 'log', 'upstream.NAME'])}")
+        known = [row.name for row in rows(section)]
+        entries: Raw = {}
+        for key, text in parser.items(section, raw=True):
+            where = f"{path}: [{section}] {key}"
+            if key == "api_key" and section.startswith(UPSTREAM):
+                raise ConfigError(f"{where}: secrets never go in the config file; set api_key_env "
+                                  "(name of an environment variable) or api_key_file (path) instead")
+            if key not in known:
+                raise ConfigError(f"{where}: unknown key{_hint(key, known)}; allowed: {', '.join(known)}")
+            entries[key] = (text, where)
+        sections[section] = entries
+    return path, sections
+
+
+def _apply_env(sections: dict[str, Raw], dropped: dict[str, Raw], env: Mapping[str, str],
+               source: str | None) -> None:
+    """Apply ``OLLAMA_PROXY_*`` overrides to ``sections``; those for ``dropped`` (file
+    upstreams replaced by --upstream) are accepted and ignored. Unknown names are errors."""
+    targets: dict[str, tuple[str, str]] = {}
+    for section in dict.fromkeys([*sections, *dropped]):
+        for row in rows(section):
+            name = env_name(section, row.name)
+            other = targets.setdefault(name, (section, row.name))[0]
+            if other != section:
+                raise ConfigError(f"{source}: [{other}] and [{section}] both map to {name}; rename one "
+                                  "(environment names turn . and - into _)")
+    unknown = []
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX) or var == ADMIN_KEY_ENV:
+            continue
+        if var not in targets:
+            unknown.append(var)
+        elif targets[var][0] in sections:
+            section, key = targets[var]
+            sections[section][key] = (env[var], f"environment variable {var}")
+    referenced = {text.strip() for raw in [*sections.values(), *dropped.values()]
+                  for key, (text, _) in raw.items() if key == "api_key_env"}
+    for var in unknown:
+        if var not in referenced:
+            raise ConfigError(
+                f"environment variable {var}: matches no setting{_hint(var, list(targets))}; "
+                f"expected {ENV_PREFIX}<SECTION>_<KEY> for a key of [server], [log] or an "
+                f"[upstream.NAME] in the config file, or {ADMIN_KEY_ENV}")
+
+
+def _parse_section(section: str, raw: Raw) -> dict[str, Any]:
+    """Every key of ``section``, given or default, parsed; errors name where the value came from."""
+    values: dict[str, Any] = {}
+    for row in rows(section):
+        text, where = raw.get(row.name, (row.default, f"default [{section}] {row.name}"))
+        try:
+            values[row.name] = row.parse(text.strip())
+        except ValueError as exc:
+            raise ConfigError(f'{where} = "{_redact(text.strip())}": {exc}') from None
+    return values
+
+
+def _fields(section: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    return {row.field: values[row.name] * row.scale if row.scale != 1 else values[row.name]
+            for row in rows(section) if row.field is not None}
+
+
+def _api_key(raw: Raw, values: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
+    """The upstream's bearer key from api_key_env or api_key_file; never echoed in errors."""
+    var, file = values["api_key_env"], values["api_key_file"]
+    where_var = raw.get("api_key_env", ("", "api_key_env"))[1]
+    where_file = raw.get("api_key_file", ("", "api_key_file"))[1]
+    if var and file:
+        raise ConfigError(f'{where_file} = "{file}": api_key_env is set too ({where_var}); set only one')
+    if var:
+        key, where, problem = env.get(var, "").strip(), f'{where_var} = "{var}"', "is not set or empty"
+    elif file:
+        where, problem = f'{where_file} = "{file}"', "is empty"
+        try:
+            with open(file, encoding="utf-8") as f:
+                key = f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{where}: cannot read the key file: {exc}") from None
+    else:
+        return None
+    if not key:
+        raise ConfigError(f"{where}: the {'environment variable' if var else 'key file'} {problem}")
+    if not _API_KEY_CHARS.fullmatch(key):
+        raise ConfigError(f"{where}: the key holds spaces, control or non-ASCII characters")
+    return key
+
+
+def _build_upstream(section: str, raw: Raw, env: Mapping[str, str]) -> UpstreamConfig:
+    values = _parse_section(section, raw)
+    parts = urlsplit(values["url"])
+    return UpstreamConfig(name=section[len(UPSTREAM) + 1:], host=parts.hostname or "",
+                          port=parts.port or 80, base_path=parts.path,
+                          api_key=_api_key(raw, values, env), **_fields(section, values))
+
+
+def load_config(path: str | None = None, *, env: Mapping[str, str] | None = None,
+                listen: str | None = None, upstream_urls: Sequence[str] = ()) -> Config:
+    """The effective config: file (``path``, else ``./ollama-proxy.ini`` if present),
+    then ``env`` (default ``os.environ``), then ``listen`` and ``upstream_urls``.
+
+    Raises ``ConfigError`` naming file, section, key, value and what is allowed."""
+    env = os.environ if env is None else env
+    source, file_sections = _read_file(path)
+    sections = {"server": file_sections.pop("server", {}), "log": file_sections.pop("log", {})}
+    dropped: dict[str, Raw] = {}
+    names = [f"{UPSTREAM}.default{i + 1 if i else ''}" for i in range(len(upstream_urls))]
+    if upstream_urls:  # --upstream replaces every [upstream.NAME]
+        dropped = file_sections
+        sections.update({name: {} for name in names})
+    elif file_sections:
+        sections.update(file_sections)
+    else:
+        sections[f"{UPSTREAM}.default"] = {}
+    _apply_env(sections, dropped, env, source)
+    if listen is not None:
+        sections["server"]["listen"] = (listen, "--listen")
+    for name, url in zip(names, upstream_urls):
+        sections[name]["url"] = (url, "--upstream")
+    server = _parse_section("server", sections["server"])
+    host, port = server["listen"]
+    return Config(
+        server=ServerConfig(host=host, port=port, **_fields("server", server)),
+        log=LogConfig(**_fields("log", _parse_section("log", sections["log"]))),
+        upstreams=tuple(_build_upstream(name, raw, env) for name, raw in sections.items()
+                        if name.startswith(UPSTREAM + ".")),
+        source=source,
+    )
+
+
+def _show(value: Any, scale: int) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value // scale if scale != 1 else value)
+
+
+def describe(config: Config) -> str:
+    """The effective settings, ini-like, for ``check-config``; secrets only as ``(set)``."""
+    lines = [f"# config file: {config.source or 'none (built-in defaults)'}"]
+    named: list[tuple[str, Any]] = [("server", config.server), ("log", config.log)]
+    named += [(f"{UPSTREAM}.{u.name}", u) for u in config.upstreams]
+    for section, obj in named:
+        lines += ["", f"[{section}]"]
+        for row in rows(section):
+            if row.field is not None:
+                lines.append(f"{row.name} = {_show(getattr(obj, row.field), row.scale)}")
+            elif row.name == "listen":
+                host = f"[{obj.host}]" if ":" in obj.host else obj.host
+                lines.append(f"listen = {host}:{obj.port}")
+            elif row.name == "api_key_env":
+                lines.append(f"api_key = {'(set)' if obj.api_key else '(not set)'}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,379 @@
+"""ollama_proxy.config: ini + environment + CLI -> frozen dataclasses (PRODUCT §1)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from ollama_proxy.config import (
+    DEFAULT_CONFIG_FILE,
+    SCHEMA,
+    UPSTREAM,
+    Config,
+    Key,
+    ServerConfig,
+    UpstreamConfig,
+    describe,
+    load_config,
+)
+from ollama_proxy.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+SECRET = "sk-upstream-secret-4711"
+
+
+def write(tmp_path: Path, text: str, name: str = "proxy.ini") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def load(tmp_path: Path, text: str, env: dict[str, str] | None = None, **kw: object) -> Config:
+    return load_config(write(tmp_path, text), env=env or {}, **kw)  # type: ignore[arg-type]
+
+
+def error_of(tmp_path: Path, text: str, env: dict[str, str] | None = None, **kw: object) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text, env, **kw)
+    return info.value.message
+
+
+def defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
+    monkeypatch.chdir(tmp_path)  # no ./ollama-proxy.ini here
+    return load_config(env={})
+
+
+def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No file: the documented defaults and one upstream `default` at 127.0.0.1:11434."""
+    config = defaults(tmp_path, monkeypatch)
+    assert config.source is None
+    assert config.server == ServerConfig(
+        host="127.0.0.1", port=8080, max_body_bytes=64 * 1024 * 1024, max_header_bytes=64 * 1024,
+        header_timeout_s=30.0, keepalive_timeout_s=75.0, drain_s=30.0, database="ollama-proxy.db")
+    assert config.log.level == "info"
+    assert config.upstreams == (UpstreamConfig(
+        name="default", url="http://127.0.0.1:11434", host="127.0.0.1", port=11434, base_path="",
+        kind="ollama", api_key=None, max_connections=64, connect_timeout_s=5.0,
+        first_byte_timeout_s=600.0, chunk_gap_timeout_s=300.0),)
+
+
+def test_config_is_frozen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Config objects are immutable."""
+    config = defaults(tmp_path, monkeypatch)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.server.port = 1  # type: ignore[misc]
+
+
+def test_default_file_in_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """path=None reads ./ollama-proxy.ini when it exists and records it as source."""
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "[server]\nlisten = 127.0.0.1:9999\n", DEFAULT_CONFIG_FILE)
+    config = load_config(env={})
+    assert (config.source, config.server.port) == (DEFAULT_CONFIG_FILE, 9999)
+
+
+def test_explicit_missing_file_is_error(tmp_path: Path) -> None:
+    """An explicit path that does not exist is an error naming it."""
+    missing = str(tmp_path / "nope.ini")
+    with pytest.raises(ConfigError, match="nope.ini: config file not found"):
+        load_config(missing, env={})
+
+
+def test_shipped_example_equals_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped ollama-proxy.ini gives the defaults (its upstream is named `local`)."""
+    expected = defaults(tmp_path, monkeypatch)
+    shipped = load_config(str(REPO / DEFAULT_CONFIG_FILE), env={})
+    assert shipped.server == expected.server and shipped.log == expected.log
+    assert [dataclasses.replace(u, name="default") for u in shipped.upstreams] == list(expected.upstreams)
+    assert [u.name for u in shipped.upstreams] == ["local"]
+
+
+@pytest.mark.parametrize("row", SCHEMA, ids=lambda row: f"{row.section}.{row.name}")
+def test_shipped_example_documents_every_key(row: Key) -> None:
+    """Each schema row's help text and default appear in the shipped example, verbatim."""
+    text = (REPO / DEFAULT_CONFIG_FILE).read_text()
+    comment = "\n".join("# " + line for line in row.help.splitlines())
+    setting = f"{row.name} = {row.default}".rstrip()
+    assert f"{comment}\n# {setting}\n" in text or f"{comment}\n{setting}\n" in text
+
+
+@pytest.mark.parametrize("row", SCHEMA, ids=lambda row: f"{row.section}.{row.name}")
+def test_every_default_parses(row: Key) -> None:
+    """Every default in the table is itself a valid value."""
+    row.parse(row.default)
+
+
+# (section, key, bad value, part of the allowed-values text); one row at least per key.
+BAD_VALUES = [
+    ("server", "listen", "8080", "expected HOST:PORT"),
+    ("server", "listen", "::1:8080", "[::1]:8080"),
+    ("server", "listen", "[nothost]:8080", "expected HOST:PORT"),
+    ("server", "listen", "127.0.0.1:65536", "port 0..65535"),
+    ("server", "max_body_mb", "lots", "expected a whole number >= 1"),
+    ("server", "max_body_mb", "0", "expected a whole number >= 1"),
+    ("server", "max_body_mb", "1.5", "expected a whole number >= 1"),
+    ("server", "max_header_kb", "-1", "expected a whole number >= 1"),
+    ("server", "header_timeout_s", "0", "expected a number of seconds > 0"),
+    ("server", "header_timeout_s", "nan", "expected a number of seconds > 0"),
+    ("server", "keepalive_timeout_s", "soon", "expected a number of seconds > 0"),
+    ("server", "drain_s", "-0.5", "expected a number of seconds >= 0"),
+    ("server", "drain_s", "inf", "expected a number of seconds >= 0"),
+    ("server", "database", "", "expected a file path"),
+    ("log", "level", "verbose", "expected one of: debug, info, warning, error"),
+    ("upstream.gpu-1", "url", "ftp://gpu1", "expected http://HOST[:PORT][/PATH]"),
+    ("upstream.gpu-1", "url", "http://", "expected http://HOST"),
+    ("upstream.gpu-1", "url", "gpu1:11434", "expected http://HOST"),
+    ("upstream.gpu-1", "url", "http://gpu1:0", "expected http://HOST"),
+    ("upstream.gpu-1", "url", "http://gpu1:99999", "expected http://HOST"),
+    ("upstream.gpu-1", "url", "http://gpu1/?a=1", "without query"),
+    ("upstream.gpu-1", "url", "http://gpu1/#top", "without query, fragment"),
+    ("upstream.gpu-1", "url", "http://[::1/", "expected http://HOST"),
+    ("upstream.gpu-1", "url", "https://gpu1", "TLS upstreams are not supported yet"),
+    ("upstream.gpu-1", "kind", "vllm", "expected one of: ollama, openai"),
+    ("upstream.gpu-1", "api_key_env", "MY-KEY", "name of an environment variable"),
+    ("upstream.gpu-1", "api_key_file", "/nonexistent/key", "cannot read the key file"),
+    ("upstream.gpu-1", "max_connections", "0", "expected a whole number >= 1"),
+    ("upstream.gpu-1", "connect_timeout_s", "0", "expected a number of seconds > 0"),
+    ("upstream.gpu-1", "first_byte_timeout_s", "x", "expected a number of seconds > 0"),
+    ("upstream.gpu-1", "chunk_gap_timeout_s", "-3", "expected a number of seconds > 0"),
+]
+
+
+def test_bad_value_table_covers_every_key() -> None:
+    """Adding a schema row without a bad-value test row fails here."""
+    covered = {(UPSTREAM if s.startswith(UPSTREAM) else s, k) for s, k, _, _ in BAD_VALUES}
+    assert covered == {(row.section, row.name) for row in SCHEMA}
+
+
+@pytest.mark.parametrize("section,key,bad,allowed", BAD_VALUES)
+def test_bad_value_names_file_section_key_value(tmp_path: Path, section: str, key: str,
+                                                bad: str, allowed: str) -> None:
+    """A bad value's error names file, section, key, the value and what is allowed."""
+    message = error_of(tmp_path, f"[{section}]\n{key} = {bad}\n")
+    assert message.startswith(f'{tmp_path / "proxy.ini"}: [{section}] {key} = "{bad}": ')
+    assert allowed in message
+
+
+@pytest.mark.parametrize("section,key,bad,allowed", BAD_VALUES[:3] + BAD_VALUES[-4:])
+def test_bad_env_value_names_the_variable(tmp_path: Path, section: str, key: str,
+                                          bad: str, allowed: str) -> None:
+    """A bad value from the environment names the variable instead of file and section."""
+    var = f"OLLAMA_PROXY_{section.upper().replace('.', '_').replace('-', '_')}_{key.upper()}"
+    message = error_of(tmp_path, "[upstream.gpu-1]\n", env={var: bad})
+    assert message.startswith(f'environment variable {var} = "{bad}": ') and allowed in message
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("[server]\nlisten_port = 1\n", "[server] listen_port: unknown key (did you mean listen?); allowed: listen,"),
+    ("[upstream.a]\npriority = 1\n", "[upstream.a] priority: unknown key; allowed: url, kind,"),
+    ("[servr]\n", "[servr]: unknown section; allowed: [server], [log], [upstream.NAME] (did you mean server?)"),
+    ("[upstream]\n", "[upstream]: unknown section"),
+    ("[upstream.GPU]\n", "[upstream.GPU]: an upstream NAME may only hold lowercase letters, digits, _ and -"),
+    ("[upstream.a.b]\n", "[upstream.a.b]: an upstream NAME may only hold"),
+    ("[DEFAULT]\nlevel = info\n[log]\n", "[DEFAULT]: not supported"),
+    ("[server]\nlisten = 1.2.3.4:1\nlisten = 1.2.3.4:2\n", "line 3: [server] listen is set twice"),
+    ("[log]\n[log]\n", "line 2: [log] appears twice"),
+    ("listen = 1.2.3.4:1\n", "line 1: a setting before the first [section] header"),
+    ("[server]\nthis is not a setting\n", "line 2: expected KEY = VALUE"),
+    ("[upstream.gpu-1]\n[upstream.gpu_1]\n", "[upstream.gpu-1] and [upstream.gpu_1] both map to"),
+])
+def test_structural_errors(tmp_path: Path, text: str, expected: str) -> None:
+    """Unknown sections/keys, bad upstream names, DEFAULT keys and parse errors name the file."""
+    message = error_of(tmp_path, text)
+    assert message.startswith(str(tmp_path / "proxy.ini"))
+    assert expected in message
+
+
+def test_keys_are_case_insensitive(tmp_path: Path) -> None:
+    """Keys are case-insensitive, as configparser makes them; values keep their case."""
+    config = load(tmp_path, "[server]\nMAX_BODY_MB = 2\nDatabase = /srv/Proxy.db\n")
+    assert (config.server.max_body_bytes, config.server.database) == (2 * 1024 * 1024, "/srv/Proxy.db")
+
+
+def test_units_in_names(tmp_path: Path) -> None:
+    """MiB/KiB in the ini become bytes; seconds accept fractions; level is lower-cased."""
+    config = load(tmp_path, "[server]\nmax_body_mb = 3\nmax_header_kb = 8\nheader_timeout_s = 0.5\n"
+                            "drain_s = 0\n[log]\nlevel = DEBUG\n")
+    assert (config.server.max_body_bytes, config.server.max_header_bytes) == (3 << 20, 8 << 10)
+    assert (config.server.header_timeout_s, config.server.drain_s, config.log.level) == (0.5, 0.0, "debug")
+
+
+@pytest.mark.parametrize("listen,host,port", [
+    ("0.0.0.0:0", "0.0.0.0", 0),
+    ("localhost:8080", "localhost", 8080),
+    ("[::1]:8080", "::1", 8080),
+    ("[::]:65535", "::", 65535),
+])
+def test_listen(tmp_path: Path, listen: str, host: str, port: int) -> None:
+    """listen is HOST:PORT, IPv6 in brackets (host without brackets), port 0..65535."""
+    config = load(tmp_path, f"[server]\nlisten = {listen}\n")
+    assert (config.server.host, config.server.port) == (host, port)
+
+
+@pytest.mark.parametrize("url,normal,host,port,base_path", [
+    ("http://127.0.0.1:11434", "http://127.0.0.1:11434", "127.0.0.1", 11434, ""),
+    ("http://127.0.0.1:11434/", "http://127.0.0.1:11434", "127.0.0.1", 11434, ""),
+    ("HTTP://GPU1", "http://gpu1", "gpu1", 80, ""),
+    ("http://gpu1:80/ollama/", "http://gpu1/ollama", "gpu1", 80, "/ollama"),
+    ("http://[::1]:8000/v/x", "http://[::1]:8000/v/x", "::1", 8000, "/v/x"),
+])
+def test_upstream_url(tmp_path: Path, url: str, normal: str, host: str, port: int, base_path: str) -> None:
+    """The url is normalised (no trailing slash, default port dropped) and split into host/port/path."""
+    (up,) = load(tmp_path, f"[upstream.a]\nurl = {url}\n").upstreams
+    assert (up.url, up.host, up.port, up.base_path) == (normal, host, port, base_path)
+
+
+def test_url_userinfo_is_refused_and_not_echoed(tmp_path: Path) -> None:
+    """user:password in an upstream url is refused, and the password is not in the message."""
+    message = error_of(tmp_path, "[upstream.a]\nurl = http://bob:hunter2@gpu1:11434\n")
+    assert "hunter2" not in message and "user:password" in message
+
+
+def test_upstreams_keep_file_order(tmp_path: Path) -> None:
+    """Upstreams come in file order with their own settings."""
+    config = load(tmp_path, "[upstream.zeta]\nurl = http://z:1\nkind = openai\n"
+                            "[upstream.alpha]\nurl = http://a:2\nmax_connections = 3\n")
+    assert [(u.name, u.kind, u.max_connections) for u in config.upstreams] == [
+        ("zeta", "openai", 64), ("alpha", "ollama", 3)]
+
+
+def test_env_overrides(tmp_path: Path) -> None:
+    """OLLAMA_PROXY_<SECTION>_<KEY> overrides the file; '.' and '-' in the section become '_'."""
+    config = load(tmp_path, "[server]\nlisten = 127.0.0.1:1\n[upstream.gpu-1]\nurl = http://a:1\n", env={
+        "OLLAMA_PROXY_SERVER_LISTEN": "0.0.0.0:2",
+        "OLLAMA_PROXY_LOG_LEVEL": "warning",
+        "OLLAMA_PROXY_UPSTREAM_GPU_1_URL": " http://b:2 ",
+        "OLLAMA_PROXY_UPSTREAM_GPU_1_CHUNK_GAP_TIMEOUT_S": "7",
+        "UNRELATED": "x",
+    })
+    assert (config.server.host, config.server.port, config.log.level) == ("0.0.0.0", 2, "warning")
+    assert [(u.url, u.chunk_gap_timeout_s) for u in config.upstreams] == [("http://b:2", 7.0)]
+
+
+def test_env_overrides_without_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no file, env sets [server], [log] and the implicit [upstream.default]."""
+    monkeypatch.chdir(tmp_path)
+    config = load_config(env={"OLLAMA_PROXY_SERVER_MAX_BODY_MB": "1",
+                              "OLLAMA_PROXY_UPSTREAM_DEFAULT_URL": "http://gpu:11434"})
+    assert config.server.max_body_bytes == 1 << 20
+    assert [(u.name, u.url) for u in config.upstreams] == [("default", "http://gpu:11434")]
+
+
+@pytest.mark.parametrize("var", [
+    "OLLAMA_PROXY_SERVER_LISTN",
+    "OLLAMA_PROXY_UPSTREAM_OTHER_URL",   # no [upstream.other] in the file
+    "OLLAMA_PROXY_UPSTREAM_A_API_KEY",   # secrets are not a key
+    "OLLAMA_PROXY_LIMITS_REQUESTS_PER_MINUTE",
+])
+def test_unknown_env_var_is_error(tmp_path: Path, var: str) -> None:
+    """An OLLAMA_PROXY_ variable matching no section+key is an error naming it."""
+    message = error_of(tmp_path, "[upstream.a]\n", env={var: "1"})
+    assert message.startswith(f"environment variable {var}: matches no setting")
+
+
+def test_unknown_env_var_suggests_close_name(tmp_path: Path) -> None:
+    """The unknown-variable error suggests the closest real name."""
+    message = error_of(tmp_path, "", env={"OLLAMA_PROXY_SERVER_LISTN": "x"})
+    assert "did you mean OLLAMA_PROXY_SERVER_LISTEN?" in message
+
+
+def test_admin_key_and_referenced_vars_are_not_errors(tmp_path: Path) -> None:
+    """OLLAMA_PROXY_ADMIN_KEY and a variable named by api_key_env are never unknown."""
+    config = load(tmp_path, "[upstream.a]\napi_key_env = OLLAMA_PROXY_SECRET_A\n", env={
+        "OLLAMA_PROXY_ADMIN_KEY": "admin-secret", "OLLAMA_PROXY_SECRET_A": SECRET})
+    assert config.upstreams[0].api_key == SECRET
+
+
+def test_cli_listen_beats_env(tmp_path: Path) -> None:
+    """--listen overrides the file and the environment."""
+    config = load(tmp_path, "[server]\nlisten = 127.0.0.1:1\n",
+                  env={"OLLAMA_PROXY_SERVER_LISTEN": "127.0.0.1:2"}, listen="[::1]:3")
+    assert (config.server.host, config.server.port) == ("::1", 3)
+
+
+def test_bad_cli_listen_names_the_flag(tmp_path: Path) -> None:
+    """A bad --listen is reported as such."""
+    assert error_of(tmp_path, "", listen="nope").startswith('--listen = "nope": expected HOST:PORT')
+
+
+def test_cli_upstreams_replace_file_upstreams(tmp_path: Path) -> None:
+    """--upstream replaces every [upstream.NAME] with default, default2, ... at default settings."""
+    config = load(tmp_path, "[upstream.a]\nurl = http://a:1\nkind = openai\n",
+                  env={"OLLAMA_PROXY_UPSTREAM_A_URL": "http://ignored:1",
+                       "OLLAMA_PROXY_UPSTREAM_DEFAULT2_MAX_CONNECTIONS": "2",
+                       "OLLAMA_PROXY_UPSTREAM_DEFAULT_URL": "http://loses-to-cli:1"},
+                  upstream_urls=["http://x:1", "http://y:2/p/", "http://z:3"])
+    assert [(u.name, u.url, u.kind, u.max_connections) for u in config.upstreams] == [
+        ("default", "http://x:1", "ollama", 64), ("default2", "http://y:2/p", "ollama", 2),
+        ("default3", "http://z:3", "ollama", 64)]
+
+
+def test_cli_upstreams_keep_file_key_vars_known(tmp_path: Path) -> None:
+    """A variable named by a replaced upstream's api_key_env is still not an unknown variable."""
+    config = load(tmp_path, "[upstream.a]\napi_key_env = OLLAMA_PROXY_KEY_A\n",
+                  env={"OLLAMA_PROXY_KEY_A": SECRET}, upstream_urls=["http://x:1"])
+    assert [(u.name, u.api_key) for u in config.upstreams] == [("default", None)]
+
+
+def test_bad_cli_upstream_names_the_flag(tmp_path: Path) -> None:
+    """A bad --upstream URL is reported as such."""
+    message = error_of(tmp_path, "", upstream_urls=["https://x"])
+    assert message.startswith('--upstream = "https://x": TLS upstreams are not supported yet')
+
+
+def test_api_key_from_env(tmp_path: Path) -> None:
+    """api_key_env names the variable that holds the upstream key."""
+    (up,) = load(tmp_path, "[upstream.a]\napi_key_env = VLLM_KEY\n", env={"VLLM_KEY": SECRET}).upstreams
+    assert up.api_key == SECRET
+
+
+def test_api_key_from_file(tmp_path: Path) -> None:
+    """api_key_file names a file whose stripped content is the upstream key."""
+    key_file = tmp_path / "key"
+    key_file.write_text(f"  {SECRET}\n")
+    (up,) = load(tmp_path, f"[upstream.a]\napi_key_file = {key_file}\n").upstreams
+    assert up.api_key == SECRET
+
+
+@pytest.mark.parametrize("text,env,expected", [
+    ("[upstream.a]\napi_key = sk-x\n", {}, "[upstream.a] api_key: secrets never go in the config file; "
+                                           "set api_key_env"),
+    ("[upstream.a]\napi_key_env = K\napi_key_file = /k\n", {"K": "x"}, "api_key_env is set too"),
+    ("[upstream.a]\napi_key_env = K\n", {}, '[upstream.a] api_key_env = "K": the environment variable '
+                                            "is not set or empty"),
+    ("[upstream.a]\napi_key_env = K\n", {"K": "  "}, "is not set or empty"),
+    ("[upstream.a]\napi_key_env = K\n", {"K": "a b"}, "the key holds spaces"),
+])
+def test_api_key_errors(tmp_path: Path, text: str, env: dict[str, str], expected: str) -> None:
+    """api_key in the ini, both sources, an unset variable or a bad key are errors."""
+    message = error_of(tmp_path, text, env=env)
+    assert expected in message and "sk-x" not in message
+
+
+def test_api_key_file_empty_is_error(tmp_path: Path) -> None:
+    """An empty key file is an error, not a silent no-key."""
+    (tmp_path / "key").write_text("\n")
+    assert "the key file is empty" in error_of(tmp_path, f"[upstream.a]\napi_key_file = {tmp_path / 'key'}\n")
+
+
+def test_describe_shows_settings_never_secrets(tmp_path: Path) -> None:
+    """describe() lists every effective key and shows the upstream key only as (set)."""
+    config = load(tmp_path, "[server]\nlisten = [::1]:9000\n[upstream.a]\napi_key_env = K\n[upstream.b]\n",
+                  env={"K": SECRET})
+    text = describe(config)
+    assert SECRET not in text
+    assert "listen = [::1]:9000" in text and "max_body_mb = 64" in text and "header_timeout_s = 30" in text
+    assert "[upstream.a]" in text and "api_key = (set)" in text and "api_key = (not set)" in text
+    for row in SCHEMA:
+        if row.name not in ("api_key_env", "api_key_file"):
+            assert f"\n{row.name} = " in text
+
+
+def test_describe_round_trips(tmp_path: Path) -> None:
+    """describe()'s output, minus the api_key lines, loads back to the same config."""
+    config = load(tmp_path, "[server]\nmax_body_mb = 5\ndrain_s = 2.5\n[upstream.a]\nurl = http://x:1/p\n")
+    text = "\n".join(line for line in describe(config).splitlines() if not line.startswith("api_key"))
+    again = load(tmp_path, text)
+    assert (again.server, again.log, again.upstreams) == (config.server, config.log, config.upstreams)
