@@ -245,8 +245,9 @@ class _Connection:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             if not data:
-                responder.client_gone = True
-                scope.cancel()
+                if not self.aborted:  # our own abort() closed it: nobody left
+                    responder.client_gone = True
+                    scope.cancel()
                 return
             self.h11.receive_data(data)  # pipelined: kept for the next cycle
         await trio.sleep_forever()
