@@ -114,10 +114,17 @@ class Responder:
         await self._conn.send(h11.EndOfMessage())
 
     async def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        """A whole response in one go."""
-        await self.start(status, headers, length=len(body))
-        await self.write(body)
-        await self.end()
+        """A whole response in one go (one write to the socket)."""
+        headers = [(b"date", http_date()), *headers, (b"content-length", str(len(body)).encode())]
+        if self._conn.server.draining:
+            headers.append((b"connection", b"close"))
+        self.started = self.ended = True
+        self.status = status
+        events: list[h11.Event] = [h11.Response(status_code=status, headers=headers)]
+        if body and not self._head_only:
+            events.append(h11.Data(data=body))
+        events.append(h11.EndOfMessage())
+        await self._conn.send(*events)
 
     async def abort(self) -> None:
         """Drop the connection without finishing the body (a simulated crash)."""
@@ -142,8 +149,12 @@ class _Connection:
         self.aborted = False
         self.idle_scope: trio.CancelScope | None = None
 
-    async def send(self, event: h11.Event) -> None:
-        data = self.h11.send(event)
+    async def send(self, *events: h11.Event) -> None:
+        """Send events with one socket write; a failed write spoils the connection."""
+        if len(events) == 1:
+            data = self.h11.send(events[0])
+        else:
+            data = b"".join([self.h11.send(event) for event in events])
         try:
             await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -231,9 +242,8 @@ class _Connection:
             (b"connection", b"close"),
         ]
         try:
-            await self.send(h11.Response(status_code=status, headers=headers))
-            await self.send(h11.Data(data=body))
-            await self.send(h11.EndOfMessage())
+            await self.send(h11.Response(status_code=status, headers=headers), h11.Data(data=body),
+                            h11.EndOfMessage())
         except ClientGone:
             pass
 
