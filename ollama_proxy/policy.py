@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from urllib.parse import unquote
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -36,6 +37,9 @@ class Exchange:
     def model(self) -> str | None:
         obj = self.body_obj
         if obj is None:
+            path = self.request.path
+            if self.route.name == "openai_model":  # GET /v1/models/{id}
+                return unquote(path[len("/v1/models/"):])
             return None
         model = obj.get("model") or obj.get("name")  # /api/show still takes "name"
         return model if isinstance(model, str) else None

@@ -275,8 +275,10 @@ class Relay:
                 await self._record(meter, _outcome_of_error(err))
                 await self._send_error(responder, ex, err)
                 return
-            if metered:  # an error reply used nothing
-                meter.tally = scan_whole_body(body) if upstream.status < 400 else UsageTally(exact=True)
+            if metered and upstream.status < 400:
+                meter.tally = scan_whole_body(body)
+            elif metered and upstream.status < 500:  # refused by the backend: nothing used
+                meter.tally = UsageTally(exact=True)
             await self._record(meter, "ok" if upstream.status < 500 else "upstream_error")
             await responder.respond(upstream.status, headers, body)
             return

@@ -65,16 +65,18 @@ class ClientGone(Exception):
     """The client closed its connection; nothing more can be sent to it."""
 
 
-_date_cache: list = [0, b""]
+_date_second = -1
+_date_value = b""
 
 
 def http_date() -> bytes:
     """The ``Date`` header value, rebuilt at most once a second."""
+    global _date_second, _date_value
     now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[0] = now
-        _date_cache[1] = formatdate(now, usegmt=True).encode()
-    return _date_cache[1]
+    if now != _date_second:
+        _date_second = now
+        _date_value = formatdate(now, usegmt=True).encode()
+    return _date_value
 
 
 class Responder:
@@ -151,10 +153,9 @@ class _Connection:
 
     async def send(self, *events: h11.Event) -> None:
         """Send events with one socket write; a failed write spoils the connection."""
-        if len(events) == 1:
-            data = self.h11.send(events[0])
-        else:
-            data = b"".join([self.h11.send(event) for event in events])
+        data = b"".join([self.h11.send(event) or b"" for event in events])
+        if not data:  # e.g. the end of a Content-Length body: nothing to write
+            return
         try:
             await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -255,7 +256,7 @@ class _Connection:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             if not data:
-                if not self.aborted:  # our own abort() closed it: nobody left
+                if not self.aborted and not responder.ended:  # after our own end/abort: nobody left
                     responder.client_gone = True
                     scope.cancel()
                 return
@@ -378,6 +379,10 @@ class HttpServer:
         ``task_status.started`` reports the bound ``(host, port)``.
         """
         listeners = await trio.open_tcp_listeners(port, host=host or None)
+        if port == 0 and len(listeners) > 1:  # each would get its own random port: keep one
+            for extra in listeners[1:]:
+                await extra.aclose()
+            listeners = listeners[:1]
         bound = listeners[0].socket.getsockname()
         async with trio.open_nursery() as conns:
             self._conn_nursery = conns
