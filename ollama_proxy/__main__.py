@@ -105,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _leaf(exc: BaseException) -> BaseException:
     """The one real error inside (nested) single-member exception groups."""
-    while isinstance(getattr(exc, "exceptions", None), tuple) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
+    inner = getattr(exc, "exceptions", None)
+    while isinstance(inner, tuple) and len(inner) == 1:
+        exc = inner[0]
+        inner = getattr(exc, "exceptions", None)
     return exc
 
 

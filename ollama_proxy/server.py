@@ -172,7 +172,7 @@ class _Connection:
             data = b""
         self.h11.receive_data(data)
 
-    async def _next_event(self) -> h11.Event:
+    async def _next_event(self) -> object:  # an h11 event, or PAUSED
         while True:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
@@ -187,11 +187,8 @@ class _Connection:
             self.idle_scope = trio.CancelScope()
             if self.server.draining:
                 return None
-            with self.idle_scope:
-                with trio.move_on_after(settings.keepalive_timeout_s):
-                    event = self.h11.next_event()
-                    if event is h11.NEED_DATA:
-                        await self._receive()
+            with self.idle_scope, trio.move_on_after(settings.keepalive_timeout_s):
+                await self._receive()
             self.idle_scope = None
             if not self.h11.trailing_data[0] and self.h11.their_state is h11.IDLE:
                 return None
