@@ -205,8 +205,9 @@ SCHEMA: tuple[Key, ...] = (
     Key(UPSTREAM, "api_key_file", _optional_path, "",
         "Path of a file holding the bearer key sent to this backend, surrounding whitespace\n"
         "removed (empty: no key). Set at most one of api_key_env and api_key_file."),
-    Key(UPSTREAM, "max_connections", _whole(1), "64",
-        "Most connections open to this backend at once (whole number >= 1).", "max_connections"),
+    Key(UPSTREAM, "max_connections", _whole(1), "1024",
+        "Most connections open to this backend at once (whole number >= 1); one per request\n"
+        "in flight, so it also caps the streams this backend serves at once.", "max_connections"),
     Key(UPSTREAM, "connect_timeout_s", _seconds(0, inclusive=False), "5",
         "Seconds to wait for this backend to accept a connection (number > 0).",
         "connect_timeout_s"),

@@ -131,13 +131,16 @@ class Simulator:
         first_byte_delay_s: float = 0.0,
         default_tokens: int = 12,
         embedding_dim: int = 16,
+        max_records: int | None = None,
     ) -> None:
         self.models = {normalize_name(model.name): model for model in models}
+        self.max_records = max_records  # None keeps all (tests); benchmarks keep the newest few
         self.tokens_per_s = tokens_per_s
         self.first_byte_delay_s = first_byte_delay_s
         self.default_tokens = default_tokens
         self.embedding_dim = embedding_dim
         self.records: list[SimRecord] = []
+        self._served = 0
         self._changed = trio.lowlevel.ParkingLot()
         # Loaded models, name -> expiry (ns); the first chat model starts warm.
         self._loaded: dict[str, int] = {}
@@ -199,8 +202,11 @@ class Simulator:
     # ------------------------------------------------------------------ HTTP
 
     async def handle(self, request: Request, responder: Responder) -> None:
-        record = SimRecord(len(self.records) + 1, request.method, request.path, request.headers)
+        self._served += 1
+        record = SimRecord(self._served, request.method, request.path, request.headers)
         self.records.append(record)
+        if self.max_records is not None and len(self.records) > 2 * self.max_records:
+            del self.records[: -self.max_records]
         self._notify()
         try:
             await self._dispatch(request, responder, record)

@@ -34,7 +34,7 @@ class PoolSettings:
 
     host: str
     port: int
-    max_connections: int = 64
+    max_connections: int = 1024
     connect_timeout_s: float = 5.0
     first_byte_timeout_s: float = 600.0
     chunk_gap_timeout_s: float = 300.0

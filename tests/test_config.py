@@ -55,7 +55,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.log.level == "info"
     assert config.upstreams == (UpstreamConfig(
         name="default", url="http://127.0.0.1:11434", host="127.0.0.1", port=11434, base_path="",
-        kind="ollama", api_key=None, max_connections=64, connect_timeout_s=5.0,
+        kind="ollama", api_key=None, max_connections=1024, connect_timeout_s=5.0,
         first_byte_timeout_s=600.0, chunk_gap_timeout_s=300.0),)
 
 
@@ -236,7 +236,7 @@ def test_upstreams_keep_file_order(tmp_path: Path) -> None:
     config = load(tmp_path, "[upstream.zeta]\nurl = http://z:1\nkind = openai\n"
                             "[upstream.alpha]\nurl = http://a:2\nmax_connections = 3\n")
     assert [(u.name, u.kind, u.max_connections) for u in config.upstreams] == [
-        ("zeta", "openai", 64), ("alpha", "ollama", 3)]
+        ("zeta", "openai", 1024), ("alpha", "ollama", 3)]
 
 
 def test_env_overrides(tmp_path: Path) -> None:
@@ -306,8 +306,8 @@ def test_cli_upstreams_replace_file_upstreams(tmp_path: Path) -> None:
                        "OLLAMA_PROXY_UPSTREAM_DEFAULT_URL": "http://loses-to-cli:1"},
                   upstream_urls=["http://x:1", "http://y:2/p/", "http://z:3"])
     assert [(u.name, u.url, u.kind, u.max_connections) for u in config.upstreams] == [
-        ("default", "http://x:1", "ollama", 64), ("default2", "http://y:2/p", "ollama", 2),
-        ("default3", "http://z:3", "ollama", 64)]
+        ("default", "http://x:1", "ollama", 1024), ("default2", "http://y:2/p", "ollama", 2),
+        ("default3", "http://z:3", "ollama", 1024)]
 
 
 def test_cli_upstreams_keep_file_key_vars_known(tmp_path: Path) -> None:

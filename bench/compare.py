@@ -1,0 +1,226 @@
+"""Same-run comparison: each workload against the simulator directly, then
+through the gateway, and the ratios between the two.
+
+    python3 bench/compare.py [--quick] [--only NAME,...] [--json-out FILE]
+
+The simulator and the gateway run as separate processes, pinned to different
+cores when there are two (gateway on core 0; simulator and load tool on core
+1), so the gateway's cost shows up as its own CPU time (read from /proc) and
+its peak RSS (VmHWM, reset before each workload). The machine is shared and
+noisy: read the ratios, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from load import parse_args, run_load  # noqa: E402
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CHAT_5 = "hi [[sim:tokens=5]]"
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    args: list[str]  # bench/load.py arguments, without --url
+    gateway_only_memory: bool = False  # the figure that matters is the gateway's RSS
+
+
+def workloads(quick: bool) -> list[Workload]:
+    """The workloads of the benchmark issue; --quick shortens each."""
+    scale = 0.25 if quick else 1.0
+    n = lambda count: str(max(1, int(count * scale)))  # noqa: E731
+    dur = lambda seconds: str(max(1.0, seconds * scale))  # noqa: E731
+    return [
+        Workload("small c=1", ["-n", n(2000), "-c", "1", "--prompt", CHAT_5]),
+        Workload("small c=32", ["--duration", dur(6), "-c", "32", "--prompt", CHAT_5]),
+        Workload("64 streams x 50 ndjson",
+                 ["-n", n(640), "-c", "64", "--stream", "--prompt", "[[sim:tokens=50]]"]),
+        Workload("64 streams x 50 sse",
+                 ["-n", n(640), "-c", "64", "--stream", "--api", "openai",
+                  "--prompt", "[[sim:tokens=50]]"]),
+        Workload("128 streams @ 50 tok/s",
+                 ["-n", n(512), "-c", "128", "--stream", "--chunk-delay",
+                  "--prompt", "[[sim:tokens=100]] [[sim:rate=50]]"]),
+        Workload("256 streams @ 50 tok/s",
+                 ["-n", n(1024), "-c", "256", "--stream", "--chunk-delay",
+                  "--prompt", "[[sim:tokens=100]] [[sim:rate=50]]"]),
+        Workload("1000 idle streams",
+                 ["-n", "1000", "-c", "1000", "--stream",
+                  "--prompt", f"[[sim:tokens={int(20 * scale) or 1}]] [[sim:rate=2]]"],
+                 gateway_only_memory=True),
+    ]
+
+
+class Process:
+    """A child process whose stdout/stderr go to a file we can scan for its address."""
+
+    def __init__(self, name: str, argv: list[str], ready: str, core: int | None) -> None:
+        self.log = open(f"/tmp/ollama-proxy-bench-{name}-{os.getpid()}.log", "w+")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, cwd=ROOT)
+        if core is not None:
+            os.sched_setaffinity(self.proc.pid, {core})
+        self.address = self._wait_for(ready)
+
+    def _wait_for(self, marker: str, timeout_s: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.log.seek(0)
+            for line in self.log:
+                if marker in line:
+                    return line.split(marker, 1)[1].split()[0].rstrip(",")
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        self.log.seek(0)
+        raise RuntimeError(f"{self.proc.args} did not start:\n{self.log.read()[-2000:]}")
+
+    def cpu_s(self) -> float:
+        fields = pathlib.Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+    def reset_peak_rss(self) -> None:
+        pathlib.Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+
+    def peak_rss_mb(self) -> float:
+        for line in pathlib.Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def run_pair(workload: Workload, sim_url: str, gateway: Process, gateway_url: str) -> dict:
+    direct = run_load(parse_args(["--url", sim_url, "--json", *workload.args]))
+    gateway.reset_peak_rss()
+    cpu_before = gateway.cpu_s()
+    via = run_load(parse_args(["--url", gateway_url, "--json", *workload.args]))
+    cpu_ms = (gateway.cpu_s() - cpu_before) * 1000
+    return {"name": workload.name, "direct": direct, "gateway": via,
+            "gateway_cpu_ms": cpu_ms, "gateway_peak_rss_mb": gateway.peak_rss_mb()}
+
+
+def _get(report: dict, *path: str) -> float | None:
+    value: object = report
+    for key in path:
+        if not isinstance(value, dict) or value.get(key) is None:
+            return None
+        value = value[key]
+    return float(value)  # type: ignore[arg-type]
+
+
+def summarise(pair: dict) -> dict:
+    """The ratios and added costs the benchmark issue asks for."""
+    d, g = pair["direct"], pair["gateway"]
+    requests = max(1, g.get("requests", 0))
+    chunks = (g.get("chunks_per_s") or 0) * (g.get("duration_s") or 0)
+
+    def diff(*path: str) -> float | None:
+        a, b = _get(g, *path), _get(d, *path)
+        return None if a is None or b is None else round(a - b, 3)
+
+    return {
+        "workload": pair["name"],
+        "throughput_ratio": round(g["requests_per_s"] / d["requests_per_s"], 3)
+        if d.get("requests_per_s") else None,
+        "direct_req_s": round(d.get("requests_per_s", 0), 1),
+        "gateway_req_s": round(g.get("requests_per_s", 0), 1),
+        "added_p50_ms": diff("latency_ms", "p50"),
+        "added_p99_ms": diff("latency_ms", "p99"),
+        "added_ttfb_p50_ms": diff("ttfb_ms", "p50"),
+        "gateway_chunks_s": round(g.get("chunks_per_s") or 0),
+        "direct_chunks_s": round(d.get("chunks_per_s") or 0),
+        "chunk_delay_p99_ms": _get(g, "chunk_delay_ms", "p99"),
+        "direct_chunk_delay_p99_ms": _get(d, "chunk_delay_ms", "p99"),
+        "gateway_cpu_ms_per_request": round(pair["gateway_cpu_ms"] / requests, 3),
+        "gateway_cpu_ms_per_1000_chunks": round(pair["gateway_cpu_ms"] / chunks * 1000, 2)
+        if chunks else None,
+        "gateway_peak_rss_mb": round(pair["gateway_peak_rss_mb"], 1),
+        "errors": {"direct": d.get("status"), "gateway": g.get("status"),
+                   "broken": [d.get("broken"), g.get("broken")]},
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = [("workload", 24), ("direct_req_s", 9), ("gateway_req_s", 9), ("throughput_ratio", 6),
+            ("added_p50_ms", 7), ("added_p99_ms", 7), ("added_ttfb_p50_ms", 7),
+            ("gateway_chunks_s", 8), ("chunk_delay_p99_ms", 8), ("direct_chunk_delay_p99_ms", 8),
+            ("gateway_cpu_ms_per_request", 7), ("gateway_cpu_ms_per_1000_chunks", 7),
+            ("gateway_peak_rss_mb", 7)]
+    heads = ["workload", "direct/s", "gw/s", "ratio", "+p50ms", "+p99ms", "+ttfb", "gw chk/s",
+             "dly p99", "d dly99", "cpu/req", "cpu/1kc", "RSS MB"]
+    lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, (_, w)) in enumerate(zip(heads, cols)))]
+    for row in rows:
+        cells = []
+        for i, (key, width) in enumerate(cols):
+            value = row.get(key)
+            text = "-" if value is None else str(value)
+            cells.append(text.ljust(width) if i == 0 else text.rjust(width))
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a quarter of each workload")
+    parser.add_argument("--only", help="comma-separated workload names (substring match)")
+    parser.add_argument("--json-out", metavar="FILE", help="write all figures as JSON here")
+    parser.add_argument("--gateway-arg", action="append", default=[],
+                        help="extra argument for `serve` (repeatable)")
+    args = parser.parse_args(argv)
+
+    two_cores = len(os.sched_getaffinity(0)) >= 2
+    sim = Process("sim", [sys.executable, str(HERE / "sim_server.py")], "ready ",
+                  1 if two_cores else None)
+    sim_url = f"http://{sim.address}"
+    gateway = Process("gateway", [sys.executable, "-m", "ollama_proxy", "serve",
+                                  "--listen", "127.0.0.1:0", "--upstream", sim_url,
+                                  *args.gateway_arg],
+                      "listening on ", 0 if two_cores else None)
+    gateway_url = gateway.address
+    if two_cores:  # the load tool shares the simulator's core; the gateway has its own
+        os.sched_setaffinity(0, {1})
+    rows = []
+    raw = []
+    try:
+        for workload in workloads(args.quick):
+            if args.only and not any(part in workload.name for part in args.only.split(",")):
+                continue
+            print(f"... {workload.name}", file=sys.stderr, flush=True)
+            pair = run_pair(workload, sim_url, gateway, gateway_url)
+            raw.append(pair)
+            rows.append(summarise(pair))
+    finally:
+        gateway.stop()
+        sim.stop()
+    print(format_table(rows))
+    if args.json_out:
+        pathlib.Path(args.json_out).write_text(json.dumps({"summary": rows, "raw": raw}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
