@@ -82,11 +82,12 @@ def http_date() -> bytes:
 class Responder:
     """Sends one response on its connection; the handler's only way to write."""
 
-    __slots__ = ("_conn", "_head_only", "started", "ended", "client_gone", "status")
+    __slots__ = ("_conn", "_head_only", "_chunked", "started", "ended", "client_gone", "status")
 
     def __init__(self, conn: _Connection, method: str) -> None:
         self._conn = conn
         self._head_only = method == "HEAD"
+        self._chunked = False  # we frame the chunks ourselves (the hot path), h11 the rest
         self.started = False
         self.ended = False
         self.client_gone = False
@@ -99,6 +100,9 @@ class Responder:
         headers = [(b"date", http_date()), *headers]
         if length is not None:
             headers.append((b"content-length", str(length).encode()))
+        elif not self._head_only and self._conn.h11.their_http_version == b"1.1":
+            headers.append((b"transfer-encoding", b"chunked"))
+            self._chunked = True
         if self._conn.server.draining:
             headers.append((b"connection", b"close"))
         self.started = True
@@ -107,7 +111,11 @@ class Responder:
 
     async def write(self, data: bytes) -> None:
         """Send a piece of the body (dropped for HEAD, as HTTP requires)."""
-        if data and not self._head_only:
+        if not data or self._head_only:
+            return
+        if self._chunked:  # h11 keeps no per-chunk state: framing it here is equivalent
+            await self._conn.send_bytes(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
             await self._conn.send(h11.Data(data=data))
 
     async def end(self) -> None:
@@ -154,8 +162,11 @@ class _Connection:
     async def send(self, *events: h11.Event) -> None:
         """Send events with one socket write; a failed write spoils the connection."""
         data = b"".join([self.h11.send(event) or b"" for event in events])
-        if not data:  # e.g. the end of a Content-Length body: nothing to write
-            return
+        if data:  # the end of a Content-Length body is no bytes at all
+            await self.send_bytes(data)
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Write bytes h11 has framed (or that frame like it); failures spoil the connection."""
         try:
             await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

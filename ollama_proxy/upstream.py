@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import h11
 import trio
 
+from .bodies import body_reader
 from .errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 
 log = logging.getLogger("ollama_proxy.upstream")
@@ -172,7 +173,7 @@ class UpstreamPool:
         except BaseException:
             await conn.aclose()
             raise
-        return UpstreamResponse(self, conn, response)
+        return UpstreamResponse(self, conn, response, method)
 
     async def _read_head(self, conn: _Conn) -> h11.Response:
         while True:
@@ -190,11 +191,11 @@ class UpstreamPool:
             else:
                 raise UpstreamProtocolError("backend closed the connection without a response")
 
-    async def _finish(self, conn: _Conn, read_to_end: bool) -> None:
-        """Pool the connection if both sides finished cleanly, else close it."""
+    async def _finish(self, conn: _Conn, reusable: bool) -> None:
+        """Pool the connection if its response ended cleanly, else close it."""
         self._release()
-        if read_to_end and conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
-            conn.h11.start_next_cycle()
+        if reusable and conn.h11.our_state is h11.DONE:
+            conn.h11 = h11.Connection(h11.CLIENT)  # h11 saw only the head: start afresh
             conn.idle_since = trio.current_time()
             self._idle.append(conn)
         else:
@@ -214,14 +215,19 @@ class _StaleConnection(Exception):
 class UpstreamResponse:
     """A response whose head has arrived; read the body with ``receive``, then ``aclose``."""
 
-    __slots__ = ("_pool", "_conn", "status", "headers", "_done", "_closed")
+    __slots__ = ("_pool", "_conn", "status", "headers", "_body", "_leftover", "_keep_alive",
+                 "_closed")
 
-    def __init__(self, pool: UpstreamPool, conn: _Conn, head: h11.Response) -> None:
+    def __init__(self, pool: UpstreamPool, conn: _Conn, head: h11.Response, method: str) -> None:
         self._pool = pool
         self._conn = conn
         self.status: int = head.status_code
         self.headers: list[tuple[bytes, bytes]] = list(head.headers)
-        self._done = False
+        # h11 parsed the head; the body is ours to decode (bodies.py: the hot path).
+        self._body = body_reader(method, self.status, self.headers)
+        self._leftover = bytes(conn.h11.trailing_data[0])
+        self._keep_alive = head.http_version == b"1.1" and not any(
+            name == b"connection" and b"close" in value.lower() for name, value in self.headers)
         self._closed = False
 
     def header(self, name: bytes) -> bytes | None:
@@ -231,45 +237,35 @@ class UpstreamResponse:
         return None
 
     async def receive(self) -> bytes:
-        """The body bytes available now (joined), or b"" at its end.
+        """The body bytes available now, or b"" at its end.
 
         Waits at most ``chunk_gap_timeout_s`` for the next piece
         (``UpstreamTimeout``); a body cut short raises ``UpstreamProtocolError``.
         """
-        if self._done:
-            return b""
-        conn = self._conn
-        pieces: list[bytes] = []
-        while True:
-            try:
-                event = conn.h11.next_event()
-            except h11.ProtocolError as exc:
-                raise UpstreamProtocolError(f"backend broke off the response: {exc}") from exc
-            if type(event) is h11.Data:
-                pieces.append(event.data)
-                continue
-            if event is h11.NEED_DATA:
-                if pieces:
-                    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                await self._receive_more()
-                continue
-            if type(event) is h11.EndOfMessage:
-                self._done = True
-                return b"".join(pieces)
-            raise UpstreamProtocolError("backend closed the connection mid-response")
+        body = self._body
+        while not body.done:
+            if self._leftover:
+                data, self._leftover = self._leftover, b""
+            else:
+                data = await self._receive_more()
+                if not data:
+                    body.eof()  # raises unless the end of the connection is the end of the body
+                    return b""
+            out = body.feed(data)
+            if out:
+                return out
+        return b""
 
-    async def _receive_more(self) -> None:
-        conn = self._conn
-        try:
-            with trio.fail_after(self._pool.settings.chunk_gap_timeout_s):
-                data = await conn.stream.receive_some(RECEIVE_SIZE)
-        except trio.TooSlowError as exc:
-            raise UpstreamTimeout(
-                f"backend went silent for {self._pool.settings.chunk_gap_timeout_s:g} s mid-response"
-            ) from exc
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise UpstreamProtocolError(f"backend connection broke: {exc}") from exc
-        conn.h11.receive_data(data)
+    async def _receive_more(self) -> bytes:
+        gap_s = self._pool.settings.chunk_gap_timeout_s
+        # A bare cancel scope: fail_after's generator costs too much once per chunk.
+        with trio.CancelScope(deadline=trio.current_time() + gap_s) as scope:
+            try:
+                return await self._conn.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise UpstreamProtocolError(f"backend connection broke: {exc}") from exc
+        assert scope.cancelled_caught
+        raise UpstreamTimeout(f"backend went silent for {gap_s:g} s mid-response")
 
     async def read_all(self, limit: int) -> bytes:
         """The whole remaining body, refusing more than ``limit`` bytes."""
@@ -289,4 +285,6 @@ class UpstreamResponse:
         if self._closed:
             return
         self._closed = True
-        await self._pool._finish(self._conn, self._done)
+        body = self._body
+        reusable = self._keep_alive and body.done and not body.overflow and not self._leftover
+        await self._pool._finish(self._conn, reusable)
