@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
 import trio
 
 from . import __version__
-from .config import Config, describe, load_config
+from .cli_admin import add_admin_commands
+from .config import ADMIN_KEY_ENV, Config, describe, load_config
 from .errors import ConfigError
 
 
@@ -32,7 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load(args)
     _setup_logging(config.log.level)
-    gateway = Gateway(config)
+    gateway = Gateway(config, admin_key=os.environ.get(ADMIN_KEY_ENV) or None)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -100,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--upstream", metavar="URL", action="append", help="as for serve")
 
     add("version", cmd_version, "print the version")
+    add_admin_commands(sub)
     return parser
 
 

@@ -8,11 +8,17 @@ import signal
 
 import trio
 
+from . import accounts
+from .admin import AdminApi, is_admin_path
+from .auth import KeyIndex
 from .backends import Backend, Router
 from .config import Config, ServerConfig, UpstreamConfig
+from .keys import load_or_create_secret
 from .relay import LogUsageSink, Relay, UsageSink
-from .server import HttpServer, ServerSettings
+from .server import HttpServer, Request, Responder, ServerSettings
+from .storage import LedgerWriter, Store
 from .upstream import PoolSettings, UpstreamPool
+from .usage import UsageRecord
 
 log = logging.getLogger("ollama_proxy.app")
 
@@ -39,19 +45,64 @@ def make_backend(cfg: UpstreamConfig) -> Backend:
                    api_key=cfg.api_key, pool=pool)
 
 
-class Gateway:
-    """The whole gateway for one ``Config``; ``run`` serves until drained."""
+class TeeSink:
+    """Hands each usage record to every sink in turn (the ledger first)."""
 
-    def __init__(self, config: Config, *, sink: UsageSink | None = None) -> None:
+    def __init__(self, sinks: list[UsageSink]) -> None:
+        self._sinks = sinks
+
+    async def record(self, record: UsageRecord) -> None:
+        for sink in self._sinks:
+            await sink.record(record)
+
+
+class Gateway:
+    """The whole gateway for one ``Config``; ``run`` serves until drained.
+
+    ``observer`` also receives every usage record (tests read it); the
+    ledger and the usage log line always do.
+    """
+
+    def __init__(self, config: Config, *, observer: UsageSink | None = None,
+                 admin_key: str | None = None) -> None:
         self.config = config
         self.router = Router([make_backend(u) for u in config.upstreams])
-        self.relay = Relay(self.router, sink or LogUsageSink(),
-                           max_response_bytes=config.server.max_body_bytes * 4)
-        self.server = HttpServer(self.relay.handle, server_settings(config.server))
+        self.store = Store(config.server.database)
+        self.ledger = LedgerWriter(config.server.database)
+        sinks: list[UsageSink] = [self.ledger, LogUsageSink()]
+        self.sink = TeeSink(sinks + ([observer] if observer else []))
+        self._admin_key = admin_key
+        self.secret = b""  # the key-hashing secret, once the database is open
+        self.index: KeyIndex | None = None
+        self.relay: Relay | None = None
+        self.admin: AdminApi | None = None
+        self.server = HttpServer(self._handle, server_settings(config.server))
+
+    async def _handle(self, request: Request, responder: Responder) -> None:
+        assert self.relay is not None and self.admin is not None
+        if is_admin_path(request.path):
+            await self.admin.handle(request, responder)
+        else:
+            await self.relay.handle(request, responder)
 
     def drain(self, grace_s: float | None = None) -> None:
         """Stop accepting; in-flight responses get ``grace_s`` (default ``drain_s``)."""
         self.server.drain(self.config.server.drain_s if grace_s is None else grace_s)
+
+    async def _open_accounts(self) -> KeyIndex:
+        """Open the database, bootstrap the admin, load the key index."""
+        await self.store.open()
+        secret = await trio.to_thread.run_sync(load_or_create_secret, self.config.server.database)
+        self.secret = secret
+        new_key = await self.store.call(accounts.ensure_admin, secret, self._admin_key)
+        if new_key is not None:  # printed once, never logged
+            print(f"Created the admin user 'admin'. Its API key, shown only this once:\n\n"
+                  f"    {new_key}\n", flush=True)
+        index = KeyIndex(self.store, secret)
+        await index.reload()
+        self.index = index
+        self.admin = AdminApi(self.store, index, secret, self.router)
+        return index
 
     async def run(
         self,
@@ -62,7 +113,12 @@ class Gateway:
         """Serve until drained; ``task_status.started`` gets the bound ``(host, port)``."""
         cfg = self.config.server
         try:
+            index = await self._open_accounts()
+            self.relay = Relay(self.router, self.sink, index=index,
+                               max_response_bytes=cfg.max_body_bytes * 4)
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.ledger.run)
+                nursery.start_soon(index.keep_fresh)
                 nursery.start_soon(self.router.run_health_checks)
                 if handle_signals:
                     nursery.start_soon(self._drain_on_signals)
@@ -71,6 +127,7 @@ class Gateway:
         finally:
             with trio.CancelScope(shield=True):
                 await self.router.aclose()
+                await self.store.aclose()
 
     async def _drain_on_signals(self) -> None:
         """First signal: drain for ``drain_s``. A second one: stop now."""

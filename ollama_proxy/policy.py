@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from .errors import BadRequest
 from .routes import Route, RouteKind
 
-if TYPE_CHECKING:  # the pure core needs the type, not the trio server
+if TYPE_CHECKING:  # the pure core needs the types, not the trio server
+    from .accounts import KeyEntry
     from .server import Request
 
 
@@ -31,6 +32,7 @@ class Exchange:
     body_dirty: bool = False  # a step changed body_obj: re-serialise before sending
     stream: bool = False
     usage_injected: bool = False  # we asked for usage the client did not: hide it
+    principal: KeyEntry | None = None  # the caller, once its key was checked
     started_at: float = field(default_factory=time.time)
 
     @property

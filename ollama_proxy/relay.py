@@ -15,7 +15,6 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass, fields
 from typing import Protocol, Sequence
 
 import trio
@@ -34,10 +33,17 @@ from .errors import (
 from .framing import FrameKind
 from .headers import client_response_headers, upstream_request_headers
 from .policy import Exchange, PolicyStep, apply_openai_rules, parse_body, wants_stream
+from .auth import KeyIndex, Unauthorized, authorize
 from .routes import RouteKind, match_route
 from .server import ClientGone, Request, Responder
 from .upstream import UpstreamResponse
-from .usage import StreamScanner, UsageTally, estimate_prompt_tokens, scan_whole_body
+from .usage import (
+    StreamScanner,
+    UsageRecord,
+    UsageTally,
+    estimate_prompt_tokens,
+    scan_whole_body,
+)
 
 log = logging.getLogger("ollama_proxy.relay")
 
@@ -46,34 +52,6 @@ JSON_TYPE = b"application/json; charset=utf-8"
 RECORD_TIMEOUT_S = 5.0
 # A client's X-Request-Id is kept when it looks like an id, else we make one.
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
-
-
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
-    """What the ledger keeps of one proxied request."""
-
-    request_id: str
-    time: float  # start, Unix seconds
-    endpoint: str  # the path, e.g. /api/chat
-    model: str | None
-    backend: str | None
-    status: int
-    outcome: str  # ok | client_closed | upstream_error | unreachable | timeout | refused | cancelled
-    prompt_tokens: int
-    completion_tokens: int
-    estimated: bool
-    stream: bool
-    duration_s: float
-    ttfb_s: float | None
-    client: str
-
-    def to_json(self) -> str:
-        """One compact JSON object (asdict's deep copy is too slow per request)."""
-        return json.dumps({name: getattr(self, name) for name in _RECORD_FIELDS},
-                          separators=(",", ":"))
-
-
-_RECORD_FIELDS = tuple(f.name for f in fields(UsageRecord))
 
 
 class UsageSink(Protocol):
@@ -136,6 +114,8 @@ class _Meter:
             duration_s=round(time.perf_counter() - self.started, 6),
             ttfb_s=self.ttfb_s,
             client=ex.request.client,
+            user=ex.principal.user if ex.principal else None,
+            key_prefix=ex.principal.prefix if ex.principal else None,
         )
 
 
@@ -165,12 +145,14 @@ class Relay:
         router: Router,
         sink: UsageSink,
         *,
+        index: KeyIndex | None = None,
         steps: Sequence[PolicyStep] = (),
         max_response_bytes: int = 256 * 1024 * 1024,
         max_frame_bytes: int = 1 << 20,
     ) -> None:
         self._router = router
         self._sink = sink
+        self._index = index  # None: no keys needed (tests of the bare relay)
         self._steps = tuple(steps)
         self._max_response_bytes = max_response_bytes
         self._max_frame_bytes = max_frame_bytes
@@ -217,6 +199,9 @@ class Relay:
         upstream: UpstreamResponse | None = None
         try:
             try:
+                if self._index is not None:
+                    ex.principal = self._index.identify(ex.request)
+                    authorize(ex.principal, admin=ex.route.admin_only)
                 ex.body_obj = parse_body(ex.route, ex.request.body)
                 ex.stream = wants_stream(ex.route, ex.body_obj)
                 for step in self._steps:
@@ -227,7 +212,10 @@ class Relay:
                 upstream = await self._open_upstream(ex, meter)
             except ProxyError as err:
                 meter.status = err.status
-                await self._record(meter, _outcome_of_error(err))
+                if isinstance(err, Unauthorized):  # no ledger rows for strangers
+                    meter.recorded = True
+                else:
+                    await self._record(meter, _outcome_of_error(err))
                 await self._send_error(responder, ex, err)
                 return
             meter.ttfb_s = round(time.perf_counter() - meter.started, 6)
@@ -237,10 +225,7 @@ class Relay:
             await self._record(meter, "client_closed")
         finally:
             if not meter.recorded:  # cancelled: the client left, or shutdown
-                outcome = "client_closed" if responder.client_gone else "cancelled"
-                with trio.move_on_after(RECORD_TIMEOUT_S) as scope:
-                    scope.shield = True
-                    await self._record(meter, outcome)
+                await self._record(meter, "client_closed" if responder.client_gone else "cancelled")
             if upstream is not None:
                 await upstream.aclose()
 
@@ -321,10 +306,16 @@ class Relay:
         await responder.end()
 
     async def _record(self, meter: _Meter, outcome: str) -> None:
+        """Hand the usage to the sink once; a client leaving meanwhile cannot stop it."""
         if meter.recorded:
             return
         meter.recorded = True
-        await self._sink.record(meter.build(outcome))
+        with trio.move_on_after(RECORD_TIMEOUT_S) as scope:
+            scope.shield = True
+            await self._sink.record(meter.build(outcome))
+        if scope.cancelled_caught:
+            log.error("%s: usage sink did not take the record within %g s",
+                      meter.exchange.request_id.decode(), RECORD_TIMEOUT_S)
 
     async def _send_error(self, responder: Responder, ex: Exchange, err: ProxyError) -> None:
         body = error_body(family_of(ex.request.path), err.status, err.message, err.code)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from .framing import FrameBuffer, FrameKind, ndjson_lines, sse_data, sse_events
@@ -220,3 +220,33 @@ def _text_length(value: Any) -> int:
                 total += len(item["text"])
         return total
     return 0
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """What the ledger keeps of one proxied request."""
+
+    request_id: str
+    time: float  # start, Unix seconds
+    endpoint: str  # the path, e.g. /api/chat
+    model: str | None
+    backend: str | None
+    status: int
+    outcome: str  # ok | client_closed | upstream_error | unreachable | timeout | refused | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool
+    stream: bool
+    duration_s: float
+    ttfb_s: float | None
+    client: str
+    user: str | None = None  # who (None: no key was needed, or none was valid)
+    key_prefix: str | None = None  # which key, by its non-secret prefix
+
+    def to_json(self) -> str:
+        """One compact JSON object (asdict's deep copy is too slow per request)."""
+        return json.dumps({name: getattr(self, name) for name in RECORD_FIELDS},
+                          separators=(",", ":"))
+
+
+RECORD_FIELDS = tuple(f.name for f in fields(UsageRecord))

@@ -3,14 +3,19 @@ OS-chosen loopback ports, plus a usage sink that tests can read."""
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import os
+import shutil
+import tempfile
 from typing import Callable
 
 import trio
 
 from ollama_proxy.app import Gateway
-from ollama_proxy.config import load_config
-from ollama_proxy.relay import UsageRecord
+from ollama_proxy.config import Config, load_config
+from ollama_proxy.keys import new_key
+from ollama_proxy.usage import UsageRecord
 from ollama_proxy.simulator import Simulator, run_simulator
 
 
@@ -40,6 +45,34 @@ class Stack:
     gateway: Gateway
     url: str
     sink: MemorySink
+    key: str  # the admin key: works on every path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+def _scratch_dir() -> str:
+    path = tempfile.mkdtemp(prefix="ollama-proxy-test-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def gateway_config(upstream_urls: list[str], **upstream_overrides: float) -> Config:
+    """A config for tests: OS-chosen port, a fresh database, the given backends."""
+    config = load_config(None, env={}, listen="127.0.0.1:0", upstream_urls=upstream_urls)
+    server = dataclasses.replace(config.server, database=os.path.join(_scratch_dir(), "test.db"))
+    upstreams = tuple(dataclasses.replace(u, **upstream_overrides) for u in config.upstreams)
+    return dataclasses.replace(config, server=server, upstreams=upstreams)
+
+
+async def start_gateway(nursery: trio.Nursery, config: Config) -> tuple[Gateway, str, MemorySink, str]:
+    """Run a gateway; returns it, its URL, the usage observer and the admin key."""
+    sink = MemorySink()
+    key = new_key()
+    gateway = Gateway(config, observer=sink, admin_key=key)
+    host, port = await nursery.start(lambda task_status: gateway.run(task_status=task_status))
+    return gateway, f"http://{host}:{port}", sink, key
 
 
 async def start_stack(nursery: trio.Nursery, sim: Simulator | None = None,
@@ -47,11 +80,6 @@ async def start_stack(nursery: trio.Nursery, sim: Simulator | None = None,
     sim = sim or Simulator()
     sim_host, sim_port = await nursery.start(run_simulator, sim, "127.0.0.1", 0)
     sim_url = f"http://{sim_host}:{sim_port}"
-    config = load_config(None, env={}, listen="127.0.0.1:0", upstream_urls=[sim_url])
-    if upstream_overrides:
-        upstreams = tuple(dataclasses.replace(u, **upstream_overrides) for u in config.upstreams)
-        config = dataclasses.replace(config, upstreams=upstreams)
-    sink = MemorySink()
-    gateway = Gateway(config, sink=sink)
-    host, port = await nursery.start(lambda task_status: gateway.run(task_status=task_status))
-    return Stack(sim, sim_url, gateway, f"http://{host}:{port}", sink)
+    gateway, url, sink, key = await start_gateway(
+        nursery, gateway_config([sim_url], **upstream_overrides))
+    return Stack(sim, sim_url, gateway, url, sink, key)

@@ -30,8 +30,11 @@ def demo_url(tmp_path_factory: pytest.TempPathFactory):
     try:
         deadline = time.monotonic() + 15
         while True:
-            m = re.search(r"gateway on (http://[0-9.]+:\d+)", out.read_text())
-            if m:
+            text = out.read_text()
+            m = re.search(r"gateway on (http://[0-9.]+:\d+)", text)
+            k = re.search(r"demo +\(role user\) +key (op-\S+)", text)
+            if m and k:
+                DEMO_KEY["value"] = k.group(1)
                 break
             assert proc.poll() is None, f"demo exited with {proc.returncode}"
             assert time.monotonic() < deadline, "demo did not start"
@@ -42,8 +45,12 @@ def demo_url(tmp_path_factory: pytest.TempPathFactory):
         proc.wait()
 
 
+DEMO_KEY = {"value": ""}  # the demo's user key, read from its output
+
+
 def run(url: str, **options) -> dict:
-    return load.run_load({"url": url, "n": 50, "c": 4, "workers": 1, **options})
+    return load.run_load({"url": url, "key": DEMO_KEY["value"], "n": 50, "c": 4, "workers": 1,
+                          **options})
 
 
 # Frames per request for 5 tokens: NDJSON 5 + the done frame; SSE 5 + finish + usage + [DONE].
@@ -90,7 +97,7 @@ def test_duration_chunk_delay_and_other_paths(demo_url: str) -> None:
 
 
 def test_cli_json(demo_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert load.main(["--url", demo_url, "-n", "8", "-c", "2", "--workers", "2", "--json",
+    assert load.main(["--url", demo_url, "--key", DEMO_KEY["value"], "-n", "8", "-c", "2", "--workers", "2", "--json",
                       "--prompt", "Hi [[sim:tokens=2]]"]) == 0
     r = json.loads(capsys.readouterr().out)
     for key in ("requests_per_s", "latency_ms", "ttfb_ms", "ttft_ms", "chunks_per_s", "tokens_per_s",

@@ -10,12 +10,10 @@ import httpx
 import pytest
 import trio
 
-from ollama_proxy.app import Gateway
-from ollama_proxy.config import load_config
 from ollama_proxy.server import HttpServer, Request, Responder
 from ollama_proxy.simulator import Simulator
 
-from gateway_stack import MemorySink, Stack, start_stack
+from gateway_stack import MemorySink, Stack, gateway_config, start_gateway, start_stack
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "Hello there"}]}
 
@@ -67,14 +65,9 @@ async def tapped_stack(nursery, **overrides) -> tuple[Stack, Tap]:
     tap = Tap(sim)
     server = HttpServer(tap)
     host, port = await nursery.start(server.serve, "127.0.0.1", 0)
-    config = load_config(None, env={}, listen="127.0.0.1:0", upstream_urls=[f"http://{host}:{port}"])
-    if overrides:
-        config = dataclasses.replace(config, upstreams=tuple(
-            dataclasses.replace(u, **overrides) for u in config.upstreams))
-    sink = MemorySink()
-    gateway = Gateway(config, sink=sink)
-    ghost, gport = await nursery.start(lambda task_status: gateway.run(task_status=task_status))
-    return Stack(sim, f"http://{host}:{port}", gateway, f"http://{ghost}:{gport}", sink), tap
+    sim_url = f"http://{host}:{port}"
+    gateway, url, sink, key = await start_gateway(nursery, gateway_config([sim_url], **overrides))
+    return Stack(sim, sim_url, gateway, url, sink, key), tap
 
 
 @pytest.fixture
@@ -102,7 +95,7 @@ async def test_bytes_unchanged_and_usage_exact(tapped, path, body):
     """The client gets exactly the simulator's bytes; the sink gets the simulator's counts."""
     stack, tap = tapped
     with trio.fail_after(10):
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(headers=stack.headers) as client:
             response = await client.post(stack.url + path, json=body)
         assert response.status_code == 200
         assert response.content == bytes(tap.sent[-1])
@@ -120,7 +113,7 @@ async def test_injected_usage_is_invisible_to_client(tapped, path, body, dropped
     """Without include_usage the proxy asks for it, counts it, and hides it from the client."""
     stack, tap = tapped
     with trio.fail_after(10):
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(headers=stack.headers) as client:
             response = await client.post(stack.url + path, json=body)
         assert stack.sim.records[-1].body["stream_options"] == {"include_usage": True}
         assert dropped in bytes(tap.sent[-1]) and dropped not in response.content
@@ -133,9 +126,9 @@ async def test_injected_usage_is_invisible_to_client(tapped, path, body, dropped
 async def test_stream_headers_and_forwarding_rules(stack):
     """Streams are marked unbuffered; Host is rewritten; secrets and Origin never go upstream."""
     with trio.fail_after(10):
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(headers=stack.headers) as client:
             response = await client.post(stack.url + "/api/chat", json=CHAT, headers={
-                "Authorization": "Bearer secret", "Origin": "http://evil.example",
+                "Origin": "http://evil.example",
                 "X-Request-Id": "abc-123", "X-Custom": "kept"})
         assert response.headers["x-accel-buffering"] == "no"
         assert response.headers["cache-control"] == "no-cache"
@@ -150,7 +143,7 @@ async def test_stream_headers_and_forwarding_rules(stack):
 async def test_max_completion_tokens_becomes_max_tokens(stack):
     """Ollama ignores max_completion_tokens, so the proxy sends max_tokens instead."""
     with trio.fail_after(10):
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(headers=stack.headers) as client:
             response = await client.post(stack.url + "/v1/chat/completions",
                                          json={**CHAT, "max_completion_tokens": 3})
         assert response.json()["usage"]["completion_tokens"] == 3
@@ -164,7 +157,7 @@ async def test_client_leaving_midstream_cancels_upstream(stack, path):
     body = {**CHAT, "stream": True,
             "messages": [{"role": "user", "content": "go [[sim:tokens=1000]] [[sim:rate=50]]"}]}
     with trio.fail_after(10):
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(headers=stack.headers) as client:
             async with client.stream("POST", stack.url + path, json=body) as response:
                 async for _ in response.aiter_lines():
                     if stack.sim.records[-1].completion_tokens >= 3:
@@ -182,7 +175,7 @@ async def test_client_leaving_before_first_byte_cancels_upstream(stack):
     """A client that gives up during a long model load cancels the backend's request too."""
     body = {**CHAT, "messages": [{"role": "user", "content": "[[sim:delay=60]]"}]}
     with trio.fail_after(10):
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(headers=stack.headers) as client:
             with trio.move_on_after(0.3):
                 await client.post(stack.url + "/api/chat", json=body)
         left_at = trio.current_time()
@@ -201,7 +194,7 @@ async def test_upstream_death_midstream_ends_well_formed(stack, path, tail_check
     """A backend that drops mid-stream: the client gets an error frame and a clean end."""
     body = {**CHAT, "stream": True, "messages": [{"role": "user", "content": "[[sim:drop_after=3]]"}]}
     with trio.fail_after(10):
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(headers=stack.headers) as client:
             response = await client.post(stack.url + path, json=body)
         assert response.status_code == 200
         lines = [line for line in response.text.splitlines() if line]
@@ -215,7 +208,7 @@ async def test_native_midstream_error_line_is_relayed(stack):
     """Ollama's own in-band error line reaches the client unchanged and is recorded."""
     body = {**CHAT, "messages": [{"role": "user", "content": "[[sim:error_after=2]]"}]}
     with trio.fail_after(10):
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(headers=stack.headers) as client:
             response = await client.post(stack.url + "/api/chat", json=body)
         lines = response.text.splitlines()
         assert json.loads(lines[-1]) == {"error": "an error was encountered while running the model"}
@@ -229,13 +222,10 @@ async def test_unreachable_backend_is_502(nursery, path, shape):
     with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    config = load_config(None, env={}, listen="127.0.0.1:0", upstream_urls=[dead])
-    sink = MemorySink()
-    gateway = Gateway(config, sink=sink)
-    host, port = await nursery.start(lambda task_status: gateway.run(task_status=task_status))
+    gateway, url, sink, key = await start_gateway(nursery, gateway_config([dead]))
     with trio.fail_after(10):
-        async with httpx.AsyncClient() as client:
-            response = await client.post(f"http://{host}:{port}{path}", json=CHAT)
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as client:
+            response = await client.post(url + path, json=CHAT)
         assert response.status_code == 502
         error = response.json()["error"]
         assert isinstance(error, str) if shape == "native" else error["code"] == "upstream_unreachable"
@@ -248,7 +238,7 @@ async def test_first_byte_timeout_is_504(nursery):
     stack = await start_stack(nursery, first_byte_timeout_s=0.2)
     body = {**CHAT, "messages": [{"role": "user", "content": "[[sim:delay=30]]"}]}
     with trio.fail_after(10):
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(headers=stack.headers) as client:
             response = await client.post(stack.url + "/v1/chat/completions", json=body)
         assert response.status_code == 504
         assert response.json()["error"]["code"] == "upstream_timeout"
@@ -268,7 +258,7 @@ async def test_first_byte_timeout_is_504(nursery):
 async def test_bad_requests_get_clean_errors(stack, path, content, status):
     """Malformed bodies and unknown paths: the right status, the path's shape, nothing sent upstream."""
     with trio.fail_after(10):
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(headers=stack.headers) as client:
             response = await client.post(stack.url + path, content=content)
         assert response.status_code == status
         error = response.json()["error"]
@@ -282,7 +272,7 @@ async def test_bad_requests_get_clean_errors(stack, path, content, status):
 async def test_wrong_method_is_405(stack):
     """A known path with the wrong method → 405 in the path's shape."""
     with trio.fail_after(10):
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(headers=stack.headers) as client:
             response = await client.get(stack.url + "/api/chat")
         assert response.status_code == 405 and "error" in response.json()
 
@@ -290,7 +280,7 @@ async def test_wrong_method_is_405(stack):
 async def test_root_health_and_info_paths(stack):
     """/ answers like Ollama; /health reports the backend; GET info paths relay."""
     with trio.fail_after(10):
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(headers=stack.headers) as client:
             root = await client.get(stack.url + "/")
             assert root.text == "Ollama is running"
             head = await client.head(stack.url + "/")
@@ -318,7 +308,7 @@ async def test_64_concurrent_streams(stack):
 
     with trio.fail_after(30):
         limits = httpx.Limits(max_connections=64)
-        async with httpx.AsyncClient(limits=limits, timeout=20) as client:
+        async with httpx.AsyncClient(limits=limits, timeout=20, headers=stack.headers) as client:
             async with trio.open_nursery() as nursery:
                 for _ in range(64):
                     nursery.start_soon(one, client)

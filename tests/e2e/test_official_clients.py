@@ -17,10 +17,11 @@ import openai
 import pytest
 import trio
 
+from gateway_stack import Stack, start_stack
+
 if TYPE_CHECKING:
-    from gateway_stack import Stack
-    from ollama_proxy.relay import UsageRecord
     from ollama_proxy.simulator import SimRecord
+    from ollama_proxy.usage import UsageRecord
 
 T = TypeVar("T")
 
@@ -51,16 +52,29 @@ def stable(value: Any, volatile: frozenset[str]) -> Any:
     return value
 
 
+# The key of the current test's gateway (the simulator ignores it, as Ollama does).
+_KEY = {"value": ""}
+
+
+@pytest.fixture
+async def stack(nursery: trio.Nursery) -> Stack:
+    """The shared stack, its admin key used by every client call of the test."""
+    made = await start_stack(nursery)
+    _KEY["value"] = made.key
+    return made
+
+
 def with_ollama(fn: Callable[[ollama.Client], T]) -> Callable[[str], T]:
     def call(url: str) -> T:
-        with ollama.Client(host=url, timeout=10) as client:
+        with ollama.Client(host=url, timeout=10,
+                           headers={"Authorization": f"Bearer {_KEY['value']}"}) as client:
             return fn(client)
     return call
 
 
 def with_openai(fn: Callable[[openai.OpenAI], T]) -> Callable[[str], T]:
     def call(url: str) -> T:
-        with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
+        with openai.OpenAI(base_url=url + "/v1", api_key=_KEY["value"], max_retries=0,
                            timeout=10) as client:
             return fn(client)
     return call

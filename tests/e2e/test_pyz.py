@@ -26,7 +26,11 @@ import openai
 import pytest
 import trio
 
+from ollama_proxy.keys import new_key
 from ollama_proxy.simulator import Simulator, run_simulator
+
+ADMIN_KEY = new_key()  # the bootstrap admin key the children get from the environment
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "build_pyz.py"
@@ -57,7 +61,11 @@ def child_env(home: Path) -> dict[str, str]:
         "LANG": "C.UTF-8",
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
+        "OLLAMA_PROXY_ADMIN_KEY": ADMIN_KEY,
     }
+
+
+KEY = re.compile(r"op-[A-Za-z0-9_-]{43}")
 
 
 class Child:
@@ -116,6 +124,21 @@ class Child:
             if marker in line and match:
                 return match.group(0)
 
+    def wait_for_key(self, name: str, marker: str, timeout_s: float = STARTUP_S) -> str:
+        """The API key on the first line of ``name`` that holds ``marker``."""
+        deadline = time.monotonic() + timeout_s
+        lines = self._queues[name]
+        while True:
+            try:
+                line = lines.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                raise AssertionError(f"no {marker!r} on {name}\n" + self.describe()) from None
+            if line is None:
+                raise AssertionError(f"{name} closed before {marker!r}\n" + self.describe())
+            match = KEY.search(line)
+            if marker in line and match:
+                return match.group(0)
+
     def terminate(self, timeout_s: float = EXIT_S) -> int:
         """SIGTERM, then the exit code (within ``timeout_s``) with all output read."""
         self.proc.send_signal(signal.SIGTERM)
@@ -147,13 +170,15 @@ def test_demo_serves_both_clients_and_stops_on_sigterm(pyz: Path, tmp_path: Path
     """demo: the ollama and openai clients stream a chat through it; SIGTERM exits 0."""
     with Child(pyz, "demo", "--listen", "127.0.0.1:0", "--tokens-per-s", "0", cwd=tmp_path) as child:
         base = child.wait_for_url("stdout", "ollama-proxy demo: gateway on")
+        user_key = child.wait_for_key("stdout", "demo   (role user)")
 
-        with ollama.Client(host=base, timeout=10) as client:
+        with ollama.Client(host=base, timeout=10,
+                           headers={"Authorization": f"Bearer {user_key}"}) as client:
             parts = list(client.chat(model="llama3.2", messages=MESSAGES, stream=True))
         assert "".join(p.message.content for p in parts).strip()
         assert parts[-1].done and parts[-1].eval_count == len(parts) - 1
 
-        with openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0,
+        with openai.OpenAI(base_url=base + "/v1", api_key=user_key, max_retries=0,
                            timeout=10) as client:
             chunks = list(client.chat.completions.create(
                 model="llama3.2", messages=MESSAGES, stream=True))
@@ -180,7 +205,7 @@ async def test_serve_relays_to_upstream_and_stops_on_sigterm(
             assert f"default={upstream}" in child.text("stderr")
 
             body = {"model": "llama3.2", "messages": MESSAGES}
-            async with httpx.AsyncClient(timeout=10) as client:
+            async with httpx.AsyncClient(timeout=10, headers=AUTH) as client:
                 async with client.stream("POST", base + "/api/chat", json=body) as response:
                     assert response.status_code == 200
                     frames = [json.loads(line) async for line in response.aiter_lines() if line]
@@ -225,7 +250,7 @@ def test_serve_with_dead_upstream_answers_502_in_each_dialect(pyz: Path, tmp_pat
     with Child(pyz, "serve", "--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:1",
                cwd=tmp_path) as child:
         base = child.wait_for_url("stderr", "listening on")
-        with httpx.Client(base_url=base, timeout=10) as client:
+        with httpx.Client(base_url=base, timeout=10, headers=AUTH) as client:
             native = client.post("/api/chat", json={"model": "llama3.2", "messages": MESSAGES})
             compat = client.post("/v1/chat/completions",
                                  json={"model": "llama3.2", "messages": MESSAGES})

@@ -1,0 +1,236 @@
+"""The admin API (``/admin/api/*``, admin keys only) and the caller's own
+``/v1/me`` and ``/v1/usage``, with the exact names of PRODUCT §8.
+
+Every call runs its SQLite work in the store's thread; after a change the
+key index is reloaded before the answer, so the change holds from the next
+request on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Awaitable, Callable
+from urllib.parse import parse_qsl, unquote
+
+from . import accounts, ledger
+from .accounts import KeyEntry
+from .auth import KeyIndex, authorize
+from .backends import Router
+from .errors import BadRequest, NotFound, ProxyError
+from .server import Request, Responder
+from .storage import Store
+
+JSON_TYPE = b"application/json; charset=utf-8"
+SELF_SERVICE = ("/v1/me", "/v1/usage")
+
+Handler = Callable[["AdminApi", Request, KeyEntry, dict[str, str]], Awaitable[tuple[int, Any]]]
+
+
+def is_admin_path(path: str) -> bool:
+    return path.startswith("/admin/api/") or path in SELF_SERVICE
+
+
+def _body(request: Request, allowed: set[str]) -> dict[str, Any]:
+    """The JSON object of the request; unknown fields are named in the 400."""
+    if not request.body.strip():
+        return {}
+    try:
+        obj = json.loads(request.body)
+    except ValueError as exc:
+        raise BadRequest(f"invalid JSON in request body: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise BadRequest("request body must be a JSON object")
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise BadRequest(f'unknown field "{unknown[0]}" (allowed: {", ".join(sorted(allowed))})')
+    return obj
+
+
+def _role(value: Any) -> str:
+    if value not in ("user", "admin"):
+        raise BadRequest('"role" must be "user" or "admin"')
+    return str(value)
+
+
+def _query(request: Request, allowed: set[str]) -> dict[str, str]:
+    params = dict(parse_qsl(request.query, keep_blank_values=True))
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise BadRequest(f'unknown query parameter "{unknown[0]}" (allowed: {", ".join(sorted(allowed))})')
+    return params
+
+
+class AdminApi:
+    """Handles the admin paths; ``handle`` is a server handler."""
+
+    def __init__(self, store: Store, index: KeyIndex, secret: bytes, router: Router) -> None:
+        self._store = store
+        self._index = index
+        self._secret = secret
+        self._router = router
+
+    async def handle(self, request: Request, responder: Responder) -> None:
+        entry = self._index.identify(request)
+        authorize(entry, admin=request.path not in SELF_SERVICE)
+        for method, pattern, handler in ROUTES:
+            match = pattern.fullmatch(request.path)
+            if match is None:
+                continue
+            if method != request.method:
+                continue
+            params = {k: unquote(v) for k, v in match.groupdict().items()}
+            status, payload = await handler(self, request, entry, params)
+            if payload is None:
+                await responder.respond(status, [], b"")
+            else:
+                body = json.dumps(payload).encode()
+                await responder.respond(status, [(b"content-type", JSON_TYPE)], body)
+            return
+        if any(pattern.fullmatch(request.path) for _, pattern, _ in ROUTES):
+            raise ProxyError(f"method {request.method} is not allowed on {request.path}",
+                             status=405, code="method_not_allowed")
+        raise NotFound(f"{request.path} is not an admin API path")
+
+    @staticmethod
+    def _actor(entry: KeyEntry) -> str:
+        return f"{entry.user} ({entry.prefix})"
+
+    async def _user_json(self, user: accounts.User, *, keys: bool) -> dict[str, Any]:
+        totals = await self._store.call(ledger.user_totals)
+        out = user.to_json()
+        out["usage"] = totals.get(user.name, {"requests": 0, "prompt_tokens": 0,
+                                              "completion_tokens": 0})
+        if keys:
+            key_list = await self._store.call(accounts.list_keys, user.name)
+            out["keys"] = [k.to_json() for k in key_list]
+        return out
+
+    async def create_user(self, request: Request, entry: KeyEntry,
+                          params: dict[str, str]) -> tuple[int, Any]:
+        body = _body(request, {"name", "role", "limits"})
+        name = body.get("name")
+        if not isinstance(name, str):
+            raise BadRequest('"name" is required and must be a string')
+        limits = accounts.validate_limits(body.get("limits") or {})
+        user, key = await self._store.call(
+            accounts.create_user, self._secret, name, _role(body.get("role", "user")), limits,
+            actor=self._actor(entry))
+        await self._index.reload()
+        return 201, {**user.to_json(), "key": key}
+
+    async def list_users(self, request: Request, entry: KeyEntry,
+                         params: dict[str, str]) -> tuple[int, Any]:
+        users = await self._store.call(accounts.list_users)
+        totals = await self._store.call(ledger.user_totals)
+        zero = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        return 200, {"users": [{**u.to_json(), "usage": totals.get(u.name, zero)} for u in users]}
+
+    async def get_user(self, request: Request, entry: KeyEntry,
+                       params: dict[str, str]) -> tuple[int, Any]:
+        user = await self._store.call(accounts.get_user, params["name"])
+        return 200, await self._user_json(user, keys=True)
+
+    async def patch_user(self, request: Request, entry: KeyEntry,
+                         params: dict[str, str]) -> tuple[int, Any]:
+        body = _body(request, {"limits", "suspended", "role"})
+        suspended = body.get("suspended")
+        if suspended is not None and not isinstance(suspended, bool):
+            raise BadRequest('"suspended" must be true or false')
+        limits = body.get("limits")
+        user = await self._store.call(
+            accounts.update_user, params["name"],
+            limits=None if limits is None else accounts.validate_limits(limits),
+            suspended=suspended,
+            role=None if body.get("role") is None else _role(body["role"]),
+            actor=self._actor(entry))
+        await self._index.reload()
+        return 200, await self._user_json(user, keys=False)
+
+    async def delete_user(self, request: Request, entry: KeyEntry,
+                          params: dict[str, str]) -> tuple[int, Any]:
+        await self._store.call(accounts.delete_user, params["name"], actor=self._actor(entry))
+        await self._index.reload()
+        return 204, None
+
+    async def create_key(self, request: Request, entry: KeyEntry,
+                         params: dict[str, str]) -> tuple[int, Any]:
+        body = _body(request, {"expires_at"})
+        expires = body.get("expires_at")
+        expires_at = None if expires is None else accounts.parse_time(expires, "expires_at")
+        key, prefix = await self._store.call(
+            accounts.create_key, self._secret, params["name"], expires_at=expires_at,
+            actor=self._actor(entry))
+        await self._index.reload()
+        return 201, {"key": key, "prefix": prefix}
+
+    async def revoke_key(self, request: Request, entry: KeyEntry,
+                         params: dict[str, str]) -> tuple[int, Any]:
+        await self._store.call(accounts.revoke_key, params["prefix"], actor=self._actor(entry))
+        await self._index.reload()
+        return 204, None
+
+    async def _usage(self, request: Request, *, user: str | None, default_group: str,
+                     allowed: set[str]) -> tuple[int, Any]:
+        q = _query(request, allowed)
+        since = accounts.parse_time(q["since"], "since") if q.get("since") else None
+        until = accounts.parse_time(q["until"], "until") if q.get("until") else None
+        rows = await self._store.call(
+            ledger.usage, user=user if user is not None else q.get("user") or None,
+            model=q.get("model") or None, since=since, until=until,
+            group_by=q.get("group_by") or default_group)
+        return 200, {"rows": rows}
+
+    async def usage(self, request: Request, entry: KeyEntry,
+                    params: dict[str, str]) -> tuple[int, Any]:
+        return await self._usage(request, user=None, default_group="user",
+                                 allowed={"user", "model", "since", "until", "group_by"})
+
+    async def my_usage(self, request: Request, entry: KeyEntry,
+                       params: dict[str, str]) -> tuple[int, Any]:
+        return await self._usage(request, user=entry.user, default_group="day",
+                                 allowed={"model", "since", "until", "group_by"})
+
+    async def me(self, request: Request, entry: KeyEntry,
+                 params: dict[str, str]) -> tuple[int, Any]:
+        # Limits are stored and shown; enforcing them (and "remaining") is the limits issue.
+        return 200, {"name": entry.user, "role": entry.role, "limits": entry.user_limits,
+                     "key": entry.prefix, "remaining": {}}
+
+    async def audit(self, request: Request, entry: KeyEntry,
+                    params: dict[str, str]) -> tuple[int, Any]:
+        q = _query(request, {"limit"})
+        try:
+            limit = int(q.get("limit", "100"))
+        except ValueError as exc:
+            raise BadRequest('"limit" must be a whole number') from exc
+        return 200, {"entries": await self._store.call(accounts.audit_log, max(1, min(limit, 10000)))}
+
+    async def backends(self, request: Request, entry: KeyEntry,
+                       params: dict[str, str]) -> tuple[int, Any]:
+        out = []
+        for backend in self._router.backends:
+            info = backend.describe()
+            info["in_flight"] = backend.pool.in_use
+            info["queued"] = 0
+            out.append(info)
+        return 200, {"backends": out}
+
+
+_NAME = r"(?P<name>[^/]+)"
+ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
+    (method, re.compile(path), handler) for method, path, handler in (
+        ("POST", "/admin/api/users", AdminApi.create_user),
+        ("GET", "/admin/api/users", AdminApi.list_users),
+        ("GET", f"/admin/api/users/{_NAME}", AdminApi.get_user),
+        ("PATCH", f"/admin/api/users/{_NAME}", AdminApi.patch_user),
+        ("DELETE", f"/admin/api/users/{_NAME}", AdminApi.delete_user),
+        ("POST", f"/admin/api/users/{_NAME}/keys", AdminApi.create_key),
+        ("DELETE", "/admin/api/keys/(?P<prefix>[^/]+)", AdminApi.revoke_key),
+        ("GET", "/admin/api/usage", AdminApi.usage),
+        ("GET", "/admin/api/audit", AdminApi.audit),
+        ("GET", "/admin/api/backends", AdminApi.backends),
+        ("GET", "/v1/me", AdminApi.me),
+        ("GET", "/v1/usage", AdminApi.my_usage),
+    )
+]
