@@ -16,7 +16,9 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import subprocess
+import tempfile
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +28,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from load import parse_args, run_load  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+from ollama_proxy.keys import new_key  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CHAT_5 = "hi [[sim:tokens=5]]"
@@ -67,10 +72,12 @@ def workloads(quick: bool) -> list[Workload]:
 class Process:
     """A child process whose stdout/stderr go to a file we can scan for its address."""
 
-    def __init__(self, name: str, argv: list[str], ready: str, core: int | None) -> None:
+    def __init__(self, name: str, argv: list[str], ready: str, core: int | None,
+                 env: dict[str, str] | None = None) -> None:
         self.log = open(f"/tmp/ollama-proxy-bench-{name}-{os.getpid()}.log", "w+")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=ROOT)
+                                     stdin=subprocess.DEVNULL, cwd=ROOT,
+                                     env={**os.environ, **(env or {})})
         if core is not None:
             os.sched_setaffinity(self.proc.pid, {core})
         self.address = self._wait_for(ready)
@@ -113,11 +120,13 @@ class Process:
         self.log.close()
 
 
-def run_pair(workload: Workload, sim_url: str, gateway: Process, gateway_url: str) -> dict:
-    direct = run_load(parse_args(["--url", sim_url, "--json", *workload.args]))
+def run_pair(workload: Workload, sim_url: str, gateway: Process, gateway_url: str,
+             key: str) -> dict:
+    args = ["--json", "--key", key, *workload.args]  # the simulator ignores the key, as Ollama does
+    direct = run_load(parse_args(["--url", sim_url, *args]))
     gateway.reset_peak_rss()
     cpu_before = gateway.cpu_s()
-    via = run_load(parse_args(["--url", gateway_url, "--json", *workload.args]))
+    via = run_load(parse_args(["--url", gateway_url, *args]))
     cpu_ms = (gateway.cpu_s() - cpu_before) * 1000
     return {"name": workload.name, "direct": direct, "gateway": via,
             "gateway_cpu_ms": cpu_ms, "gateway_peak_rss_mb": gateway.peak_rss_mb()}
@@ -196,10 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     sim = Process("sim", [sys.executable, str(HERE / "sim_server.py")], "ready ",
                   1 if two_cores else None)
     sim_url = f"http://{sim.address}"
+    key = new_key()
+    workdir = tempfile.mkdtemp(prefix="ollama-proxy-bench-")
+    env = {"OLLAMA_PROXY_ADMIN_KEY": key,  # every feature on: keys, ledger, usage log
+           "OLLAMA_PROXY_SERVER_DATABASE": os.path.join(workdir, "bench.db")}
     gateway = Process("gateway", [sys.executable, "-m", "ollama_proxy", "serve",
                                   "--listen", "127.0.0.1:0", "--upstream", sim_url,
                                   *args.gateway_arg],
-                      "listening on ", 0 if two_cores else None)
+                      "listening on ", 0 if two_cores else None, env)
     gateway_url = gateway.address
     if two_cores:  # the load tool shares the simulator's core; the gateway has its own
         os.sched_setaffinity(0, {1})
@@ -210,12 +223,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.only and not any(part in workload.name for part in args.only.split(",")):
                 continue
             print(f"... {workload.name}", file=sys.stderr, flush=True)
-            pair = run_pair(workload, sim_url, gateway, gateway_url)
+            pair = run_pair(workload, sim_url, gateway, gateway_url, key)
             raw.append(pair)
             rows.append(summarise(pair))
     finally:
         gateway.stop()
         sim.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     print(format_table(rows))
     if args.json_out:
         pathlib.Path(args.json_out).write_text(json.dumps({"summary": rows, "raw": raw}, indent=1))
