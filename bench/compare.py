@@ -231,9 +231,46 @@ def main(argv: list[str] | None = None) -> int:
         sim.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     print(format_table(rows))
+    durability = None
+    if not args.only or "durability" in args.only:
+        durability = measure_durability(args, two_cores)
+        print(f"\nledger durability (small c=32, waiting for the commit vs not): "
+              f"{durability['durable_req_s']:.0f} vs {durability['no_wait_req_s']:.0f} req/s, "
+              f"cost {durability['cost_pct']:.1f} %")
     if args.json_out:
-        pathlib.Path(args.json_out).write_text(json.dumps({"summary": rows, "raw": raw}, indent=1))
+        pathlib.Path(args.json_out).write_text(json.dumps(
+            {"summary": rows, "durability": durability, "raw": raw}, indent=1))
     return 0
+
+
+def measure_durability(args: argparse.Namespace, two_cores: bool) -> dict:
+    """Same workload, same run: the ledger waited for (default) and not waited for."""
+    workload = workloads(args.quick)[1]  # small c=32
+    sim = Process("sim", [sys.executable, str(HERE / "sim_server.py")], "ready ",
+                  1 if two_cores else None)
+    workdir = tempfile.mkdtemp(prefix="ollama-proxy-bench-")
+    key = new_key()
+    results = {}
+    try:
+        for name, wait in (("durable", "true"), ("no_wait", "false"), ("durable2", "true")):
+            env = {"OLLAMA_PROXY_ADMIN_KEY": key, "OLLAMA_PROXY_SERVER_LEDGER_WAIT": wait,
+                   "OLLAMA_PROXY_SERVER_DATABASE": os.path.join(workdir, f"{name}.db")}
+            gateway = Process(f"gateway-{name}", [
+                sys.executable, "-m", "ollama_proxy", "serve", "--listen", "127.0.0.1:0",
+                "--upstream", f"http://{sim.address}"], "listening on ",
+                0 if two_cores else None, env)
+            try:
+                report = run_load(parse_args(["--url", gateway.address, "--json", "--key", key,
+                                              *workload.args]))
+            finally:
+                gateway.stop()
+            results[name] = report["requests_per_s"]
+    finally:
+        sim.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    durable = (results["durable"] + results["durable2"]) / 2  # before and after: drift cancels
+    return {"durable_req_s": durable, "no_wait_req_s": results["no_wait"],
+            "cost_pct": 100 * (1 - durable / results["no_wait"])}
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ class Gateway:
         self.config = config
         self.router = Router([make_backend(u) for u in config.upstreams])
         self.store = Store(config.server.database)
-        self.ledger = LedgerWriter(config.server.database)
+        self.ledger = LedgerWriter(config.server.database, wait=config.server.ledger_wait)
         sinks: list[UsageSink] = [self.ledger, LogUsageSink()]
         self.sink = TeeSink(sinks + ([observer] if observer else []))
         self._admin_key = admin_key
@@ -123,6 +123,8 @@ class Gateway:
                 if handle_signals:
                     nursery.start_soon(self._drain_on_signals)
                 await self.server.serve(cfg.host, cfg.port, task_status=task_status)
+                with trio.move_on_after(cfg.drain_s + 5):  # drained: commit what is pending
+                    await self.ledger.flush()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):

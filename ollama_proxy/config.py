@@ -42,6 +42,7 @@ class ServerConfig:
     keepalive_timeout_s: float
     drain_s: float
     database: str
+    ledger_wait: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,13 @@ def _choice(*options: str) -> Callable[[str], str]:
             raise ValueError(f"expected one of: {', '.join(options)}")
         return text.lower()
     return parse
+
+
+def _flag(text: str) -> bool:
+    value = text.lower()
+    if value not in ("true", "false"):
+        raise ValueError("expected true or false")
+    return value == "true"
 
 
 def _path(text: str) -> str:
@@ -191,6 +199,11 @@ SCHEMA: tuple[Key, ...] = (
     Key("server", "database", _path, "ollama-proxy.db",
         "SQLite database file (users, keys, usage ledger); a relative path is relative to the\n"
         "current folder.", "database"),
+    Key("server", "ledger_wait", _flag, "true",
+        "Commit each response's ledger row before the response's last bytes go out (true),\n"
+        "so every response a client got in full survives a crash, even kill -9; false stops\n"
+        "waiting for the commit (a crash may then lose the last rows; for measurements).",
+        "ledger_wait"),
     Key("log", "level", _choice("debug", "info", "warning", "error"), "info",
         "Log level: debug, info, warning or error.", "level"),
     Key(UPSTREAM, "url", _url, "http://127.0.0.1:11434",

@@ -53,8 +53,9 @@ class Store:
 class LedgerWriter:
     """One writer, group commit; a usage sink whose ``record`` means "committed"."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, wait: bool = True) -> None:
         self._store = Store(path)
+        self._wait = wait  # False: record() returns before the commit (no crash durability)
         self._pending: list[UsageRecord] = []
         self._committed = trio.Event()  # set when the pending batch is in the database
         self._wakeup = trio.Event()
@@ -65,7 +66,13 @@ class LedgerWriter:
         self._pending.append(record)
         committed = self._committed
         self._wakeup.set()
-        await committed.wait()
+        if self._wait:
+            await committed.wait()
+
+    async def flush(self) -> None:
+        """Return once every row recorded so far is committed (at shutdown, or without wait)."""
+        if self._pending:
+            await self._committed.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Commit pending rows until cancelled (after the last waiter was served)."""

@@ -51,7 +51,8 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.source is None
     assert config.server == ServerConfig(
         host="127.0.0.1", port=8080, max_body_bytes=64 * 1024 * 1024, max_header_bytes=64 * 1024,
-        header_timeout_s=30.0, keepalive_timeout_s=75.0, drain_s=30.0, database="ollama-proxy.db")
+        header_timeout_s=30.0, keepalive_timeout_s=75.0, drain_s=30.0, database="ollama-proxy.db",
+        ledger_wait=True)
     assert config.log.level == "info"
     assert config.upstreams == (UpstreamConfig(
         name="default", url="http://127.0.0.1:11434", host="127.0.0.1", port=11434, base_path="",
@@ -121,6 +122,7 @@ BAD_VALUES = [
     ("server", "drain_s", "-0.5", "expected a number of seconds >= 0"),
     ("server", "drain_s", "inf", "expected a number of seconds >= 0"),
     ("server", "database", "", "expected a file path"),
+    ("server", "ledger_wait", "maybe", "expected true or false"),
     ("log", "level", "verbose", "expected one of: debug, info, warning, error"),
     ("upstream.gpu-1", "url", "ftp://gpu1", "expected http://HOST[:PORT][/PATH]"),
     ("upstream.gpu-1", "url", "http://", "expected http://HOST"),

@@ -1,0 +1,59 @@
+"""The trio side of the database: group commit, and 'recorded' meaning 'committed'."""
+
+from __future__ import annotations
+
+import trio
+
+from ollama_proxy import db
+from ollama_proxy.storage import LedgerWriter
+from ollama_proxy.usage import UsageRecord
+
+
+def record(request_id: str) -> UsageRecord:
+    return UsageRecord(request_id=request_id, time=1.0, endpoint="/api/chat", model="m",
+                       backend="b", status=200, outcome="ok", prompt_tokens=3,
+                       completion_tokens=4, estimated=False, stream=True, duration_s=0.1,
+                       ttfb_s=0.01, client="127.0.0.1", user="alice", key_prefix="op-AbCd1234")
+
+
+def rows(path) -> list[str]:
+    conn = db.connect(str(path))
+    try:
+        return [r[0] for r in conn.execute("SELECT request_id FROM ledger ORDER BY id")]
+    finally:
+        conn.close()
+
+
+async def test_record_returns_once_committed(nursery, tmp_path):
+    """When record() returns, another connection already sees the row."""
+    path = tmp_path / "l.db"
+    writer = LedgerWriter(str(path))
+    await nursery.start(writer.run)
+    with trio.fail_after(10):
+        await writer.record(record("a"))
+        assert rows(path) == ["a"]
+
+
+async def test_concurrent_records_share_commits(nursery, tmp_path):
+    """Rows arriving while a commit runs go into the next one: fewer commits than rows."""
+    path = tmp_path / "l.db"
+    writer = LedgerWriter(str(path))
+    await nursery.start(writer.run)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as inner:
+            for i in range(200):
+                inner.start_soon(writer.record, record(f"r{i}"))
+        assert sorted(rows(path)) == sorted(f"r{i}" for i in range(200))
+        assert writer.rows_written == 200 and writer.commits < 200
+
+
+async def test_no_wait_mode_returns_before_commit(nursery, tmp_path):
+    """ledger_wait = false: record() does not wait; the row still arrives."""
+    path = tmp_path / "l.db"
+    writer = LedgerWriter(str(path), wait=False)
+    await nursery.start(writer.run)
+    with trio.fail_after(10):
+        await writer.record(record("x"))
+        assert writer.rows_written == 0  # not committed yet: nothing ran in between
+        await writer.flush()
+        assert rows(path) == ["x"]
