@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qsl, unquote
 
-from . import accounts, ledger
+from . import accounts, keys, ledger
 from .accounts import KeyEntry
 from .auth import KeyIndex, authorize
 from .backends import Router
@@ -73,6 +74,7 @@ class AdminApi:
     async def handle(self, request: Request, responder: Responder) -> None:
         entry = self._index.identify(request)
         authorize(entry, admin=request.path not in SELF_SERVICE)
+        await self._store.call(ledger.touch_key, entry.prefix, time.time())
         for method, pattern, handler in ROUTES:
             match = pattern.fullmatch(request.path)
             if match is None:
@@ -112,7 +114,8 @@ class AdminApi:
         name = body.get("name")
         if not isinstance(name, str):
             raise BadRequest('"name" is required and must be a string')
-        limits = accounts.validate_limits(body.get("limits") or {})
+        limits = body.get("limits")
+        limits = accounts.validate_limits({} if limits is None else limits)
         user, key = await self._store.call(
             accounts.create_user, self._secret, name, _role(body.get("role", "user")), limits,
             actor=self._actor(entry))
@@ -166,7 +169,10 @@ class AdminApi:
 
     async def revoke_key(self, request: Request, entry: KeyEntry,
                          params: dict[str, str]) -> tuple[int, Any]:
-        await self._store.call(accounts.revoke_key, params["prefix"], actor=self._actor(entry))
+        prefix = params["prefix"]
+        if keys.looks_like_key(prefix):  # a pasted whole key: revoke it by its prefix, never echo it
+            prefix = keys.key_prefix(prefix)
+        await self._store.call(accounts.revoke_key, prefix, actor=self._actor(entry))
         await self._index.reload()
         return 204, None
 

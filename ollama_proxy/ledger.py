@@ -36,6 +36,10 @@ def _row(r: UsageRecord) -> tuple[Any, ...]:
             r.ttfb_s, r.request_id, r.client)
 
 
+# MAX: batches may commit out of order; last_used_at never goes back.
+_TOUCH = "UPDATE keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE prefix = ?"
+
+
 def insert_records(conn: sqlite3.Connection, records: Sequence[UsageRecord]) -> None:
     """Commit a batch of rows, and each key's ``last_used_at``, in one transaction."""
     if not records:
@@ -46,9 +50,13 @@ def insert_records(conn: sqlite3.Connection, records: Sequence[UsageRecord]) -> 
             last_used[r.key_prefix] = r.time
     with transaction(conn):
         conn.executemany(_INSERT, [_row(r) for r in records])
-        # MAX: batches may commit out of order; last_used_at never goes back.
-        conn.executemany("UPDATE keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?) "
-                         "WHERE prefix = ?", [(t, p) for p, t in last_used.items()])
+        conn.executemany(_TOUCH, [(t, p) for p, t in last_used.items()])
+
+
+def touch_key(conn: sqlite3.Connection, prefix: str, when: float) -> None:
+    """Note a key's use on a path that leaves no ledger row (the admin API, /v1/me)."""
+    with transaction(conn):
+        conn.execute(_TOUCH, (when, prefix))
 
 
 def usage(conn: sqlite3.Connection, *, user: str | None = None, model: str | None = None,

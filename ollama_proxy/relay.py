@@ -281,6 +281,12 @@ class Relay:
         meter.tally = scanner.tally
         await responder.start(upstream.status, headers)
         failure: str | None = None
+        tally = scanner.tally
+
+        def outcome() -> str:
+            bad = failure is not None or tally.error is not None or upstream.status >= 500
+            return "upstream_error" if bad else "ok"
+
         try:
             while True:
                 data = await upstream.receive()
@@ -288,6 +294,10 @@ class Relay:
                     break
                 out = scanner.feed(data)
                 if out:
+                    if tally.finished:
+                        # the backend's end marker is in this piece: commit the usage first,
+                        # so a client that stops reading at done/[DONE] is already counted
+                        await self._record(meter, outcome())
                     await responder.write(out)
             out = scanner.finish()
             if out:
@@ -295,14 +305,12 @@ class Relay:
         except (UpstreamTimeout, UpstreamProtocolError) as err:
             failure = err.message
             log.warning("%s: backend broke mid-stream: %s", ex.request_id.decode(), err.message)
-        tally = scanner.tally
         if failure is None and metered and upstream.status < 400 and not tally.finished \
                 and tally.error is None:
             failure = "the backend ended the stream before it was complete"
         if failure is not None:
             await responder.write(error_frame(kind, failure))
-        bad = failure is not None or tally.error is not None or upstream.status >= 500
-        await self._record(meter, "upstream_error" if bad else "ok")
+        await self._record(meter, outcome())
         await responder.end()
 
     async def _record(self, meter: _Meter, outcome: str) -> None:
