@@ -14,11 +14,10 @@ from .auth import KeyIndex
 from .backends import Backend, Router
 from .config import Config, ServerConfig, UpstreamConfig
 from .keys import load_or_create_secret
-from .relay import LogUsageSink, Relay, UsageSink
+from .relay import Relay, UsageLog, UsageObserver
 from .server import HttpServer, Request, Responder, ServerSettings
 from .storage import LedgerWriter, Store
 from .upstream import PoolSettings, UpstreamPool
-from .usage import UsageRecord
 
 log = logging.getLogger("ollama_proxy.app")
 
@@ -45,32 +44,20 @@ def make_backend(cfg: UpstreamConfig) -> Backend:
                    api_key=cfg.api_key, pool=pool)
 
 
-class TeeSink:
-    """Hands each usage record to every sink in turn (the ledger first)."""
-
-    def __init__(self, sinks: list[UsageSink]) -> None:
-        self._sinks = sinks
-
-    async def record(self, record: UsageRecord) -> None:
-        for sink in self._sinks:
-            await sink.record(record)
-
-
 class Gateway:
     """The whole gateway for one ``Config``; ``run`` serves until drained.
 
-    ``observer`` also receives every usage record (tests read it); the
-    ledger and the usage log line always do.
+    The ledger gets every usage record before the response ends; the usage
+    log line and ``observer`` (tests read it) get it right after.
     """
 
-    def __init__(self, config: Config, *, observer: UsageSink | None = None,
+    def __init__(self, config: Config, *, observer: UsageObserver | None = None,
                  admin_key: str | None = None) -> None:
         self.config = config
         self.router = Router([make_backend(u) for u in config.upstreams])
         self.store = Store(config.server.database)
         self.ledger = LedgerWriter(config.server.database, wait=config.server.ledger_wait)
-        sinks: list[UsageSink] = [self.ledger, LogUsageSink()]
-        self.sink = TeeSink(sinks + ([observer] if observer else []))
+        self.observers: list[UsageObserver] = [UsageLog(), *([observer] if observer else [])]
         self._admin_key = admin_key
         self.secret = b""  # the key-hashing secret, once the database is open
         self.index: KeyIndex | None = None
@@ -114,7 +101,7 @@ class Gateway:
         cfg = self.config.server
         try:
             index = await self._open_accounts()
-            self.relay = Relay(self.router, self.sink, index=index,
+            self.relay = Relay(self.router, self.ledger, observers=self.observers, index=index,
                                max_response_bytes=cfg.max_body_bytes * 4)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.ledger.run)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 from .db import transaction
 from .errors import BadRequest
@@ -40,14 +40,16 @@ def _row(r: UsageRecord) -> tuple[Any, ...]:
 _TOUCH = "UPDATE keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE prefix = ?"
 
 
-def insert_records(conn: sqlite3.Connection, records: Sequence[UsageRecord]) -> None:
-    """Commit a batch of rows, and each key's ``last_used_at``, in one transaction."""
+def insert_records(conn: sqlite3.Connection, records: Sequence[UsageRecord],
+                   touch: Callable[[str], bool] = lambda prefix: True) -> None:
+    """Commit a batch of rows, and ``last_used_at`` of the keys ``touch`` picks, in one transaction."""
     if not records:
         return
     last_used: dict[str, float] = {}
     for r in records:
         if r.key_prefix is not None and r.time > last_used.get(r.key_prefix, float("-inf")):
             last_used[r.key_prefix] = r.time
+    last_used = {prefix: t for prefix, t in last_used.items() if touch(prefix)}
     with transaction(conn):
         conn.executemany(_INSERT, [_row(r) for r in records])
         conn.executemany(_TOUCH, [(t, p) for p, t in last_used.items()])

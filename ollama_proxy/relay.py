@@ -55,18 +55,24 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
 class UsageSink(Protocol):
-    """Where usage goes; awaited before a response's last bytes are sent."""
+    """Where usage goes durably; awaited before a response's last bytes are sent."""
 
     async def record(self, record: UsageRecord) -> None: ...
 
 
-class LogUsageSink:
-    """Usage as one JSON log line per request (the ledger replaces it later)."""
+class UsageObserver(Protocol):
+    """Told of each usage record after its response ended (off the latency path)."""
+
+    def observe(self, record: UsageRecord) -> None: ...
+
+
+class UsageLog:
+    """Usage as one JSON log line per request: the access log."""
 
     def __init__(self) -> None:
         self._log = logging.getLogger("ollama_proxy.usage")
 
-    async def record(self, record: UsageRecord) -> None:
+    def observe(self, record: UsageRecord) -> None:
         if self._log.isEnabledFor(logging.INFO):
             self._log.info("%s", record.to_json())
 
@@ -84,7 +90,8 @@ def _outcome_of_error(err: ProxyError) -> str:
 class _Meter:
     """Collects what one exchange used and hands it to the sink exactly once."""
 
-    __slots__ = ("exchange", "backend", "status", "tally", "ttfb_s", "recorded", "started")
+    __slots__ = ("exchange", "backend", "status", "tally", "ttfb_s", "recorded", "record",
+                 "started")
 
     def __init__(self, exchange: Exchange) -> None:
         self.exchange = exchange
@@ -93,6 +100,7 @@ class _Meter:
         self.tally = UsageTally(exact=True)  # nothing used until a backend is asked
         self.ttfb_s: float | None = None
         self.recorded = False
+        self.record: UsageRecord | None = None
         self.started = time.perf_counter()
 
     def build(self, outcome: str) -> UsageRecord:
@@ -145,6 +153,7 @@ class Relay:
         router: Router,
         sink: UsageSink,
         *,
+        observers: Sequence[UsageObserver] = (),
         index: KeyIndex | None = None,
         steps: Sequence[PolicyStep] = (),
         max_response_bytes: int = 256 * 1024 * 1024,
@@ -152,6 +161,7 @@ class Relay:
     ) -> None:
         self._router = router
         self._sink = sink
+        self._observers = tuple(observers)
         self._index = index  # None: no keys needed (tests of the bare relay)
         self._steps = tuple(steps)
         self._max_response_bytes = max_response_bytes
@@ -228,6 +238,9 @@ class Relay:
                 await self._record(meter, "client_closed" if responder.client_gone else "cancelled")
             if upstream is not None:
                 await upstream.aclose()
+            if meter.record is not None:
+                for observer in self._observers:
+                    observer.observe(meter.record)
 
     async def _open_upstream(self, ex: Exchange, meter: _Meter) -> UpstreamResponse:
         """Send to the first backend that takes the connection."""
@@ -318,9 +331,10 @@ class Relay:
         if meter.recorded:
             return
         meter.recorded = True
+        meter.record = meter.build(outcome)
         with trio.move_on_after(RECORD_TIMEOUT_S) as scope:
             scope.shield = True
-            await self._sink.record(meter.build(outcome))
+            await self._sink.record(meter.record)
         if scope.cancelled_caught:
             log.error("%s: usage sink did not take the record within %g s",
                       meter.exchange.request_id.decode(), RECORD_TIMEOUT_S)

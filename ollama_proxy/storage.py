@@ -26,6 +26,8 @@ log = logging.getLogger("ollama_proxy.storage")
 T = TypeVar("T")
 # After a failed commit, wait this long before trying the same rows again.
 RETRY_DELAY_S = 1.0
+# A key's last_used_at is refreshed at most this often (the admin page shows it, nobody needs ms).
+TOUCH_EVERY_S = 10.0
 
 
 class Store:
@@ -121,14 +123,24 @@ class LedgerWriter:
 
     def _write_loop(self, conn: sqlite3.Connection, token: trio.lowlevel.TrioToken) -> None:
         """The writer thread: commit each batch; a failing database is retried, never dropped."""
+        touched: dict[str, float] = {}
+
+        def touch_due(prefix: str, now: float) -> bool:
+            """A key's last_used_at is written at most every TOUCH_EVERY_S: one row less per commit."""
+            if now - touched.get(prefix, -TOUCH_EVERY_S) < TOUCH_EVERY_S:
+                return False
+            touched[prefix] = now
+            return True
+
         while True:
             job = self._jobs.get()
             if job is None:
                 return
             batch, committed = job
+            now = time.monotonic()
             while True:
                 try:
-                    ledger.insert_records(conn, batch)
+                    ledger.insert_records(conn, batch, lambda prefix: touch_due(prefix, now))
                     break
                 except sqlite3.Error as exc:
                     log.error("ledger commit of %d rows failed (will retry): %s", len(batch), exc)

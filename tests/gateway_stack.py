@@ -26,7 +26,7 @@ class MemorySink:
         self.records: list[UsageRecord] = []
         self._changed = trio.Event()
 
-    async def record(self, record: UsageRecord) -> None:
+    def observe(self, record: UsageRecord) -> None:
         self.records.append(record)
         self._changed.set()
         self._changed = trio.Event()
