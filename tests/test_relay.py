@@ -3,7 +3,6 @@ exact usage, cancellation reaching the backend, broken backends, bad input."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import httpx

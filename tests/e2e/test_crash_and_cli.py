@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import signal
 import sqlite3
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import trio
 
+from child_process import Child
 from ollama_proxy import db
 from ollama_proxy.keys import key_prefix, new_key
 from ollama_proxy.simulator import Simulator, run_simulator
@@ -56,97 +54,32 @@ def write_config(folder: Path, database: Path) -> Path:
     return path
 
 
-class ServerProcess:
-    """``python3 -m ollama_proxy serve`` with its output drained by threads.
-
-    A context manager: on the way out the process is killed if still running, always
-    waited for, and its reader threads joined.
-    """
+class ServerProcess(Child):
+    """``python3 -m ollama_proxy serve`` with its output drained by threads; always reaped."""
 
     def __init__(self, folder: Path, database: Path, upstream: str,
                  admin_key: str | None) -> None:
         config = write_config(folder, database)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ollama_proxy", "serve", "--listen", "127.0.0.1:0",
-             "--upstream", upstream, "--config", str(config)],
-            cwd=folder, env=child_env(admin_key), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, encoding="utf-8", errors="replace",
-        )
-        self.lines: dict[str, list[str]] = {"stdout": [], "stderr": []}
-        self._queues: dict[str, queue.Queue[str | None]] = {"stdout": queue.Queue(),
-                                                             "stderr": queue.Queue()}
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self._threads = [threading.Thread(target=self._drain, args=(name, pipe), daemon=True)
-                         for name, pipe in (("stdout", self.proc.stdout),
-                                            ("stderr", self.proc.stderr))]
-        for thread in self._threads:
-            thread.start()
+        super().__init__([sys.executable, "-m", "ollama_proxy", "serve", "--listen", "127.0.0.1:0",
+                          "--upstream", upstream, "--config", str(config)],
+                         cwd=folder, env=child_env(admin_key))
         self.url = ""
-
-    def _drain(self, name: str, pipe: IO[str]) -> None:
-        for line in pipe:
-            self.lines[name].append(line)
-            self._queues[name].put(line)
-        self._queues[name].put(None)
-
-    def text(self, name: str) -> str:
-        return "".join(self.lines[name])
-
-    def describe(self) -> str:
-        return (f"exit code {self.proc.poll()}\n--- stdout\n{self.text('stdout')}"
-                f"--- stderr\n{self.text('stderr')[-4000:]}")
-
-    def _wait_line(self, name: str, pattern: re.Pattern[str], timeout_s: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout_s
-        lines = self._queues[name]
-        while True:
-            try:
-                line = lines.get(timeout=max(deadline - time.monotonic(), 0.0))
-            except queue.Empty:
-                raise AssertionError(f"no {pattern.pattern!r} on {name} within {timeout_s} s\n"
-                                     + self.describe()) from None
-            if line is None:
-                raise AssertionError(f"{name} closed before {pattern.pattern!r}\n"
-                                     + self.describe())
-            match = pattern.search(line)
-            if match:
-                return match
 
     async def wait_line(self, name: str, pattern: re.Pattern[str],
                         timeout_s: float = STARTUP_S) -> re.Match[str]:
         """The first match of ``pattern`` on a line of ``name`` not read before."""
-        return await trio.to_thread.run_sync(self._wait_line, name, pattern, timeout_s)
+        return await trio.to_thread.run_sync(self.wait_match, name, pattern, timeout_s)
 
     async def started(self) -> str:
         match = await self.wait_line("stderr", LISTENING)
         self.url = f"http://{match.group(1)}:{match.group(2)}"
         return self.url
 
-    def _join(self) -> None:
-        for thread in self._threads:
-            thread.join(timeout=5)
+    async def kill9(self) -> int:
+        return await trio.to_thread.run_sync(self.kill, EXIT_S)
 
-    async def kill(self) -> int:
-        self.proc.kill()  # SIGKILL: no drain, no flush, no atexit
-        code = await trio.to_thread.run_sync(self.proc.wait, EXIT_S)
-        await trio.to_thread.run_sync(self._join)
-        return code
-
-    async def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = await trio.to_thread.run_sync(self.proc.wait, EXIT_S)
-        await trio.to_thread.run_sync(self._join)
-        return code
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=EXIT_S)
-        self._join()
+    async def stop(self) -> int:
+        return await trio.to_thread.run_sync(self.terminate, EXIT_S)
 
 
 async def start_simulator(nursery: trio.Nursery, sim: Simulator | None = None) -> str:
@@ -242,7 +175,7 @@ async def test_every_response_received_in_full_survives_kill_9(
                 async with trio.open_nursery() as workers:
                     for _ in range(CONCURRENCY):
                         workers.start_soon(worker, client)
-            assert await server.kill() == -signal.SIGKILL, server.describe()
+            assert await server.kill9() == -signal.SIGKILL, server.describe()
 
         assert in_flight_at_kill > 0, "the kill did not happen under load"
         assert len(complete) >= KILL_AFTER and failed, (len(complete), len(failed))
@@ -308,7 +241,7 @@ async def test_no_response_completes_while_its_row_cannot_be_committed(
                         for index in range(STALLED):
                             calls.start_soon(call, index)
                         await sim.wait_for(backend_done, timeout_s=10)
-                        assert await server.kill() == -signal.SIGKILL, server.describe()
+                        assert await server.kill9() == -signal.SIGKILL, server.describe()
                 finally:
                     lock.execute("ROLLBACK")
                     lock.close()
@@ -400,13 +333,13 @@ async def test_first_start_prints_an_admin_key_once_and_never_logs_it(
             url = await first.started()
             key = (await first.wait_line("stdout", KEY)).group(0)
             await use(url, key)
-            assert await first.terminate() == 0, first.describe()
+            assert await first.stop() == 0, first.describe()
         assert KEY.findall(first.text("stdout")) == [key], first.describe()
 
         with ServerProcess(tmp_path, database, upstream, None) as second:
             url = await second.started()
             await use(url, key)
-            assert await second.terminate() == 0, second.describe()
+            assert await second.stop() == 0, second.describe()
         assert not KEY.findall(second.text("stdout")), second.describe()
 
         for run in (first, second):

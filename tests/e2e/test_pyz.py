@@ -10,15 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import IO
 
 import httpx
 import ollama
@@ -26,6 +21,7 @@ import openai
 import pytest
 import trio
 
+from child_process import Child
 from ollama_proxy.keys import new_key
 from ollama_proxy.simulator import Simulator, run_simulator
 
@@ -36,7 +32,6 @@ REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "build_pyz.py"
 STARTUP_S = 15.0  # until the child announces its address
 EXIT_S = 15.0  # from SIGTERM to exit
-URL = re.compile(r"http://127\.0\.0\.1:\d+")
 MESSAGES = [{"role": "user", "content": "Hello from the pyz test"}]
 
 
@@ -65,99 +60,21 @@ def child_env(home: Path) -> dict[str, str]:
     }
 
 
-KEY = re.compile(r"op-[A-Za-z0-9_-]{43}")
+def pyz_child(pyz: Path, *args: str, cwd: Path) -> Child:
+    """``python3 -I PYZ ARGS`` in a bare environment."""
+    return Child([sys.executable, "-I", str(pyz), *args], cwd=cwd, env=child_env(cwd))
 
 
-class Child:
-    """``python3 -I PYZ ARGS`` with stdout and stderr drained, line by line, by threads.
+def url_after(child: Child, name: str, marker: str) -> str:
+    """The first ``http://127.0.0.1:PORT`` after ``marker`` on a line of ``name``."""
+    pattern = re.compile(re.escape(marker) + r".*?(http://127\.0\.0\.1:\d+)")
+    return child.wait_match(name, pattern, STARTUP_S).group(1)
 
-    Use as a context manager: on the way out the process is killed if still
-    running and always waited for.
-    """
 
-    def __init__(self, pyz: Path, *args: str, cwd: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-I", str(pyz), *args],
-            cwd=cwd, env=child_env(cwd), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, encoding="utf-8", errors="replace",
-        )
-        self.output: dict[str, list[str]] = {"stdout": [], "stderr": []}
-        self._queues: dict[str, queue.Queue[str | None]] = {"stdout": queue.Queue(),
-                                                             "stderr": queue.Queue()}
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self._threads = [
-            threading.Thread(target=self._drain, args=(name, pipe), daemon=True)
-            for name, pipe in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr))
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def _drain(self, name: str, pipe: IO[str]) -> None:
-        for line in pipe:
-            self.output[name].append(line)
-            self._queues[name].put(line)
-        self._queues[name].put(None)
-
-    def text(self, name: str) -> str:
-        return "".join(self.output[name])
-
-    def describe(self) -> str:
-        return (f"exit code {self.proc.poll()}\n--- stdout\n{self.text('stdout')}"
-                f"--- stderr\n{self.text('stderr')}")
-
-    def wait_for_url(self, name: str, marker: str, timeout_s: float = STARTUP_S) -> str:
-        """The first ``http://127.0.0.1:PORT`` on a line of ``name`` that holds ``marker``."""
-        deadline = time.monotonic() + timeout_s
-        lines = self._queues[name]
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                line = lines.get(timeout=max(remaining, 0.0))
-            except queue.Empty:
-                raise AssertionError(f"no {marker!r} on {name} within {timeout_s} s\n"
-                                     + self.describe()) from None
-            if line is None:
-                self.proc.wait(timeout=5)
-                raise AssertionError(f"{name} closed before {marker!r}\n" + self.describe())
-            match = URL.search(line)
-            if marker in line and match:
-                return match.group(0)
-
-    def wait_for_key(self, name: str, marker: str, timeout_s: float = STARTUP_S) -> str:
-        """The API key on the first line of ``name`` that holds ``marker``."""
-        deadline = time.monotonic() + timeout_s
-        lines = self._queues[name]
-        while True:
-            try:
-                line = lines.get(timeout=max(deadline - time.monotonic(), 0.0))
-            except queue.Empty:
-                raise AssertionError(f"no {marker!r} on {name}\n" + self.describe()) from None
-            if line is None:
-                raise AssertionError(f"{name} closed before {marker!r}\n" + self.describe())
-            match = KEY.search(line)
-            if marker in line and match:
-                return match.group(0)
-
-    def terminate(self, timeout_s: float = EXIT_S) -> int:
-        """SIGTERM, then the exit code (within ``timeout_s``) with all output read."""
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=timeout_s)
-        self._join()
-        return code
-
-    def _join(self) -> None:
-        for thread in self._threads:
-            thread.join(timeout=5)
-
-    def __enter__(self) -> Child:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        self._join()
+def key_after(child: Child, name: str, marker: str) -> str:
+    """The API key after ``marker`` on a line of ``name``."""
+    pattern = re.compile(re.escape(marker) + r".*?(op-[A-Za-z0-9_-]{43})")
+    return child.wait_match(name, pattern, STARTUP_S).group(1)
 
 
 def usage_lines(stderr: str) -> list[dict[str, object]]:
@@ -168,9 +85,9 @@ def usage_lines(stderr: str) -> list[dict[str, object]]:
 
 def test_demo_serves_both_clients_and_stops_on_sigterm(pyz: Path, tmp_path: Path) -> None:
     """demo: the ollama and openai clients stream a chat through it; SIGTERM exits 0."""
-    with Child(pyz, "demo", "--listen", "127.0.0.1:0", "--tokens-per-s", "0", cwd=tmp_path) as child:
-        base = child.wait_for_url("stdout", "ollama-proxy demo: gateway on")
-        user_key = child.wait_for_key("stdout", "demo   (role user)")
+    with pyz_child(pyz, "demo", "--listen", "127.0.0.1:0", "--tokens-per-s", "0", cwd=tmp_path) as child:
+        base = url_after(child, "stdout", "ollama-proxy demo: gateway on")
+        user_key = key_after(child, "stdout", "demo   (role user)")
 
         with ollama.Client(host=base, timeout=10,
                            headers={"Authorization": f"Bearer {user_key}"}) as client:
@@ -185,7 +102,7 @@ def test_demo_serves_both_clients_and_stops_on_sigterm(pyz: Path, tmp_path: Path
         assert "".join(c.choices[0].delta.content or "" for c in chunks).strip()
         assert chunks[-1].choices[0].finish_reason == "stop"
 
-        assert child.terminate() == 0, child.describe()
+        assert child.terminate(EXIT_S) == 0, child.describe()
         ledger = usage_lines(child.text("stderr"))
         assert [(u["endpoint"], u["outcome"], u["estimated"]) for u in ledger] == [
             ("/api/chat", "ok", False), ("/v1/chat/completions", "ok", False)], child.describe()
@@ -198,10 +115,10 @@ async def test_serve_relays_to_upstream_and_stops_on_sigterm(
         sim = Simulator()
         sim_host, sim_port = await nursery.start(run_simulator, sim, "127.0.0.1", 0)
         upstream = f"http://{sim_host}:{sim_port}"
-        with Child(pyz, "serve", "--listen", "127.0.0.1:0", "--upstream", upstream,
+        with pyz_child(pyz, "serve", "--listen", "127.0.0.1:0", "--upstream", upstream,
                    cwd=tmp_path) as child:
             base = await trio.to_thread.run_sync(
-                child.wait_for_url, "stderr", "listening on", abandon_on_cancel=True)
+                url_after, child, "stderr", "listening on", abandon_on_cancel=True)
             assert f"default={upstream}" in child.text("stderr")
 
             body = {"model": "llama3.2", "messages": MESSAGES}
@@ -219,7 +136,7 @@ async def test_serve_relays_to_upstream_and_stops_on_sigterm(
             assert seen.completion_tokens == frames[-1]["eval_count"] == len(frames) - 1
             assert text.strip()
 
-            code = await trio.to_thread.run_sync(child.terminate, abandon_on_cancel=True)
+            code = await trio.to_thread.run_sync(child.terminate, EXIT_S, abandon_on_cancel=True)
             assert code == 0, child.describe()
             [ledger] = usage_lines(child.text("stderr"))
             assert (ledger["endpoint"], ledger["prompt_tokens"], ledger["completion_tokens"]) == (
@@ -247,9 +164,9 @@ def test_check_config_names_file_section_and_key(pyz: Path, tmp_path: Path, line
 
 def test_serve_with_dead_upstream_answers_502_in_each_dialect(pyz: Path, tmp_path: Path) -> None:
     """serve with nothing at the upstream: 502, native {"error": str} and OpenAI {"error": {...}}."""
-    with Child(pyz, "serve", "--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:1",
+    with pyz_child(pyz, "serve", "--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:1",
                cwd=tmp_path) as child:
-        base = child.wait_for_url("stderr", "listening on")
+        base = url_after(child, "stderr", "listening on")
         with httpx.Client(base_url=base, timeout=10, headers=AUTH) as client:
             native = client.post("/api/chat", json={"model": "llama3.2", "messages": MESSAGES})
             compat = client.post("/v1/chat/completions",
@@ -266,4 +183,4 @@ def test_serve_with_dead_upstream_answers_502_in_each_dialect(pyz: Path, tmp_pat
         assert {"message", "type", "code"} <= set(error), error
         assert error["message"] and error["type"] == "api_error" and error["code"]
 
-        assert child.terminate() == 0, child.describe()
+        assert child.terminate(EXIT_S) == 0, child.describe()
