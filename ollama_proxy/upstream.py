@@ -261,7 +261,9 @@ class UpstreamResponse:
         # A bare cancel scope: fail_after's generator costs too much once per chunk.
         with trio.CancelScope(deadline=trio.current_time() + gap_s) as scope:
             try:
-                return await self._conn.stream.receive_some(RECEIVE_SIZE)
+                # straight on the socket: SocketStream's error-translating wrapper costs
+                # a generator per call, once per relayed chunk
+                return await self._conn.stream.socket.recv(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise UpstreamProtocolError(f"backend connection broke: {exc}") from exc
         assert scope.cancelled_caught
