@@ -158,6 +158,12 @@ class _Connection:
         )
         self.aborted = False
         self.idle_scope: trio.CancelScope | None = None
+        # The reader task (``read_loop``) feeds h11 and sets this when bytes (or EOF) came.
+        self._fed = trio.Event()
+        self._wanted = trio.Event()  # set when the request loop needs more bytes
+        self.eof = False
+        self._handler_scope: trio.CancelScope | None = None
+        self._responder: Responder | None = None
 
     async def send(self, *events: h11.Event) -> None:
         """Send events with one socket write; a failed write spoils the connection."""
@@ -185,19 +191,51 @@ class _Connection:
             self.h11.send_failed()
             raise
 
-    async def _receive(self) -> None:
-        try:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            data = b""
-        self.h11.receive_data(data)
+    async def read_loop(self) -> None:
+        """The connection's only reader, for its whole life: feeds h11 (pipelined requests
+        wait in its buffer, up to MAX_PIPELINE_BUFFER), wakes the request loop, and when
+        the client leaves while a handler runs, cancels that handler at once.
+
+        One task per connection instead of one watcher per request: spawning and
+        cancelling a task costs more than the rest of a small request's relay.
+        """
+        sock = self.stream.socket
+        while True:
+            while len(self.h11.trailing_data[0]) >= MAX_PIPELINE_BUFFER:
+                self._wanted = trio.Event()
+                await self._wanted.wait()
+            try:
+                data = await sock.recv(RECEIVE_SIZE)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            self.h11.receive_data(data)
+            self._fed.set()
+            if not data:
+                self.eof = True
+                self._client_left()
+                return
+
+    def _client_left(self) -> None:
+        responder, scope = self._responder, self._handler_scope
+        if scope is None or responder is None or self.aborted or responder.ended:
+            return  # between requests, or after our own end/abort: nobody to cancel
+        responder.client_gone = True
+        scope.cancel()
+
+    async def _wait_fed(self) -> None:
+        """Wait until the reader fed h11 more bytes (or EOF)."""
+        if self.eof:
+            return
+        self._fed = trio.Event()
+        self._wanted.set()
+        await self._fed.wait()
 
     async def _next_event(self) -> object:  # an h11 event, or PAUSED
         while True:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            await self._receive()
+            await self._wait_fed()
 
     async def _next_request(self) -> h11.Request | None:
         """Wait for a request head: idle waits end silently, partial heads get 408."""
@@ -208,7 +246,7 @@ class _Connection:
             if self.server.draining:
                 return None
             with self.idle_scope, trio.move_on_after(settings.keepalive_timeout_s):
-                await self._receive()
+                await self._wait_fed()
             self.idle_scope = None
             if not self.h11.trailing_data[0] and self.h11.their_state is h11.IDLE:
                 return None
@@ -265,25 +303,12 @@ class _Connection:
         except ClientGone:
             pass
 
-    async def _watch_client(self, scope: trio.CancelScope, responder: Responder) -> None:
-        """Read while the handler runs: EOF means the client left, so cancel it."""
-        while len(self.h11.trailing_data[0]) < MAX_PIPELINE_BUFFER:
-            try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            if not data:
-                if not self.aborted and not responder.ended:  # after our own end/abort: nobody left
-                    responder.client_gone = True
-                    scope.cancel()
-                return
-            self.h11.receive_data(data)  # pipelined: kept for the next cycle
-        await trio.sleep_forever()
-
     async def _run_handler(self, request: Request) -> Responder:
         responder = Responder(self, request.method)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_client, nursery.cancel_scope, responder)
+        with trio.CancelScope() as scope:
+            self._handler_scope, self._responder = scope, responder
+            if self.eof:  # gone already, before its answer began
+                self._client_left()
             try:
                 await self.server.handler(request, responder)
             except ClientGone:
@@ -299,7 +324,7 @@ class _Connection:
                 if not responder.started:
                     await self.error(500, "internal error", request.path)
             finally:
-                nursery.cancel_scope.cancel()
+                self._handler_scope = self._responder = None
         return responder
 
     async def _send_proxy_error(self, request: Request, err: ProxyError) -> None:
@@ -431,7 +456,12 @@ class HttpServer:
         conn = _Connection(self, stream, client)
         self._connections.add(conn)
         try:
-            await conn.run()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(conn.read_loop)
+                try:
+                    await conn.run()
+                finally:
+                    nursery.cancel_scope.cancel()
         except Exception:  # contained: one bad connection never stops the server
             log.exception("connection from %s failed", client)
         finally:
