@@ -13,7 +13,7 @@ import trio
 from . import __version__
 from .cli_admin import add_admin_commands
 from .config import ADMIN_KEY_ENV, Config, describe, load_config
-from .errors import ConfigError
+from .errors import ConfigError, ProxyError
 
 
 def _setup_logging(level: str) -> None:
@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if isinstance(err, OSError):  # e.g. the listen port is taken
             print(f"ollama-proxy: {err}", file=sys.stderr)
+            return 1
+        if isinstance(err, ProxyError):  # e.g. a bad OLLAMA_PROXY_ADMIN_KEY, a newer database
+            print(f"ollama-proxy: {err.message}", file=sys.stderr)
             return 1
         raise
 

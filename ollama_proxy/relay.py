@@ -287,7 +287,13 @@ class Relay:
             elif metered and upstream.status < 500:  # refused by the backend: nothing used
                 meter.tally = UsageTally(exact=True)
             await self._record(meter, "ok" if upstream.status < 500 else "upstream_error")
-            await responder.respond(upstream.status, headers, body)
+            if ex.request.method == "HEAD":  # no body, but the length the backend announced
+                length = upstream.header(b"content-length")
+                await responder.start(upstream.status, headers,
+                                      length=int(length) if length and length.isdigit() else 0)
+                await responder.end()
+            else:
+                await responder.respond(upstream.status, headers, body)
             return
         scanner = StreamScanner(kind, drop_usage_chunk=ex.usage_injected,
                                 max_frame_bytes=self._max_frame_bytes)

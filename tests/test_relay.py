@@ -287,6 +287,9 @@ async def test_root_health_and_info_paths(stack):
             await stack.sim.wait_for(lambda sim: any(r.path == "/api/version" for r in sim.records))
             health = await client.get(stack.url + "/health")
             assert health.status_code == 200 and health.json()["backends"][0]["up"] is True
+            head = await client.head(stack.url + "/api/version")
+            direct_head = await client.head(stack.sim_url + "/api/version")
+            assert head.headers["content-length"] == direct_head.headers["content-length"] != "0"
             for path in ("/api/tags", "/api/ps", "/api/version", "/v1/models", "/v1/models/llama3.2"):
                 response = await client.get(stack.url + path)
                 direct = await client.get(stack.sim_url + path)
