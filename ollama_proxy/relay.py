@@ -27,8 +27,8 @@ from .errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnreachable,
-    error_body,
     family_of,
+    render,
 )
 from .framing import FrameKind
 from .headers import client_response_headers, upstream_request_headers
@@ -346,6 +346,6 @@ class Relay:
                       meter.exchange.request_id.decode(), RECORD_TIMEOUT_S)
 
     async def _send_error(self, responder: Responder, ex: Exchange, err: ProxyError) -> None:
-        body = error_body(family_of(ex.request.path), err.status, err.message, err.code)
+        body = render(family_of(ex.request.path), err)
         headers = [(b"content-type", JSON_TYPE), (b"x-request-id", ex.request_id), *err.headers()]
         await responder.respond(err.status, headers, body)

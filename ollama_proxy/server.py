@@ -18,7 +18,7 @@ from typing import Awaitable, Callable
 import h11
 import trio
 
-from .errors import ProxyError, error_body, family_of
+from .errors import ProxyError, error_body, family_of, render
 
 log = logging.getLogger("ollama_proxy.server")
 
@@ -328,7 +328,7 @@ class _Connection:
         return responder
 
     async def _send_proxy_error(self, request: Request, err: ProxyError) -> None:
-        body = error_body(family_of(request.path), err.status, err.message, err.code)
+        body = render(family_of(request.path), err)
         headers = [(b"content-type", b"application/json; charset=utf-8"), *err.headers()]
         await Responder(self, request.method).respond(err.status, headers, body)
 
@@ -404,10 +404,6 @@ class HttpServer:
         self._accept_scope = trio.CancelScope()
         self._connections: set[_Connection] = set()
         self._conn_nursery: trio.Nursery | None = None
-
-    @property
-    def active_connections(self) -> int:
-        return len(self._connections)
 
     async def serve(
         self,
