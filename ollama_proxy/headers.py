@@ -8,9 +8,11 @@ HOP_BY_HOP = frozenset({
     b"trailer", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
 })
 # Never forwarded upstream: our credentials, the browser's Origin (Ollama
-# answers an unknown Origin with 403), our own framing and expectations.
+# answers an unknown Origin with 403), our own framing and expectations, and
+# Accept-Encoding: a compressed answer would hide its usage from the scanner.
 _NOT_UPSTREAM = HOP_BY_HOP | {
     b"host", b"content-length", b"authorization", b"x-api-key", b"origin", b"expect",
+    b"accept-encoding",
 }
 _NOT_DOWNSTREAM = HOP_BY_HOP | {b"content-length", b"date", b"x-request-id"}
 _STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
