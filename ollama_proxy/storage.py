@@ -142,9 +142,12 @@ class LedgerWriter:
                 try:
                     ledger.insert_records(conn, batch, lambda prefix: touch_due(prefix, now))
                     break
-                except sqlite3.Error as exc:
+                except sqlite3.Error as exc:  # locked, disk full...: the rows wait, never dropped
                     log.error("ledger commit of %d rows failed (will retry): %s", len(batch), exc)
                     time.sleep(RETRY_DELAY_S)
+                except Exception:  # a bug: say so loudly, but never stall every response
+                    log.exception("ledger rows could not be written, %d dropped", len(batch))
+                    break
             try:
                 token.run_sync_soon(self._batch_done, len(batch), committed)
             except trio.RunFinishedError:
