@@ -57,3 +57,26 @@ async def test_no_wait_mode_returns_before_commit(nursery, tmp_path):
         assert writer.rows_written == 0  # not committed yet: nothing ran in between
         await writer.flush()
         assert rows(path) == ["x"]
+
+
+async def test_a_bug_in_one_batch_does_not_stall_the_writer(nursery, tmp_path, monkeypatch):
+    """A non-SQLite error drops that batch (logged); the writer keeps serving the next ones."""
+    from ollama_proxy import ledger
+
+    real = ledger.insert_records
+    calls = []
+
+    def flaky(conn, records, touch=lambda prefix: True):
+        calls.append(len(records))
+        if len(calls) == 1:
+            raise ValueError("boom")
+        real(conn, records, touch)
+
+    monkeypatch.setattr(ledger, "insert_records", flaky)
+    path = tmp_path / "l.db"
+    writer = LedgerWriter(str(path))
+    await nursery.start(writer.run)
+    with trio.fail_after(10):
+        await writer.record(record("lost"))
+        await writer.record(record("kept"))
+        assert rows(path) == ["kept"]
