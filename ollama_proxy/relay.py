@@ -106,7 +106,8 @@ class _Meter:
     def build(self, outcome: str) -> UsageRecord:
         ex = self.exchange
         tally = self.tally
-        tally.estimate(estimate_prompt_tokens(ex.body_obj))
+        if not tally.exact:  # walking the request body only when it is needed
+            tally.estimate(estimate_prompt_tokens(ex.body_obj))
         return UsageRecord(
             request_id=ex.request_id.decode(),
             time=ex.started_at,
