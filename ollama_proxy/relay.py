@@ -201,7 +201,8 @@ class Relay:
             "status": "ok" if up else "unavailable",
             "version": __version__,
             "uptime_s": round(time.time() - self._started, 3),
-            "backends": [b.describe() for b in self._router.backends],
+            # anyone may ask: names and state only (URLs and errors are for /admin/api/backends)
+            "backends": [{"name": b.name, "up": bool(b.state.up)} for b in self._router.backends],
         }).encode()
         await responder.respond(200 if up else 503, [(b"content-type", JSON_TYPE)], body)
 
