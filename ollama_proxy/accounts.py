@@ -9,6 +9,7 @@ rebuild its in-memory key index when the CLI changed the file.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import time
@@ -400,3 +401,15 @@ def ensure_admin(conn: sqlite3.Connection, secret: bytes, admin_key: str | None)
         _changed(conn, BOOTSTRAP_ACTOR, "key.create", prefix,
                  {"user": admin.name, "expires_at": None})
     return None
+
+
+def server_secret(conn: sqlite3.Connection, database: str) -> bytes:
+    """The key-hashing secret beside ``database``; never silently a new one for a
+    database that already has keys (every one of them would stop working)."""
+    if database != ":memory:" and not os.path.exists(keys.secret_path(database)):
+        if conn.execute("SELECT 1 FROM keys LIMIT 1").fetchone() is not None:
+            raise StoreError(
+                f"{keys.secret_path(database)} is missing, but {database} has API keys hashed with it: "
+                f"restore that file from a backup (with mode 0600), or move the database away to "
+                f"start afresh")
+    return keys.load_or_create_secret(database)

@@ -13,7 +13,6 @@ from .admin import AdminApi, is_admin_path
 from .auth import KeyIndex
 from .backends import Backend, Router
 from .config import Config, ServerConfig, UpstreamConfig
-from .keys import load_or_create_secret
 from .relay import Relay, UsageLog, UsageObserver
 from .server import HttpServer, Request, Responder, ServerSettings
 from .storage import LedgerWriter, Store
@@ -79,7 +78,7 @@ class Gateway:
     async def _open_accounts(self) -> KeyIndex:
         """Open the database, bootstrap the admin, load the key index."""
         await self.store.open()
-        secret = await trio.to_thread.run_sync(load_or_create_secret, self.config.server.database)
+        secret = await self.store.call(accounts.server_secret, self.config.server.database)
         self.secret = secret
         new_key = await self.store.call(accounts.ensure_admin, secret, self._admin_key)
         if new_key is not None:  # printed once, never logged

@@ -25,7 +25,7 @@ from . import accounts, db, ledger
 from .accounts import User, get_user, parse_time
 from .config import load_config
 from .errors import BadRequest, ProxyError
-from .keys import key_prefix, load_or_create_secret, looks_like_key
+from .keys import key_prefix, looks_like_key
 
 Payload = dict[str, Any]
 
@@ -43,7 +43,7 @@ class Context:
     actor: str
 
     def secret(self) -> bytes:
-        return load_or_create_secret(self.database)
+        return accounts.server_secret(self.conn, self.database)
 
 
 Compute = Callable[[Context, argparse.Namespace], Payload]

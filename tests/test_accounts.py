@@ -313,3 +313,22 @@ def test_user_limits_are_json_in_the_row(conn, secret):
                                                         "token_quota": None}, actor="root")
     row = conn.execute("SELECT limits FROM users WHERE name = 'alice'").fetchone()
     assert json.loads(row[0]) == {"quota_period": "total"}
+
+
+def test_missing_secret_with_existing_keys_is_refused(tmp_path):
+    """A database with keys never gets a new secret silently (all its keys would die)."""
+    from ollama_proxy.db import StoreError as _StoreError
+    from ollama_proxy.keys import secret_path
+
+    database = str(tmp_path / "x.db")
+    conn = db.connect(database)
+    secret = accounts.server_secret(conn, database)
+    accounts.create_user(conn, secret, "alice", actor="t")
+    os.remove(secret_path(database))
+    with pytest.raises(_StoreError, match="is missing"):
+        accounts.server_secret(conn, database)
+    conn.close()
+    fresh = str(tmp_path / "fresh.db")
+    conn = db.connect(fresh)
+    assert len(accounts.server_secret(conn, fresh)) == 32  # a new database: a new secret
+    conn.close()
