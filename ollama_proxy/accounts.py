@@ -272,6 +272,8 @@ def update_user(conn: sqlite3.Connection, name: str, *, limits: dict[str, Any] |
                 merged[limit] = value
         new_suspended = user.suspended if suspended is None else suspended
         new_role = user.role if role is None else role
+        if new_role != "admin" or new_suspended:
+            _keep_an_admin(conn, user, "demote or suspend")
         conn.execute("UPDATE users SET limits = ?, suspended = ?, role = ? WHERE id = ?",
                      (json.dumps(merged), int(new_suspended), new_role, user.id))
         detail: dict[str, Any] = {"limits": given, "suspended": suspended, "role": role}
@@ -281,10 +283,22 @@ def update_user(conn: sqlite3.Connection, name: str, *, limits: dict[str, Any] |
                 created_at=user.created_at)
 
 
+def _keep_an_admin(conn: sqlite3.Connection, user: User, what: str) -> None:
+    """409 when the change would leave no active admin (only the offline CLI could recover)."""
+    if user.role != "admin" or user.suspended:
+        return
+    others = conn.execute("SELECT COUNT(*) FROM users WHERE role = 'admin' AND suspended = 0 "
+                          "AND deleted_at IS NULL AND id != ?", (user.id,)).fetchone()[0]
+    if not others:
+        raise Conflict(f"cannot {what} '{user.name}': it is the last active admin "
+                       f"(make another admin first)")
+
+
 def delete_user(conn: sqlite3.Connection, name: str, *, actor: str) -> None:
     """Soft delete: the user's keys stop working, its ledger rows stay."""
     with transaction(conn):
         user = get_user(conn, name)
+        _keep_an_admin(conn, user, "delete")
         now = time.time()
         conn.execute("UPDATE users SET deleted_at = ? WHERE id = ?", (now, user.id))
         revoked = conn.execute("UPDATE keys SET revoked_at = ? "

@@ -332,3 +332,26 @@ def test_missing_secret_with_existing_keys_is_refused(tmp_path):
     conn = db.connect(fresh)
     assert len(accounts.server_secret(conn, fresh)) == 32  # a new database: a new secret
     conn.close()
+
+
+@pytest.mark.parametrize("change", ["delete", "demote", "suspend"])
+def test_the_last_active_admin_cannot_be_removed(tmp_path, change):
+    """Deleting, demoting or suspending the last active admin is a 409; with two it works."""
+    database = str(tmp_path / "x.db")
+    conn = db.connect(database)
+    secret = accounts.server_secret(conn, database)
+    accounts.create_user(conn, secret, "root", role="admin", actor="t")
+
+    def apply(name):
+        if change == "delete":
+            accounts.delete_user(conn, name, actor="t")
+        elif change == "demote":
+            accounts.update_user(conn, name, role="user", actor="t")
+        else:
+            accounts.update_user(conn, name, suspended=True, actor="t")
+
+    with pytest.raises(db.Conflict, match="last active admin"):
+        apply("root")
+    accounts.create_user(conn, secret, "second", role="admin", actor="t")
+    apply("root")
+    conn.close()
