@@ -865,13 +865,20 @@ def _wait_ready(pipes: list, procs: list) -> None:
             raise RuntimeError("load workers did not start in time")
         for pe in ready:
             i = pipes.index(pe)
-            try:
-                msg = pe.recv()
-            except EOFError:
-                raise RuntimeError(f"load worker {i} died while starting (exit code {procs[i].exitcode})")
-            if msg[0] == "error":
-                raise RuntimeError(f"load worker {i} failed:\n{msg[1]}")
+            _receive(pe, i, procs, "while starting")
             waiting.discard(i)
+
+
+def _receive(pipe: Any, i: int, procs: list, when: str = "") -> Any:
+    """The next message of worker ``i``; its death or its error is raised here."""
+    try:
+        msg = pipe.recv()
+    except EOFError:
+        raise RuntimeError(
+            f"load worker {i} died {when} (exit code {procs[i].exitcode})".replace("  ", " ")) from None
+    if msg[0] == "error":
+        raise RuntimeError(f"load worker {i} failed:\n{msg[1]}")
+    return msg
 
 
 def _collect(pipes: list, procs: list, results: list, progress: Any, stop: Any,
@@ -886,13 +893,7 @@ def _collect(pipes: list, procs: list, results: list, progress: Any, stop: Any,
             ready = mp.connection.wait(list(pending), timeout=0.25)
             for pe in ready:
                 i = pending.pop(pe)
-                try:
-                    msg = pe.recv()
-                except EOFError:
-                    raise RuntimeError(f"load worker {i} died (exit code {procs[i].exitcode})")
-                if msg[0] == "error":
-                    raise RuntimeError(f"load worker {i} failed:\n{msg[1]}")
-                results[i] = msg[1]
+                results[i] = _receive(pe, i, procs)[1]
             now = time.monotonic()
             if show and pending and now - last_t >= 0.25:
                 done = sum(progress)

@@ -18,8 +18,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from . import keys
-from .db import Conflict, StoreError, transaction
-from .errors import BadRequest, NotFound
+from .db import transaction
+from .errors import BadRequest, Conflict, NotFound, StoreError
 
 ROLES = ("admin", "user")
 LIMIT_NAMES = (

@@ -11,19 +11,9 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .errors import ProxyError
+from .errors import Conflict, StoreError
 
-
-class Conflict(ProxyError):
-    status = 409
-    code = "conflict"
-
-
-class StoreError(ProxyError):
-    """The database or its secret cannot be used; the message says what to do."""
-
-    status = 500
-    code = "store_error"
+__all__ = ["Conflict", "StoreError", "connect", "transaction"]  # the errors live in errors.py
 
 
 # Migration i brings the schema from version i to i + 1 (kept in PRAGMA

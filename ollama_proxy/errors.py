@@ -80,6 +80,18 @@ class NotFound(ProxyError):
     code = "not_found"
 
 
+class Conflict(ProxyError):
+    status = 409
+    code = "conflict"
+
+
+class StoreError(ProxyError):
+    """The database or its secret cannot be used; the message says what to do."""
+
+    status = 500
+    code = "store_error"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     code = "payload_too_large"

@@ -16,7 +16,7 @@ import re
 import secrets
 import stat
 
-from .db import StoreError
+from .errors import StoreError
 
 KEY_MARK = "op-"
 KEY_RANDOM_BYTES = 32  # 256 bits, above the 192 PRODUCT §2 asks for
