@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from .errors import BadRequest, ConfigError
+from .isotime import iso, parse_time
+from .limits import Limits
 
 DEFAULT_CONFIG_FILE = "ollama-proxy.ini"
 ENV_PREFIX = "OLLAMA_PROXY_"
@@ -69,6 +71,7 @@ class UpstreamConfig:
 class Config:
     server: ServerConfig
     log: LogConfig
+    limits: Limits  # every user's defaults (PRODUCT §4)
     upstreams: tuple[UpstreamConfig, ...]
     source: str | None
 
@@ -102,6 +105,40 @@ def _choice(*options: str) -> Callable[[str], str]:
             raise ValueError(f"expected one of: {', '.join(options)}")
         return text.lower()
     return parse
+
+
+def _optional_whole(text: str) -> int | None:
+    if not text:
+        return None
+    if not re.fullmatch(r"[0-9]{1,18}", text):
+        raise ValueError("expected a whole number >= 0 (0: none allowed), or nothing for unlimited")
+    return int(text)
+
+
+_GLOB = re.compile(r"[A-Za-z0-9._:/@*?\[\]!-]+")
+
+
+def _globs(text: str) -> tuple[str, ...] | None:
+    """Model globs separated by commas and/or spaces; nothing: every model."""
+    globs = tuple(g for g in re.split(r"[\s,]+", text) if g)
+    if not globs:
+        return None
+    bad = next((g for g in globs if not _GLOB.fullmatch(g)), None)
+    if bad is not None:
+        raise ValueError(f"expected model globs (letters, digits, . _ : / @ - and * ? [ ] !) "
+                         f"separated by commas or spaces, or nothing for every model; "
+                         f"{bad!r} is not one")
+    return globs
+
+
+def _optional_time(text: str) -> float | None:
+    if not text:
+        return None
+    try:
+        return parse_time(text, "expires_at")
+    except BadRequest:
+        raise ValueError("expected an ISO 8601 date or time like 2026-12-31 or "
+                         "2026-12-31T18:00:00Z, or nothing for never") from None
 
 
 def _flag(text: str) -> bool:
@@ -168,13 +205,14 @@ class Key:
     """One ini key. ``default`` is written as in the ini ("" = unset); ``field`` is
     the dataclass attribute it fills (None: derived in ``_build_*``), times ``scale``."""
 
-    section: str  # "server", "log" or UPSTREAM
+    section: str  # "server", "log", "limits" or UPSTREAM
     name: str
     parse: Callable[[str], Any]
     default: str
     help: str
     field: str | None = None
     scale: int = 1
+    show: Callable[[Any], str] | None = None  # the value as the ini writes it (describe)
 
 
 SCHEMA: tuple[Key, ...] = (
@@ -206,6 +244,38 @@ SCHEMA: tuple[Key, ...] = (
         "ledger_wait"),
     Key("log", "level", _choice("debug", "info", "warning", "error"), "info",
         "Log level: debug, info, warning or error.", "level"),
+    Key("limits", "requests_per_minute", _optional_whole, "",
+        "Requests (generations and embeddings) a user may start in any 60 seconds; empty:\n"
+        "unlimited, 0: none.", "requests_per_minute"),
+    Key("limits", "requests_per_day", _optional_whole, "",
+        "Requests a user may start in any 24 hours; empty: unlimited, 0: none.", "requests_per_day"),
+    Key("limits", "tokens_per_minute", _optional_whole, "",
+        "Tokens (prompt + completion) a user may use in any 60 seconds; empty: unlimited, 0: none.",
+        "tokens_per_minute"),
+    Key("limits", "tokens_per_day", _optional_whole, "",
+        "Tokens a user may use in any 24 hours; empty: unlimited, 0: none.", "tokens_per_day"),
+    Key("limits", "token_quota", _optional_whole, "",
+        "Tokens a user may use in all, or per month (see quota_period); empty: unlimited,\n"
+        "0: none. A used-up quota is answered 429 insufficient_quota (clients do not retry).",
+        "token_quota"),
+    Key("limits", "quota_period", _choice("total", "month"), "total",
+        "What token_quota counts: total (all time, never resets) or month (the UTC calendar\n"
+        "month; resets by itself on the 1st).", "quota_period"),
+    Key("limits", "max_concurrent", _optional_whole, "",
+        "Requests a user may have in flight at once; empty: unlimited, 0: none.",
+        "max_concurrent"),
+    Key("limits", "max_tokens_per_request", _optional_whole, "",
+        "Completion tokens one request may ask for: a larger or missing max_tokens /\n"
+        "options.num_predict is set to it (and to the token budget left); empty: no cap, 0: none.",
+        "max_tokens_per_request"),
+    Key("limits", "allowed_models", _globs, "",
+        "Models a user may use, as globs separated by commas or spaces, e.g. llama3.2, qwen*\n"
+        "(case-insensitive; llama3.2 is llama3.2:latest); others get 403 and are not listed.\n"
+        "Empty: every model.", "allowed_models", show=lambda globs: ", ".join(globs or ())),
+    Key("limits", "expires_at", _optional_time, "",
+        "From this moment on, users get 403: an ISO 8601 date or time, e.g. 2026-12-31 or\n"
+        "2026-12-31T18:00:00+01:00 (UTC unless an offset is given); empty: never.",
+        "expires_at", show=lambda at: iso(at) or ""),
     Key(UPSTREAM, "url", _url, "http://127.0.0.1:11434",
         "Backend base URL, http://HOST[:PORT][/PATH] (https is not supported yet); a PATH is\n"
         "put in front of every request path, e.g. http://gpu1:8000/ollama.", "url"),
@@ -235,8 +305,11 @@ SCHEMA: tuple[Key, ...] = (
 Raw = dict[str, tuple[str, str]]  # key -> (text, origin for messages)
 
 
+SECTIONS = ("server", "log", "limits")  # the fixed sections, besides [upstream.NAME]
+
+
 def rows(section: str) -> tuple[Key, ...]:
-    """The schema rows of ``section`` ("server", "log" or an "upstream.NAME")."""
+    """The schema rows of ``section`` ("server", "log", "limits" or an "upstream.NAME")."""
     kind = UPSTREAM if section.startswith(UPSTREAM + ".") else section
     return tuple(row for row in SCHEMA if row.section == kind)
 
@@ -298,9 +371,10 @@ def _read_file(path: str | None) -> tuple[str | None, dict[str, Raw]]:
             if not _UPSTREAM_NAME.fullmatch(section[len(UPSTREAM) + 1:]):
                 raise ConfigError(f"{path}: [{section}]: an upstream NAME may only hold lowercase "
                                   "letters, digits, _ and -")
-        elif section not in ("server", "log"):
+        elif section not in SECTIONS:
             raise ConfigError(f"{path}: [{section}]: unknown section; allowed: [server], [log], "
-                              f"[upstream.NAME]{_hint(section, ['server', 'log', 'upstream.NAME'])}")
+                              f"[limits], [upstream.NAME]"
+                              f"{_hint(section, [*SECTIONS, 'upstream.NAME'])}")
         known = [row.name for row in rows(section)]
         entries: Raw = {}
         for key, text in parser.items(section, raw=True):
@@ -342,7 +416,7 @@ def _apply_env(sections: dict[str, Raw], dropped: dict[str, Raw], env: Mapping[s
         if var not in referenced:
             raise ConfigError(
                 f"environment variable {var}: matches no setting{_hint(var, list(targets))}; "
-                f"expected {ENV_PREFIX}<SECTION>_<KEY> for a key of [server], [log] or an "
+                f"expected {ENV_PREFIX}<SECTION>_<KEY> for a key of [server], [log], [limits] or an "
                 f"[upstream.NAME] in the config file, or {ADMIN_KEY_ENV}")
 
 
@@ -404,7 +478,7 @@ def load_config(path: str | None = None, *, env: Mapping[str, str] | None = None
     Raises ``ConfigError`` naming file, section, key, value and what is allowed."""
     env = os.environ if env is None else env
     source, file_sections = _read_file(path)
-    sections = {"server": file_sections.pop("server", {}), "log": file_sections.pop("log", {})}
+    sections = {name: file_sections.pop(name, {}) for name in SECTIONS}
     dropped: dict[str, Raw] = {}
     names = [f"{UPSTREAM}.default{i + 1 if i else ''}" for i in range(len(upstream_urls))]
     if upstream_urls:  # --upstream replaces every [upstream.NAME]
@@ -424,31 +498,46 @@ def load_config(path: str | None = None, *, env: Mapping[str, str] | None = None
     return Config(
         server=ServerConfig(host=host, port=port, **_fields("server", server)),
         log=LogConfig(**_fields("log", _parse_section("log", sections["log"]))),
+        limits=Limits(**_fields("limits", _parse_section("limits", sections["limits"]))),
         upstreams=tuple(_build_upstream(name, raw, env) for name, raw in sections.items()
                         if name.startswith(UPSTREAM + ".")),
         source=source,
     )
 
 
-def _show(value: Any, scale: int) -> str:
+def _show(row: Key, value: Any) -> str:
+    if row.show is not None:
+        return row.show(value)
+    if value is None:
+        return ""
     if isinstance(value, float):
         return f"{value:g}"
-    return str(value // scale if scale != 1 else value)
+    return str(value // row.scale if row.scale != 1 else value)
+
+
+def settings(config: Config) -> dict[str, dict[str, str]]:
+    """The effective settings as the ini writes them, by section; secrets only as ``(set)``."""
+    out: dict[str, dict[str, str]] = {}
+    named: list[tuple[str, Any]] = [("server", config.server), ("log", config.log),
+                                    ("limits", config.limits)]
+    named += [(f"{UPSTREAM}.{u.name}", u) for u in config.upstreams]
+    for section, obj in named:
+        values = out[section] = {}
+        for row in rows(section):
+            if row.field is not None:
+                values[row.name] = _show(row, getattr(obj, row.field))
+            elif row.name == "listen":
+                host = f"[{obj.host}]" if ":" in obj.host else obj.host
+                values["listen"] = f"{host}:{obj.port}"
+            elif row.name == "api_key_env":
+                values["api_key"] = "(set)" if obj.api_key else "(not set)"
+    return out
 
 
 def describe(config: Config) -> str:
-    """The effective settings, ini-like, for ``check-config``; secrets only as ``(set)``."""
+    """The effective settings, ini-like, for ``check-config``."""
     lines = [f"# config file: {config.source or 'none (built-in defaults)'}"]
-    named: list[tuple[str, Any]] = [("server", config.server), ("log", config.log)]
-    named += [(f"{UPSTREAM}.{u.name}", u) for u in config.upstreams]
-    for section, obj in named:
+    for section, values in settings(config).items():
         lines += ["", f"[{section}]"]
-        for row in rows(section):
-            if row.field is not None:
-                lines.append(f"{row.name} = {_show(getattr(obj, row.field), row.scale)}")
-            elif row.name == "listen":
-                host = f"[{obj.host}]" if ":" in obj.host else obj.host
-                lines.append(f"listen = {host}:{obj.port}")
-            elif row.name == "api_key_env":
-                lines.append(f"api_key = {'(set)' if obj.api_key else '(not set)'}")
+        lines += [f"{key} = {value}".rstrip() for key, value in values.items()]
     return "\n".join(lines) + "\n"

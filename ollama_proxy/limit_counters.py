@@ -36,6 +36,7 @@ class Decision:
     ``status``/``code``/``message`` describe a refusal (``allowed`` False).
     ``retry_after_s``: whole seconds for ``Retry-After``; on a refused 429,
     ``None`` means retrying will not help (send ``x-should-retry: false``).
+    ``limit``: the name of the limit that refused.
     ``cap``: the completion-token cap to send (inject when the client sent none
     or a larger one); ``None`` = no cap applies. ``headers``: the
     ``x-ratelimit-*`` pairs for the response.
@@ -49,6 +50,7 @@ class Decision:
     cap: int | None = None
     headers: tuple[tuple[str, str], ...] = ()
     reserve_tokens: int = 0  # prompt estimate + cap, what ``reserve`` will hold
+    limit: str | None = None
 
 
 @dataclass(slots=True)
@@ -68,16 +70,16 @@ class LedgerRow(Protocol):
     completion_tokens: int
 
 
-def _refuse(status: int, code: str, message: str, retry: int | None = None,
+def _refuse(status: int, code: str, limit: str, message: str, retry: int | None = None,
             headers: tuple[tuple[str, str], ...] = ()) -> Decision:
-    return Decision(False, status, code, message, retry, None, headers)
+    return Decision(False, status, code, message, retry, None, headers, 0, limit)
 
 
 class UserCounters:
     """Everything counted for one user: request and token windows, the quota,
     requests in flight."""
 
-    __slots__ = ("rpm", "rpd", "tpm", "tpd", "quota", "in_flight", "_latest")
+    __slots__ = ("rpm", "rpd", "tpm", "tpd", "quota", "in_flight", "held", "_latest")
 
     def __init__(self) -> None:
         self.rpm = Window(MINUTE_S, MINUTE_BUCKET_S)
@@ -86,6 +88,7 @@ class UserCounters:
         self.tpd = Window(DAY_S, DAY_BUCKET_S)
         self.quota = Quota()
         self.in_flight = 0
+        self.held = 0  # tokens reserved by requests in flight
         self._latest = float("-inf")
 
     def __repr__(self) -> str:
@@ -127,31 +130,48 @@ class UserCounters:
         """``x-ratelimit-*`` for the tightest request and token limits, as if
         ``extra_*`` more were counted at ``now``."""
         now = self._now(now)
+        return self._headers(limits, now, self._request_limits(limits, now), extra_requests,
+                             self._token_limits(limits, now), extra_tokens)
+
+    @staticmethod
+    def _reset_s(counter: Any, limits: Limits, now: float, extra: int) -> float | None:
+        if isinstance(counter, Quota):
+            return counter.reset_s(now, limits.quota_period)
+        reset = counter.reset_s(now)
+        return max(reset, counter.expiry_s(now)) if extra > 0 else reset  # added now: last out
+
+    def _headers(self, limits: Limits, now: float, requests: list[tuple[str, int, int, Any]],
+                 extra_requests: int, tokens: list[tuple[str, int, int, Any]],
+                 extra_tokens: int) -> tuple[tuple[str, str], ...]:
+        """``headers`` from the limits ``check`` already looked up (it runs per request)."""
         out: list[tuple[str, str]] = []
-        for family, items, extra in (
-                ("requests", self._request_limits(limits, now), extra_requests),
-                ("tokens", self._token_limits(limits, now), extra_tokens)):
-            if not items:
-                continue
-            resets: list[float | None] = []
-            for _name, _limit, _used, counter in items:
-                if isinstance(counter, Quota):
-                    resets.append(counter.reset_s(now, limits.quota_period))
-                else:
-                    reset = counter.reset_s(now)
-                    if extra > 0:  # what is added now expires last
-                        reset = max(reset, counter.expiry_s(now))
-                    resets.append(reset)
+        for family, items, extra in (("requests", requests, extra_requests),
+                                     ("tokens", tokens, extra_tokens)):
             # Tightest: least remaining; on a tie, the one that resets last.
-            never = [math.inf if r is None else r for r in resets]
-            i = min(range(len(items)), key=lambda k: (items[k][1] - items[k][2], -never[k]))
-            _name, limit, used, _counter = items[i]
+            best: tuple[tuple[int, float], int, int, float | None] | None = None
+            for _name, limit, used, counter in items:
+                reset = self._reset_s(counter, limits, now, extra)
+                key = (limit - used, -math.inf if reset is None else -reset)
+                if best is None or key < best[0]:
+                    best = (key, limit, used, reset)
+            if best is None:
+                continue
+            _key, limit, used, reset = best
             out.append((f"x-ratelimit-limit-{family}", str(limit)))
             out.append((f"x-ratelimit-remaining-{family}", str(max(0, limit - used - extra))))
-            reset_i = resets[i]
-            if reset_i is not None:
-                out.append((f"x-ratelimit-reset-{family}", format_reset(reset_i)))
+            if reset is not None:
+                out.append((f"x-ratelimit-reset-{family}", format_reset(reset)))
         return tuple(out)
+
+    def access(self, limits: Limits, now: float, model: str | None) -> Decision | None:
+        """The refusal of a user who may not call at all (expired) or not this
+        ``model`` (None: no model to check), else None. Counts nothing."""
+        if limits.expires_at is not None and self._now(now) >= limits.expires_at:
+            return _refuse(403, "user_expired", "expires_at", "this user expired (expires_at)")
+        if model is not None and not model_allowed(limits.allowed_models, model):
+            return _refuse(403, "model_not_allowed", "allowed_models",
+                           f"model {model!r} is not in allowed_models for this user")
+        return None
 
     def check(self, limits: Limits, now: float, model: str | None,
               requested_cap: int | None = None, *, prompt_estimate: int = 0,
@@ -159,52 +179,50 @@ class UserCounters:
         """Whether a request may go now, and with which completion cap.
 
         ``model`` None skips the model check (routes without a model).
-        ``requested_cap``: the client's ``max_tokens`` / ``num_predict`` (a
-        negative one, Ollama's "no limit", counts as none). ``completion``
-        False for embeddings: no cap, charged ``prompt_estimate``.
+        ``requested_cap``: the client's ``max_tokens`` / ``num_predict`` (0 or
+        negative, Ollama's "no limit", counts as none). ``completion`` False
+        for embeddings: no cap, charged ``prompt_estimate``.
         """
         now = self._now(now)
-        if limits.expires_at is not None and now >= limits.expires_at:
-            return _refuse(403, "user_expired", "this user expired (expires_at)")
-        if model is not None and not model_allowed(limits.allowed_models, model):
-            return _refuse(403, "model_not_allowed",
-                           f"model {model!r} is not in allowed_models for this user")
+        refused = self.access(limits, now, model)
+        if refused is not None:
+            return refused
+        requested = requested_cap if completion and requested_cap and requested_cap > 0 else None
+        if limits.unbounded:
+            return Decision(True, cap=requested, reserve_tokens=max(0, prompt_estimate)
+                            + (requested or 0))
         mc = limits.max_concurrent
         if mc is not None and self.in_flight >= mc:
             if mc == 0:
-                return _refuse(429, "insufficient_quota", "max_concurrent is 0", None,
-                               self.headers(limits, now))
-            return _refuse(429, "too_many_concurrent",
+                return _refuse(429, "insufficient_quota", "max_concurrent", "max_concurrent is 0",
+                               None, self.headers(limits, now))
+            return _refuse(429, "rate_limit_exceeded", "max_concurrent",
                            f"max_concurrent ({mc}) requests already in flight", 1,
                            self.headers(limits, now))
         if completion and limits.max_tokens_per_request == 0:
-            return _refuse(429, "insufficient_quota", "max_tokens_per_request is 0", None,
-                           self.headers(limits, now))
+            return _refuse(429, "insufficient_quota", "max_tokens_per_request",
+                           "max_tokens_per_request is 0", None, self.headers(limits, now))
 
         # Every request and token limit that refuses: (retry or None, name, limit).
         blocked: list[tuple[int | None, str, int]] = []
-        for name, limit, _used, window in self._request_limits(limits, now):
-            wait = window.seconds_until(now, 1, limit)
-            if wait:
-                blocked.append((wait, name, limit))
-            elif wait is None:
-                blocked.append((None, name, limit))
+        requests = self._request_limits(limits, now)
+        tokens = self._token_limits(limits, now)
+        for name, limit, used, window in requests:
+            if used >= limit:
+                blocked.append((window.seconds_until(now, 1, limit), name, limit))
         need = max(1, prompt_estimate + 1 if completion else prompt_estimate)
         budget: int | None = None
-        for name, limit, used, window in self._token_limits(limits, now):
+        for name, limit, used, window in tokens:
             left = limit - used
             budget = left if budget is None else min(budget, left)
-            if name == "token_quota":
-                if left < need:
-                    blocked.append((None, name, limit))
+            if left >= need:
                 continue
-            wait = window.seconds_until(now, need, limit)
-            if wait:
-                blocked.append((wait, name, limit))
-            elif wait is None:
-                blocked.append((None, name, limit))
+            if name == "token_quota":  # only what is in flight can still come back
+                blocked.append((1 if left + self.held >= need else None, name, limit))
+            else:
+                blocked.append((window.seconds_until(now, need, limit), name, limit))
         if blocked:
-            hdrs = self.headers(limits, now)
+            hdrs = self._headers(limits, now, requests, 0, tokens, 0)
             # A permanent refusal wins; otherwise the longest wait.
             forever = [b for b in blocked if b[0] is None]
             retry, name, limit = forever[0] if forever else max(blocked, key=lambda b: b[0] or 0)
@@ -217,23 +235,21 @@ class UserCounters:
                     why = f"token_quota ({limit}){period} is used up"
                 else:
                     why = f"this request needs {need} tokens, more than {name} ({limit})"
-                    code = "rate_limited"
-                return _refuse(429, code, why, None, hdrs)
-            return _refuse(429, "rate_limited",
-                           f"{name} limit ({limit}) reached; retry in {retry}s", retry, hdrs)
+                    code = "rate_limit_exceeded"
+                return _refuse(429, code, name, why, None, hdrs)
+            held = " (held by requests in flight)" if name == "token_quota" else ""
+            return _refuse(429, "rate_limit_exceeded", name,
+                           f"{name} limit ({limit}) reached{held}; retry in {retry}s", retry, hdrs)
 
-        cap: int | None = None
+        cap = requested
         if completion:
-            if requested_cap is not None and requested_cap >= 0:
-                cap = requested_cap
             for bound in (limits.max_tokens_per_request,
                           None if budget is None else budget - prompt_estimate):
                 if bound is not None:
                     cap = bound if cap is None else min(cap, bound)
         reserve = max(0, prompt_estimate) + (cap or 0)
         return Decision(True, 200, None, "", None, cap,
-                        self.headers(limits, now, extra_requests=1, extra_tokens=reserve),
-                        reserve)
+                        self._headers(limits, now, requests, 1, tokens, reserve), reserve)
 
     def reserve(self, limits: Limits, now: float, cap: int | None,
                 prompt_estimate: int = 0) -> Reservation:
@@ -248,6 +264,7 @@ class UserCounters:
         self.tpd.add(now, tokens)
         self.quota.reserve(now, tokens)
         self.in_flight += 1
+        self.held += tokens
         return Reservation(now, tokens, cap)
 
     def admit(self, limits: Limits, now: float, model: str | None,
@@ -275,6 +292,7 @@ class UserCounters:
             self.tpd.adjust(now, delta, at)
             self.quota.settle(now, delta, at)
         self.in_flight = max(0, self.in_flight - 1)
+        self.held = max(0, self.held - reservation.tokens)
 
     def record(self, at: float, tokens: int, now: float) -> None:
         """Count a finished request from the ledger (``rebuild``)."""
@@ -315,33 +333,42 @@ def _counted(row: Any) -> bool:
 
 def rebuild(rows: Iterable[LedgerRow], now: float, *,
             totals: Mapping[str, int] | None = None,
+            months: Mapping[str, int] | None = None,
             counts: Callable[[Any], bool] = _counted) -> dict[str, UserCounters]:
     """Counters per user from ledger rows, so a restart neither resets a window
     nor forgets a quota.
 
-    ``rows`` must reach back a day for the windows, to the month's start for a
-    month quota, and to the beginning for a total quota, unless ``totals``
-    (all-time tokens per user, e.g. from ``ledger.user_totals``) is given; then
-    the rows only feed windows and the month. Rows without a user and rows
-    ``counts`` rejects (default: outcome ``refused``) are skipped.
+    ``rows`` must reach back a day (and a bucket) for the windows, to the
+    month's start for a month quota, and to the beginning for a total quota,
+    unless ``totals`` (all-time tokens per user, e.g. from
+    ``ledger.user_totals``) and ``months`` (tokens per user since the start of
+    ``now``'s month) are given; then the rows only feed the windows. Rows
+    without a user and rows ``counts`` rejects (default: outcome ``refused``)
+    are skipped.
     """
     out: dict[str, UserCounters] = {}
+
+    def user(name: str) -> UserCounters:
+        uc = out.get(name)
+        if uc is None:
+            uc = out[name] = UserCounters()
+        return uc
+
     for row in sorted(rows, key=lambda r: r.time):
         if row.user is None or row.time > now or not counts(row):
             continue
-        uc = out.get(row.user)
-        if uc is None:
-            uc = out[row.user] = UserCounters()
-        uc.record(row.time, (row.prompt_tokens or 0) + (row.completion_tokens or 0), now)
-    if totals is not None:
-        for user, total in totals.items():
-            uc = out.get(user)
-            if uc is None:
-                uc = out[user] = UserCounters()
-                uc._now(now)
-            uc.quota.total = total
+        user(row.user).record(row.time, (row.prompt_tokens or 0) + (row.completion_tokens or 0),
+                              now)
     for uc in out.values():
         uc.snapshot(now)  # expire what is already out of the windows, roll the month
+    for name, total in (totals or {}).items():
+        user(name).quota.total = total
+    for name, used in (months or {}).items():
+        quota = user(name).quota
+        quota.used(now, "month")  # roll to now's month first
+        quota.month_used = used
+    for uc in out.values():
+        uc._now(now)
     return out
 
 

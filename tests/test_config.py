@@ -19,6 +19,7 @@ from ollama_proxy.config import (
     load_config,
 )
 from ollama_proxy.errors import ConfigError
+from ollama_proxy.limits import Limits
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "sk-upstream-secret-4711"
@@ -87,6 +88,7 @@ def test_shipped_example_equals_defaults(tmp_path: Path, monkeypatch: pytest.Mon
     expected = defaults(tmp_path, monkeypatch)
     shipped = load_config(str(REPO / DEFAULT_CONFIG_FILE), env={})
     assert shipped.server == expected.server and shipped.log == expected.log
+    assert shipped.limits == expected.limits == Limits()
     assert [dataclasses.replace(u, name="default") for u in shipped.upstreams] == list(expected.upstreams)
     assert [u.name for u in shipped.upstreams] == ["local"]
 
@@ -124,6 +126,18 @@ BAD_VALUES = [
     ("server", "database", "", "expected a file path"),
     ("server", "ledger_wait", "maybe", "expected true or false"),
     ("log", "level", "verbose", "expected one of: debug, info, warning, error"),
+    ("limits", "requests_per_minute", "-1", "expected a whole number >= 0"),
+    ("limits", "requests_per_day", "ten", "expected a whole number >= 0"),
+    ("limits", "tokens_per_minute", "1.5", "expected a whole number >= 0"),
+    ("limits", "tokens_per_day", "1e6", "or nothing for unlimited"),
+    ("limits", "token_quota", "lots", "expected a whole number >= 0"),
+    ("limits", "quota_period", "week", "expected one of: total, month"),
+    ("limits", "max_concurrent", "-2", "expected a whole number >= 0"),
+    ("limits", "max_tokens_per_request", "none", "expected a whole number >= 0"),
+    ("limits", "allowed_models", '"llama3.2"', "expected model globs"),
+    ("limits", "allowed_models", "llama3.2;qwen", "'llama3.2;qwen' is not one"),
+    ("limits", "expires_at", "tomorrow", "expected an ISO 8601 date or time"),
+    ("limits", "expires_at", "2026-02-30", "expected an ISO 8601 date or time"),
     ("upstream.gpu-1", "url", "ftp://gpu1", "expected http://HOST[:PORT][/PATH]"),
     ("upstream.gpu-1", "url", "http://", "expected http://HOST"),
     ("upstream.gpu-1", "url", "gpu1:11434", "expected http://HOST"),
@@ -170,7 +184,7 @@ def test_bad_env_value_names_the_variable(tmp_path: Path, section: str, key: str
 @pytest.mark.parametrize("text,expected", [
     ("[server]\nlisten_port = 1\n", "[server] listen_port: unknown key (did you mean listen?); allowed: listen,"),
     ("[upstream.a]\npriority = 1\n", "[upstream.a] priority: unknown key; allowed: url, kind,"),
-    ("[servr]\n", "[servr]: unknown section; allowed: [server], [log], [upstream.NAME] (did you mean server?)"),
+    ("[servr]\n", "[servr]: unknown section; allowed: [server], [log], [limits], [upstream.NAME] (did you mean server?)"),
     ("[upstream]\n", "[upstream]: unknown section"),
     ("[upstream.GPU]\n", "[upstream.GPU]: an upstream NAME may only hold lowercase letters, digits, _ and -"),
     ("[upstream.a.b]\n", "[upstream.a.b]: an upstream NAME may only hold"),
@@ -267,7 +281,7 @@ def test_env_overrides_without_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     "OLLAMA_PROXY_SERVER_LISTN",
     "OLLAMA_PROXY_UPSTREAM_OTHER_URL",   # no [upstream.other] in the file
     "OLLAMA_PROXY_UPSTREAM_A_API_KEY",   # secrets are not a key
-    "OLLAMA_PROXY_LIMITS_REQUESTS_PER_MINUTE",
+    "OLLAMA_PROXY_LIMITS_REQUESTS_PER_HOUR",  # not a limit name
 ])
 def test_unknown_env_var_is_error(tmp_path: Path, var: str) -> None:
     """An OLLAMA_PROXY_ variable matching no section+key is an error naming it."""
@@ -370,7 +384,7 @@ def test_describe_shows_settings_never_secrets(tmp_path: Path) -> None:
     assert "[upstream.a]" in text and "api_key = (set)" in text and "api_key = (not set)" in text
     for row in SCHEMA:
         if row.name not in ("api_key_env", "api_key_file"):
-            assert f"\n{row.name} = " in text
+            assert f"\n{row.name} =" in text
 
 
 def test_describe_round_trips(tmp_path: Path) -> None:
@@ -379,3 +393,20 @@ def test_describe_round_trips(tmp_path: Path) -> None:
     text = "\n".join(line for line in describe(config).splitlines() if not line.startswith("api_key"))
     again = load(tmp_path, text)
     assert (again.server, again.log, again.upstreams) == (config.server, config.log, config.upstreams)
+
+
+def test_limits_section(tmp_path: Path) -> None:
+    """[limits] fills the users' default Limits: empty = unlimited, globs split on commas
+    and spaces, ISO 8601 expiry; the environment overrides it; describe round-trips it."""
+    config = load(tmp_path, "[limits]\ntokens_per_day = 5000\nrequests_per_minute = 0\n"
+                            "allowed_models = llama3.2, qwen*  mistral:7b\nquota_period = MONTH\n"
+                            "token_quota =\nexpires_at = 2026-12-31T18:00:00+01:00\n",
+                  env={"OLLAMA_PROXY_LIMITS_MAX_CONCURRENT": "3"})
+    assert config.limits == Limits(
+        tokens_per_day=5000, requests_per_minute=0, quota_period="month", max_concurrent=3,
+        allowed_models=("llama3.2", "qwen*", "mistral:7b"), expires_at=1798736400.0)
+    text = describe(config)
+    assert "\nallowed_models = llama3.2, qwen*, mistral:7b\n" in text
+    assert "\nexpires_at = 2026-12-31T17:00:00Z\n" in text and "\ntoken_quota =\n" in text
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("api_key"))
+    assert load(tmp_path, text).limits == config.limits

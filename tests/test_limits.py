@@ -50,6 +50,15 @@ def test_merged_null_falls_back_to_default():
     assert got.to_dict()["allowed_models"] == ["llama*"]
 
 
+def test_merged_takes_the_stored_form_and_to_dict_gives_it_back():
+    """expires_at is stored as ISO 8601: merged parses it, to_dict writes it again."""
+    stored = {"expires_at": "2025-02-01T00:00:00Z", "allowed_models": ["a*"]}
+    got = Limits.merged(Limits(), stored)
+    assert got.expires_at == utc(2025, 2, 1, 0, 0, 0) and got.unbounded  # no count applies
+    assert {k: got.to_dict()[k] for k in stored} == stored
+    assert Limits().unbounded and not Limits(max_concurrent=3).unbounded
+
+
 @pytest.mark.parametrize("overrides", [
     {"requests_per_hour": 3},
     {"requests_per_minute": -1},
@@ -113,7 +122,8 @@ def test_burst_then_boundary_is_refused():
     for _ in range(60):
         assert uc.admit(limits, T - 0.5, None)[0].allowed
     d = uc.check(limits, T + 0.01, None)
-    assert (d.allowed, d.status, d.code) == (False, 429, "rate_limited")
+    assert (d.allowed, d.status, d.code, d.limit) == (False, 429, "rate_limit_exceeded",
+                                                      "requests_per_minute")
     assert d.retry_after_s == 60  # frees at T - 1 + 61 = T + 60 -> ceil(59.99)
     assert uc.check(limits, T + 60, None).allowed
 
@@ -211,11 +221,27 @@ def test_thirty_concurrent_reservations_never_overshoot_the_quota():
     total = sum(20 + d.cap for d, _ in held)
     assert total <= 1000
     assert all(d.cap >= 1 for d, _ in held)
-    assert refused and all(d.code == "insufficient_quota" and d.retry_after_s is None
-                           for d, _ in refused)
+    # what is held in flight may come back: retry soon, not "never"
+    assert refused and all(d.code == "rate_limit_exceeded" and d.retry_after_s == 1
+                           and "in flight" in d.message for d, _ in refused)
     for d, res in held:  # everyone uses all it was allowed
         uc.settle(res, T + 5, 20, d.cap)
-    assert uc.quota.used(T + 5, "total") <= 1000
+    assert uc.quota.used(T + 5, "total") <= 1000 and uc.held == 0
+    d = uc.check(limits, T + 6, "llama3.2", prompt_estimate=20)
+    assert (d.code, d.retry_after_s) == ("insufficient_quota", None)
+
+
+def test_quota_held_in_flight_comes_back_when_settled_lower():
+    """A refusal while reservations hold the quota is retryable; a lower settle frees it."""
+    limits = Limits(token_quota=100)
+    uc = UserCounters()
+    d, res = uc.admit(limits, T, "m", prompt_estimate=10)
+    assert d.cap == 90 and uc.held == 100
+    d = uc.check(limits, T, "m", prompt_estimate=10)
+    assert (d.allowed, d.retry_after_s, d.limit) == (False, 1, "token_quota")
+    uc.settle(res, T + 1, 10, 5)
+    assert uc.held == 0
+    assert uc.check(limits, T + 1, "m", prompt_estimate=10).cap == 75
 
 
 @pytest.mark.parametrize(("limits", "used", "requested", "prompt", "cap"), [
@@ -228,6 +254,8 @@ def test_thirty_concurrent_reservations_never_overshoot_the_quota():
     (Limits(max_tokens_per_request=200, tokens_per_minute=1000), 900, None, 30, 70),
     (Limits(tokens_per_day=1000, token_quota=500), 100, None, 0, 400),  # tightest budget
     (Limits(max_tokens_per_request=200), 0, -1, 0, 200),             # num_predict -1 = none
+    (Limits(max_tokens_per_request=200), 0, 0, 0, 200),              # 0 = none too (Ollama)
+    (Limits(), 0, 0, 0, None),
 ])
 def test_cap_is_min_of_per_request_and_budget_left(limits, used, requested, prompt, cap):
     """cap = min(requested, max_tokens_per_request, budget left - prompt estimate)."""
@@ -251,7 +279,8 @@ def test_cap_is_min_of_per_request_and_budget_left(limits, used, requested, prom
 def test_zero_means_none_allowed(name, code):
     """Any limit at 0 refuses the first request with 429, no Retry-After, naming it."""
     d = UserCounters().check(Limits(**{name: 0}), T, "m")
-    assert (d.allowed, d.status, d.code, d.retry_after_s) == (False, 429, code, None)
+    assert (d.allowed, d.status, d.code, d.retry_after_s, d.limit) == (False, 429, code, None,
+                                                                         name)
     assert name in d.message
 
 
@@ -277,7 +306,7 @@ def test_token_rate_limit_retry_after():
     assert d.cap == 100
     uc.settle(res, T + 2, 30, 70)
     d = uc.check(limits, T + 30, "m")
-    assert (d.allowed, d.code, d.retry_after_s) == (False, "rate_limited", 31)
+    assert (d.allowed, d.code, d.retry_after_s) == (False, "rate_limit_exceeded", 31)
     assert "tokens_per_minute" in d.message
     assert uc.check(limits, T + 61, "m").allowed
 
@@ -285,7 +314,7 @@ def test_token_rate_limit_retry_after():
 def test_request_larger_than_the_limit_is_never_retried():
     """A prompt estimate above tokens_per_minute can never fit: no Retry-After."""
     d = UserCounters().check(Limits(tokens_per_minute=100), T, "m", prompt_estimate=500)
-    assert (d.allowed, d.code, d.retry_after_s) == (False, "rate_limited", None)
+    assert (d.allowed, d.code, d.retry_after_s) == (False, "rate_limit_exceeded", None)
 
 
 def test_longest_wait_wins():
@@ -317,14 +346,14 @@ def test_settle_twice_does_nothing():
 
 
 def test_max_concurrent():
-    """The third request while two are in flight gets 429 too_many_concurrent, Retry-After 1."""
+    """The third request while two are in flight gets 429 rate_limit_exceeded, Retry-After 1."""
     limits = Limits(max_concurrent=2)
     uc = UserCounters()
     r1 = uc.admit(limits, T, "m")[1]
     uc.admit(limits, T, "m")
     d = uc.check(limits, T, "m")
-    assert (d.allowed, d.status, d.code, d.retry_after_s) == (False, 429,
-                                                              "too_many_concurrent", 1)
+    assert (d.allowed, d.status, d.code, d.retry_after_s, d.limit) == (
+        False, 429, "rate_limit_exceeded", 1, "max_concurrent")
     uc.settle(r1, T + 1, 1, 1)
     assert uc.check(limits, T + 1, "m").allowed
 
@@ -482,6 +511,19 @@ def test_rebuild_with_all_time_totals():
         "requests_minute": 1, "requests_day": 1, "tokens_minute": 30, "tokens_day": 30,
         "tokens_total": 5000, "tokens_month": 30, "in_flight": 0}
     assert got["old"].quota.used(now, "total") == 7
+
+
+def test_rebuild_with_month_totals_and_a_day_of_rows():
+    """Rows from the last day feed the windows; ``months`` sets this month's quota use,
+    also when the day reaches back into the previous month."""
+    now = utc(2025, 3, 1, 0, 10, 0)
+    rows = [Row(now - 60 * 60, "ann", 10, 20), Row(now - 30, "ann", 1, 2)]
+    got = rebuild(rows, now, totals={"ann": 900}, months={"ann": 3, "bob": 40})
+    assert got["ann"].snapshot(now) == {
+        "requests_minute": 1, "requests_day": 2, "tokens_minute": 3, "tokens_day": 33,
+        "tokens_total": 900, "tokens_month": 3, "in_flight": 0}
+    assert got["bob"].quota.used(now, "month") == 40
+    assert got["bob"].quota.used(utc(2025, 4, 1, 0, 0, 0), "month") == 0
 
 
 
