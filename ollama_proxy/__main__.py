@@ -34,7 +34,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load(args)
     _setup_logging(config.log.level)
-    gateway = Gateway(config, admin_key=os.environ.get(ADMIN_KEY_ENV) or None)
+    gateway = Gateway(config, admin_key=os.environ.get(ADMIN_KEY_ENV) or None,
+                      loader=lambda: _load(args))
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

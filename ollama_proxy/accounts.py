@@ -145,12 +145,24 @@ def _find_user(conn: sqlite3.Connection, name: str) -> User | None:
     return None if row is None else _user(row)
 
 
+def _audit(conn: sqlite3.Connection, actor: str, action: str, target: str,
+           detail: dict[str, Any]) -> None:
+    conn.execute("INSERT INTO audit (time, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+                 (time.time(), actor, action, target, json.dumps(detail, sort_keys=True)))
+
+
 def _changed(conn: sqlite3.Connection, actor: str, action: str, target: str,
              detail: dict[str, Any]) -> None:
     """Audit one change and tell pollers the accounts moved (inside the transaction)."""
-    conn.execute("INSERT INTO audit (time, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
-                 (time.time(), actor, action, target, json.dumps(detail, sort_keys=True)))
+    _audit(conn, actor, action, target, detail)
     conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'accounts_seq'")
+
+
+def audit(conn: sqlite3.Connection, actor: str, action: str, target: str,
+          detail: dict[str, Any]) -> None:
+    """Audit an admin action that changes no account (e.g. a config reload)."""
+    with transaction(conn):
+        _audit(conn, actor, action, target, detail)
 
 
 def _add_key(conn: sqlite3.Connection, secret: bytes, user_id: int, key: str,

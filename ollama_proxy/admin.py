@@ -19,6 +19,7 @@ from .accounts import KeyEntry
 from .auth import KeyIndex, authorize
 from .backends import Router
 from .errors import BadRequest, NotFound, ProxyError
+from .limiting import Limiter
 from .server import Request, Responder
 from .storage import Store
 
@@ -26,6 +27,9 @@ JSON_TYPE = b"application/json; charset=utf-8"
 SELF_SERVICE = ("/v1/me", "/v1/usage")
 
 Handler = Callable[["AdminApi", Request, KeyEntry, dict[str, str]], Awaitable[tuple[int, Any]]]
+# Re-reads the config file and applies what it can (the argument: who asked, for the
+# audit log); returns the answer of POST /admin/api/reload.
+Reload = Callable[[str], Awaitable[dict[str, Any]]]
 
 
 def is_admin_path(path: str) -> bool:
@@ -65,11 +69,14 @@ def _query(request: Request, allowed: set[str]) -> dict[str, str]:
 class AdminApi:
     """Handles the admin paths; ``handle`` is a server handler."""
 
-    def __init__(self, store: Store, index: KeyIndex, secret: bytes, router: Router) -> None:
+    def __init__(self, store: Store, index: KeyIndex, secret: bytes, router: Router,
+                 limiter: Limiter, reload: Reload) -> None:
         self._store = store
         self._index = index
         self._secret = secret
         self._router = router
+        self._limiter = limiter
+        self._reload = reload
 
     async def handle(self, request: Request, responder: Responder) -> None:
         entry = self._index.identify(request)
@@ -199,9 +206,15 @@ class AdminApi:
 
     async def me(self, request: Request, entry: KeyEntry,
                  params: dict[str, str]) -> tuple[int, Any]:
-        # Limits are stored and shown; enforcing them (and "remaining") is the limits issue.
-        return 200, {"name": entry.user, "role": entry.role, "limits": entry.user_limits,
-                     "key": entry.prefix, "remaining": {}}
+        """The caller's effective limits (defaults and own overrides merged) and what is left."""
+        return 200, {"name": entry.user, "role": entry.role,
+                     "limits": self._limiter.limits_for(entry).to_dict(),
+                     "key": entry.prefix, "remaining": self._limiter.remaining(entry)}
+
+    async def reload(self, request: Request, entry: KeyEntry,
+                     params: dict[str, str]) -> tuple[int, Any]:
+        _body(request, set())
+        return 200, await self._reload(self._actor(entry))
 
     async def audit(self, request: Request, entry: KeyEntry,
                     params: dict[str, str]) -> tuple[int, Any]:
@@ -236,6 +249,7 @@ ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
         ("GET", "/admin/api/usage", AdminApi.usage),
         ("GET", "/admin/api/audit", AdminApi.audit),
         ("GET", "/admin/api/backends", AdminApi.backends),
+        ("POST", "/admin/api/reload", AdminApi.reload),
         ("GET", "/v1/me", AdminApi.me),
         ("GET", "/v1/usage", AdminApi.my_usage),
     )

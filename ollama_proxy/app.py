@@ -1,10 +1,13 @@
 """Composition root: builds the gateway's objects from a ``Config`` and runs
-them in one nursery tree; SIGINT/SIGTERM drain in-flight streams, then exit."""
+them in one nursery tree; SIGINT/SIGTERM drain in-flight streams, then exit;
+SIGHUP (like ``POST /admin/api/reload``) re-reads the config."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
+from typing import Any, Callable
 
 import trio
 
@@ -12,13 +15,18 @@ from . import accounts
 from .admin import AdminApi, is_admin_path
 from .auth import KeyIndex
 from .backends import Backend, Router
-from .config import Config, ServerConfig, UpstreamConfig
+from .config import Config, ServerConfig, UpstreamConfig, settings
+from .errors import BadRequest, ConfigError, ProxyError
+from .limiting import Limiter, load_counters
 from .relay import Relay, UsageLog, UsageObserver
 from .server import HttpServer, Request, Responder, ServerSettings
 from .storage import LedgerWriter, Store
 from .upstream import PoolSettings, UpstreamPool
 
 log = logging.getLogger("ollama_proxy.app")
+
+# Config sections a reload applies at once; a change anywhere else needs a restart.
+LIVE_SECTIONS = ("limits", "log")
 
 
 def server_settings(cfg: ServerConfig) -> ServerSettings:
@@ -43,16 +51,26 @@ def make_backend(cfg: UpstreamConfig) -> Backend:
                    api_key=cfg.api_key, pool=pool)
 
 
+def _flat_settings(config: Config) -> dict[str, str]:
+    """``{"section.key": value}`` of every effective setting."""
+    return {f"{section}.{key}": value for section, values in settings(config).items()
+            for key, value in values.items()}
+
+
 class Gateway:
     """The whole gateway for one ``Config``; ``run`` serves until drained.
 
     The ledger gets every usage record before the response ends; the usage
-    log line and ``observer`` (tests read it) get it right after.
+    log line and ``observer`` (tests read it) get it right after. ``loader``
+    re-reads the config (``reload``); without one there is nothing to re-read.
     """
 
     def __init__(self, config: Config, *, observer: UsageObserver | None = None,
-                 admin_key: str | None = None) -> None:
+                 admin_key: str | None = None,
+                 loader: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self._loader = loader
+        self.limiter = Limiter(config.limits)
         self.router = Router([make_backend(u) for u in config.upstreams])
         self.store = Store(config.server.database)
         self.ledger = LedgerWriter(config.server.database, wait=config.server.ledger_wait)
@@ -87,8 +105,35 @@ class Gateway:
         index = KeyIndex(self.store, secret)
         await index.reload()
         self.index = index
-        self.admin = AdminApi(self.store, index, secret, self.router)
+        self.admin = AdminApi(self.store, index, secret, self.router, self.limiter, self.reload)
         return index
+
+    async def reload(self, actor: str) -> dict[str, Any]:
+        """Re-read the config: new ``[limits]`` defaults and log level hold from the next
+        request; other changes are named as needing a restart. A bad file is a 400
+        and the running config stays."""
+        if self._loader is None:
+            raise BadRequest("this gateway was not started from a config it can re-read",
+                             code="invalid_config")
+        try:
+            new = await trio.to_thread.run_sync(self._loader)
+        except ConfigError as err:
+            raise BadRequest(f"config not reloaded, the running one is kept: {err.message}",
+                             code="invalid_config") from None
+        before, after = _flat_settings(self.config), _flat_settings(new)
+        changed = [name for name in dict.fromkeys([*before, *after])
+                   if before.get(name) != after.get(name)]
+        self.limiter.set_defaults(new.limits)
+        if new.log.level != self.config.log.level:
+            logging.getLogger().setLevel(new.log.level.upper())
+        self.config = dataclasses.replace(self.config, limits=new.limits, log=new.log)
+        answer = {
+            "reloaded": new.source,
+            "applied": [c for c in changed if c.split(".")[0] in LIVE_SECTIONS],
+            "restart_needed": [c for c in changed if c.split(".")[0] not in LIVE_SECTIONS],
+        }
+        await self.store.call(accounts.audit, actor, "config.reload", new.source or "", answer)
+        return answer
 
     async def run(
         self,
@@ -100,7 +145,10 @@ class Gateway:
         cfg = self.config.server
         try:
             index = await self._open_accounts()
+            # Before the first request: a restart neither resets a window nor forgets a quota.
+            self.limiter.store = await self.store.call(load_counters, self.limiter.clock())
             self.relay = Relay(self.router, self.ledger, observers=self.observers, index=index,
+                               steps=[self.limiter], on_usage=[self.limiter.settle],
                                max_response_bytes=cfg.max_body_bytes * 4)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.ledger.run)
@@ -108,6 +156,8 @@ class Gateway:
                 nursery.start_soon(self.router.run_health_checks)
                 if handle_signals:
                     nursery.start_soon(self._drain_on_signals)
+                    if hasattr(signal, "SIGHUP"):  # not on Windows
+                        nursery.start_soon(self._reload_on_sighup)
                 await self.server.serve(cfg.host, cfg.port, task_status=task_status)
                 with trio.move_on_after(cfg.drain_s + 5):  # drained: commit what is pending
                     await self.ledger.flush()
@@ -126,3 +176,15 @@ class Gateway:
                          signal.Signals(signum).name, grace)
                 self.drain(grace)
                 grace = 0.0
+
+    async def _reload_on_sighup(self) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            async for _ in signals:
+                try:
+                    answer = await self.reload("SIGHUP")
+                except ProxyError as err:
+                    log.error("SIGHUP: %s", err.message)
+                    continue
+                log.info("SIGHUP: config reloaded; applied: %s; needs a restart: %s",
+                         ", ".join(answer["applied"]) or "nothing",
+                         ", ".join(answer["restart_needed"]) or "nothing")

@@ -15,7 +15,7 @@ import trio
 from . import accounts
 from .app import Gateway
 from .keys import new_key
-from .config import load_config
+from .config import Config, load_config
 from .simulator import Simulator, run_simulator
 
 
@@ -57,16 +57,20 @@ def run_demo(args: argparse.Namespace) -> int:
         sim = Simulator(tokens_per_s=args.tokens_per_s, first_byte_delay_s=args.first_byte_delay_s)
         async with trio.open_nursery() as nursery:
             sim_host, sim_port = await nursery.start(run_simulator, sim, "127.0.0.1", 0)
-            config = load_config(args.config, listen=args.listen,
-                                 upstream_urls=[f"http://{sim_host}:{sim_port}"])
             workdir = tempfile.mkdtemp(prefix="ollama-proxy-demo-")
             cleanup.append(workdir)
-            config = dataclasses.replace(config, server=dataclasses.replace(
-                config.server, database=os.path.join(workdir, "demo.db")))
+
+            def load() -> Config:  # also on reload: the throwaway database stays
+                config = load_config(args.config, listen=args.listen,
+                                     upstream_urls=[f"http://{sim_host}:{sim_port}"])
+                return dataclasses.replace(config, server=dataclasses.replace(
+                    config.server, database=os.path.join(workdir, "demo.db")))
+
+            config = load()
             logging.basicConfig(level=getattr(logging, config.log.level.upper()),
                                 format="%(asctime)s %(levelname)s %(name)s: %(message)s")
             admin_key = new_key()
-            gateway = Gateway(config, admin_key=admin_key)
+            gateway = Gateway(config, admin_key=admin_key, loader=load)
 
             async def serve_then_stop(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
                 await gateway.run(handle_signals=True, task_status=task_status)

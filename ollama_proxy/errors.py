@@ -46,6 +46,7 @@ class ProxyError(Exception):
 
     status = 500
     code = "internal_error"
+    openai_type: str | None = None  # the OpenAI error "type", when not the status's usual one
 
     def __init__(
         self,
@@ -118,6 +119,28 @@ class UpstreamTimeout(ProxyError):
     code = "upstream_timeout"
 
 
+class LimitError(ProxyError):
+    """A per-user limit refused the request (PRODUCT §4), before any backend saw it.
+
+    Carries the ``x-ratelimit-*`` headers of the limits that apply; a 429 that
+    waiting will not cure (no ``retry_after_s``) says ``x-should-retry: false``,
+    which the official openai client obeys.
+    """
+
+    def __init__(self, message: str, *, status: int, code: str, openai_type: str | None = None,
+                 retry_after_s: int | None = None,
+                 extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        super().__init__(message, status=status, code=code, retry_after_s=retry_after_s)
+        self.openai_type = openai_type
+        self.extra_headers = extra_headers or []
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        out = super().headers()
+        if self.status == 429 and self.retry_after_s is None:
+            out.append((b"x-should-retry", b"false"))
+        return out + self.extra_headers
+
+
 class ConfigError(ProxyError):
     """A bad config value; the message names file, section, key and what is allowed."""
 
@@ -125,13 +148,14 @@ class ConfigError(ProxyError):
     code = "config_error"
 
 
-def error_body(family: ApiFamily, status: int, message: str, code: str | None) -> bytes:
+def error_body(family: ApiFamily, status: int, message: str, code: str | None,
+               openai_type: str | None = None) -> bytes:
     """Render an error body in the API family's shape."""
     if family is ApiFamily.OPENAI:
         payload: dict[str, object] = {
             "error": {
                 "message": message,
-                "type": _OPENAI_TYPES.get(status, "api_error"),
+                "type": openai_type or _OPENAI_TYPES.get(status, "api_error"),
                 "param": None,
                 "code": code,
             }
@@ -143,4 +167,4 @@ def error_body(family: ApiFamily, status: int, message: str, code: str | None) -
 
 def render(family: ApiFamily, err: ProxyError) -> bytes:
     """Render a ``ProxyError`` in the API family's shape."""
-    return error_body(family, err.status, err.message, err.code)
+    return error_body(family, err.status, err.message, err.code, err.openai_type)

@@ -52,6 +52,7 @@ never resets, so it gives no reset header.
 from __future__ import annotations
 
 import calendar
+import json
 import math
 import time
 from bisect import bisect_left
@@ -194,6 +195,38 @@ def filter_models(globs: Iterable[str] | None, models: Iterable[str]) -> list[st
     return [m for m in models if model_allowed(pats, m)]
 
 
+# A model list reply: where its entries are, and which of their fields name the model.
+_LISTS = (("models", ("name", "model")), ("data", ("id",)))  # /api/tags, /api/ps; /v1/models
+
+
+def filter_listing(globs: Iterable[str], body: bytes) -> bytes:
+    """A model list reply (``/api/tags``, ``/api/ps``, ``/v1/models``) without the
+    models ``globs`` do not allow; anything else comes back unchanged."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(doc, dict):
+        return body
+    pats = tuple(globs)
+    changed = False
+    for key, name_fields in _LISTS:
+        entries = doc.get(key)
+        if not isinstance(entries, list):
+            continue
+        kept = []
+        for entry in entries:
+            name = next((entry[f] for f in name_fields if isinstance(entry, dict)
+                         and isinstance(entry.get(f), str)), None)
+            if name is not None and model_allowed(pats, name):
+                kept.append(entry)
+        changed = changed or len(kept) != len(entries)
+        doc[key] = kept
+    if not changed:
+        return body
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 # -- time helpers --------------------------------------------------------------
 
 
@@ -201,6 +234,12 @@ def month_key(now: float) -> str:
     """The UTC calendar month of ``now``, ``"YYYY-MM"``."""
     tm = time.gmtime(now)
     return f"{tm.tm_year:04d}-{tm.tm_mon:02d}"
+
+
+def month_start(now: float) -> float:
+    """Unix seconds of the first instant of ``now``'s UTC month."""
+    tm = time.gmtime(now)
+    return float(calendar.timegm((tm.tm_year, tm.tm_mon, 1, 0, 0, 0, 0, 0, 0)))
 
 
 def next_month_start(now: float) -> float:
@@ -355,8 +394,7 @@ class Quota:
             if key != self.month:
                 self.month = key
                 self.month_used = 0
-            tm = time.gmtime(now)
-            self._start = float(calendar.timegm((tm.tm_year, tm.tm_mon, 1, 0, 0, 0, 0, 0, 0)))
+            self._start = month_start(now)
             self._end = next_month_start(now)
 
     def used(self, now: float, period: str) -> int:

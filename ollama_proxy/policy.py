@@ -1,8 +1,9 @@
 """Per-request decisions that need no I/O: parsing and checking the request
 body, and the rewrites the gateway makes to it (an OpenAI stream must report
 usage; ``max_completion_tokens`` is ignored by Ollama, so it becomes
-``max_tokens``). Later policy steps (keys, limits) work on the same
-``Exchange`` and mark the body dirty; it is re-serialised once, at the end.
+``max_tokens``; a completion cap is set where limits demand one). Policy
+steps (limits) work on the same ``Exchange`` and mark the body dirty; it is
+re-serialised once, at the end.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from urllib.parse import unquote
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from .errors import BadRequest
+from .errors import ApiFamily, BadRequest
 from .routes import Route, RouteKind
 
 if TYPE_CHECKING:  # the pure core needs the types, not the trio server
     from .accounts import KeyEntry
+    from .limit_counters import Reservation
     from .server import Request
 
 
@@ -34,6 +36,9 @@ class Exchange:
     usage_injected: bool = False  # we asked for usage the client did not: hide it
     principal: KeyEntry | None = None  # the caller, once its key was checked
     started_at: float = field(default_factory=time.time)
+    reservation: Reservation | None = None  # what the limits hold until the usage is known
+    extra_headers: list[tuple[bytes, bytes]] | None = None  # a step's response headers
+    rewrite_reply: Callable[[bytes], bytes] | None = None  # a step's edit of a whole 2xx reply
 
     @property
     def model(self) -> str | None:
@@ -109,3 +114,40 @@ def apply_openai_rules(route: Route, obj: dict[str, Any], stream: bool) -> tuple
             obj["stream_options"] = {**(options or {}), "include_usage": True}
             changed = injected = True
     return changed, injected
+
+
+def requested_cap(route: Route, obj: dict[str, Any]) -> int | None:
+    """The completion cap the client asked for: native ``options.num_predict``,
+    OpenAI ``max_tokens`` (after ``apply_openai_rules``). None when absent, 0
+    or negative (Ollama's "no limit"); 400 when it is not a number."""
+    if route.family is ApiFamily.NATIVE:
+        options = obj.get("options")
+        if options is None:
+            return None
+        if not isinstance(options, dict):
+            raise BadRequest('"options" must be an object')
+        value, where = options.get("num_predict"), "options.num_predict"
+    else:
+        value, where = obj.get("max_tokens"), "max_tokens"
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f'"{where}" must be a whole number')
+    return int(value) if value >= 1 else None
+
+
+def set_cap(route: Route, obj: dict[str, Any], cap: int) -> bool:
+    """Send ``cap`` as the completion cap unless the client asked for no more;
+    True when the body changed."""
+    if route.family is ApiFamily.NATIVE:
+        target = obj.get("options")
+        if target is None:
+            target = obj["options"] = {}
+        key = "num_predict"
+    else:
+        target, key = obj, "max_tokens"
+    current = target.get(key)
+    if current is not None and not isinstance(current, bool) and 1 <= current <= cap:
+        return False
+    target[key] = cap
+    return True

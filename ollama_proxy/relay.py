@@ -15,7 +15,7 @@ import logging
 import re
 import time
 import uuid
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import trio
 
@@ -64,6 +64,11 @@ class UsageObserver(Protocol):
     """Told of each usage record after its response ended (off the latency path)."""
 
     def observe(self, record: UsageRecord) -> None: ...
+
+
+# Told of each usage record the moment it is built, before the sink and before the
+# response's last bytes (the limits settle their reservation here). Must not block.
+UsageHook = Callable[[Exchange, UsageRecord], None]
 
 
 class UsageLog:
@@ -157,6 +162,7 @@ class Relay:
         observers: Sequence[UsageObserver] = (),
         index: KeyIndex | None = None,
         steps: Sequence[PolicyStep] = (),
+        on_usage: Sequence[UsageHook] = (),
         max_response_bytes: int = 256 * 1024 * 1024,
         max_frame_bytes: int = 1 << 20,
     ) -> None:
@@ -165,6 +171,7 @@ class Relay:
         self._observers = tuple(observers)
         self._index = index  # None: no keys needed (tests of the bare relay)
         self._steps = tuple(steps)
+        self._on_usage = tuple(on_usage)
         self._max_response_bytes = max_response_bytes
         self._max_frame_bytes = max_frame_bytes
         self._started = time.time()
@@ -216,11 +223,11 @@ class Relay:
                     authorize(ex.principal, admin=ex.route.admin_only)
                 ex.body_obj = parse_body(ex.route, ex.request.body)
                 ex.stream = wants_stream(ex.route, ex.body_obj)
+                if ex.body_obj is not None:  # first: the steps see max_tokens, never its alias
+                    ex.body_dirty, ex.usage_injected = apply_openai_rules(
+                        ex.route, ex.body_obj, ex.stream)
                 for step in self._steps:
                     await step(ex)
-                if ex.body_obj is not None:
-                    changed, ex.usage_injected = apply_openai_rules(ex.route, ex.body_obj, ex.stream)
-                    ex.body_dirty = ex.body_dirty or changed
                 upstream = await self._open_upstream(ex, meter)
             except ProxyError as err:
                 meter.status = err.status
@@ -275,6 +282,8 @@ class Relay:
         kind = _frame_kind(upstream.header(b"content-type"))
         headers = client_response_headers(upstream.headers, streaming=kind is not None,
                                           request_id=ex.request_id)
+        if ex.extra_headers:
+            headers += ex.extra_headers
         metered = ex.route.kind in (RouteKind.GENERATION, RouteKind.EMBEDDING)
         if kind is None:
             try:
@@ -288,6 +297,8 @@ class Relay:
                 meter.tally = scan_whole_body(body)
             elif metered and upstream.status < 500:  # refused by the backend: nothing used
                 meter.tally = UsageTally(exact=True)
+            if ex.rewrite_reply is not None and 200 <= upstream.status < 300 and body:
+                body = ex.rewrite_reply(body)
             await self._record(meter, "ok" if upstream.status < 500 else "upstream_error")
             if ex.request.method == "HEAD":  # no body, but the length the backend announced
                 length = upstream.header(b"content-length")
@@ -339,15 +350,18 @@ class Relay:
         if meter.recorded:
             return
         meter.recorded = True
-        meter.record = meter.build(outcome)
+        record = meter.record = meter.build(outcome)
+        for hook in self._on_usage:
+            hook(meter.exchange, record)
         with trio.move_on_after(RECORD_TIMEOUT_S) as scope:
             scope.shield = True
-            await self._sink.record(meter.record)
+            await self._sink.record(record)
         if scope.cancelled_caught:
             log.error("%s: usage sink did not take the record within %g s",
                       meter.exchange.request_id.decode(), RECORD_TIMEOUT_S)
 
     async def _send_error(self, responder: Responder, ex: Exchange, err: ProxyError) -> None:
         body = render(family_of(ex.request.path), err)
-        headers = [(b"content-type", JSON_TYPE), (b"x-request-id", ex.request_id), *err.headers()]
+        headers = [(b"content-type", JSON_TYPE), (b"x-request-id", ex.request_id), *err.headers(),
+                   *(ex.extra_headers or ())]
         await responder.respond(err.status, headers, body)

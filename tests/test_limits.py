@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -12,6 +13,7 @@ from ollama_proxy.limits import (
     Limits,
     Quota,
     Window,
+    filter_listing,
     filter_models,
     format_reset,
     model_allowed,
@@ -408,6 +410,26 @@ def test_model_not_allowed_is_forbidden_and_tags_are_filtered():
     assert "qwen2.5" in d.message
     assert filter_models(("llama*",), ["llama3.2:latest", "qwen2.5:7b"]) == ["llama3.2:latest"]
     assert filter_models(None, ["a", "b"]) == ["a", "b"]
+
+
+@pytest.mark.parametrize(("body", "kept"), [
+    ({"models": [{"name": "llama3.2:latest", "model": "llama3.2:latest"},
+                 {"name": "qwen2.5:7b", "model": "qwen2.5:7b"}]}, ["llama3.2:latest"]),
+    ({"object": "list", "data": [{"id": "qwen2.5:7b"}, {"id": "llama3.2:1b"}]}, ["llama3.2:1b"]),
+    ({"models": [{"model": "llama3.2"}, "junk", {"name": 7}]}, ["llama3.2"]),
+])
+def test_filter_listing_keeps_allowed_models(body, kept):
+    """/api/tags, /api/ps and /v1/models replies lose the models the globs do not allow."""
+    got = json.loads(filter_listing(("llama*",), json.dumps(body).encode()))
+    entries = got.get("models", got.get("data"))
+    assert [e.get("name") or e.get("model") or e.get("id") for e in entries] == kept
+    assert got.get("object") == body.get("object")
+
+
+def test_filter_listing_returns_the_same_bytes_when_nothing_goes():
+    """Nothing filtered or not a listing: the backend's bytes, not a re-serialisation."""
+    for raw in (b'{"models": [{"name": "llama3.2"}]}', b"not json", b"[1]", b'{"a": 1}'):
+        assert filter_listing(("llama*",), raw) is raw
 
 
 # -- headers -------------------------------------------------------------------------

@@ -1,0 +1,164 @@
+"""The limits policy step: PRODUCT §4 applied to each proxied request, a thin
+shell over the arithmetic of ``limits.py`` and ``limit_counters.py``.
+
+In the relay it runs after auth, the body checks and the OpenAI rules (so it
+sees ``max_tokens`` only, never ``max_completion_tokens``) and before any
+backend is asked. Generations and embeddings reserve: they count one request,
+hold ``prompt estimate + cap`` tokens and send that cap upstream. Every other
+route is only checked for the user's expiry and its model, and gets the
+headers. ``settle`` runs the moment the usage record is built (before the
+response's last bytes; also for failed and cancelled requests), so the next
+request sees the real usage and ``max_concurrent`` always comes back down.
+
+No I/O here: the counters are in memory, rebuilt from the ledger at start
+(``load_counters``, run in the store's thread).
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Any, Callable
+
+from . import ledger
+from .accounts import KeyEntry
+from .errors import LimitError, ProxyError
+from .limit_counters import Decision, LimitStore, rebuild
+from .limits import DAY_BUCKET_S, DAY_S, Limits, filter_listing, month_start
+from .policy import Exchange, requested_cap, set_cap
+from .routes import Route, RouteKind, match_route
+from .usage import UsageRecord, estimate_prompt_tokens
+
+METERED = (RouteKind.GENERATION, RouteKind.EMBEDDING)
+LISTINGS = frozenset({"tags", "ps", "openai_models"})  # route names of the model lists
+TOKEN_LIMITS = frozenset({"tokens_per_minute", "tokens_per_day", "token_quota"})
+# Merged limits are cached per key; a process sees few keys, but never let it grow unbounded.
+CACHE_MAX = 10_000
+
+Clock = Callable[[], float]
+
+
+def refusal(decision: Decision, route: Route, model: str | None) -> LimitError:
+    """The error a refused ``decision`` is answered with, in OpenAI's terms
+    (``type`` ``requests``/``tokens``/``insufficient_quota``, as api.openai.com)."""
+    if decision.status == 403 and route.name == "openai_model":  # hidden, as in the listing
+        return LimitError(f"The model '{model}' does not exist or you do not have access to it.",
+                          status=404, code="model_not_found", openai_type="invalid_request_error")
+    kind: str | None = None
+    if decision.status == 429:
+        kind = ("insufficient_quota" if decision.code == "insufficient_quota"
+                else "tokens" if decision.limit in TOKEN_LIMITS else "requests")
+    assert decision.code is not None
+    return LimitError(decision.message, status=decision.status, code=decision.code,
+                      openai_type=kind, retry_after_s=decision.retry_after_s,
+                      extra_headers=_encode(decision.headers))
+
+
+def _encode(headers: tuple[tuple[str, str], ...]) -> list[tuple[bytes, bytes]]:
+    return [(name.encode(), value.encode()) for name, value in headers]
+
+
+class Limiter:
+    """The policy step (``await limiter(ex)``) and its settle hook (``settle``).
+
+    ``clock`` gives Unix seconds (tests inject one driven by trio's clock).
+    """
+
+    def __init__(self, defaults: Limits, *, store: LimitStore | None = None,
+                 clock: Clock = time.time) -> None:
+        self.defaults = defaults
+        self.store = store if store is not None else LimitStore()
+        self.clock = clock
+        # key prefix -> (the entry's stored overrides, merged limits, any token limit set)
+        self._merged: dict[str, tuple[dict[str, Any], Limits, bool]] = {}
+
+    def set_defaults(self, defaults: Limits) -> None:
+        """New ``[limits]`` defaults (config reload): they hold from the next request."""
+        self.defaults = defaults
+        self._merged = {}
+
+    def _resolve(self, entry: KeyEntry) -> tuple[Limits, bool]:
+        """The user's effective limits. The key index builds a new overrides dict
+        on every reload, so an identity test is enough to see an edit."""
+        hit = self._merged.get(entry.prefix)
+        if hit is not None and hit[0] is entry.user_limits:
+            return hit[1], hit[2]
+        try:
+            limits = Limits.merged(self.defaults, entry.user_limits)
+        except ValueError as exc:
+            raise ProxyError(f"the stored limits of user '{entry.user}' cannot be used: {exc}",
+                             code="invalid_limits") from None
+        tokens = any(getattr(limits, name) is not None for name in TOKEN_LIMITS)
+        if len(self._merged) >= CACHE_MAX:
+            self._merged = {}
+        self._merged[entry.prefix] = (entry.user_limits, limits, tokens)
+        return limits, tokens
+
+    def limits_for(self, entry: KeyEntry) -> Limits:
+        return self._resolve(entry)[0]
+
+    def remaining(self, entry: KeyEntry) -> dict[str, int | None]:
+        """What is left of each counted limit, for ``/v1/me``."""
+        return self.store.get(entry.user).remaining(self.limits_for(entry), self.clock())
+
+    async def __call__(self, ex: Exchange) -> None:
+        entry = ex.principal
+        if entry is None:  # a relay without keys
+            return
+        limits, tokens = self._resolve(entry)
+        counters = self.store.get(entry.user)
+        now = self.clock()
+        route = ex.route
+        if route.kind in METERED:
+            obj = ex.body_obj
+            assert obj is not None  # metered routes take a JSON body
+            completion = route.kind is RouteKind.GENERATION
+            decision, reservation = counters.admit(
+                limits, now, ex.model, requested_cap(route, obj) if completion else None,
+                prompt_estimate=estimate_prompt_tokens(obj) if tokens else 0,
+                completion=completion)
+            if reservation is None:
+                raise refusal(decision, route, ex.model)
+            ex.reservation = reservation
+            if decision.cap is not None and set_cap(route, obj, decision.cap):
+                ex.body_dirty = True
+            headers = decision.headers
+        else:
+            # Model management (admins) names models to fetch or delete, not to use.
+            model = None if route.kind is RouteKind.MANAGEMENT else ex.model
+            refused = counters.access(limits, now, model)
+            if refused is not None:
+                raise refusal(refused, route, model)
+            if limits.allowed_models is not None and route.name in LISTINGS:
+                ex.rewrite_reply = partial(filter_listing, limits.allowed_models)
+            headers = () if limits.unbounded else counters.headers(limits, now)
+        if headers:
+            ex.extra_headers = _encode(headers)
+
+    def settle(self, ex: Exchange, record: UsageRecord) -> None:
+        """Replace the exchange's reservation by the usage its record reports."""
+        reservation = ex.reservation
+        if reservation is not None and ex.principal is not None:
+            self.store.get(ex.principal.user).settle(
+                reservation, self.clock(), record.prompt_tokens, record.completion_tokens)
+
+
+def _metered_row(row: UsageRecord) -> bool:
+    """Whether a ledger row counted live: a generation or embedding the limits let through."""
+    if row.outcome == "refused":
+        return False
+    route = match_route(row.endpoint)
+    return route is not None and route.kind in METERED
+
+
+def load_counters(conn: Any, now: float) -> LimitStore:
+    """Every user's counters from the ledger (in the store's thread, at start):
+    the last day's rows for the windows, this month's and all-time token sums
+    for the quotas."""
+    rows = ledger.rows_since(conn, now - DAY_S - DAY_BUCKET_S)
+    totals = {user: t["prompt_tokens"] + t["completion_tokens"]
+              for user, t in ledger.user_totals(conn).items()}
+    months = {r["key"]: r["prompt_tokens"] + r["completion_tokens"]
+              for r in ledger.usage(conn, since=month_start(now), group_by="user")
+              if r["key"] is not None}
+    return LimitStore(rebuild(rows, now, totals=totals, months=months, counts=_metered_row))
