@@ -70,6 +70,9 @@ class LedgerRow(Protocol):
     completion_tokens: int
 
 
+_OPEN = Decision(True)  # no limit counts, nothing asked for: the common case, built once
+
+
 def _refuse(status: int, code: str, limit: str, message: str, retry: int | None = None,
             headers: tuple[tuple[str, str], ...] = ()) -> Decision:
     return Decision(False, status, code, message, retry, None, headers, 0, limit)
@@ -137,8 +140,8 @@ class UserCounters:
     def _reset_s(counter: Any, limits: Limits, now: float, extra: int) -> float | None:
         if isinstance(counter, Quota):
             return counter.reset_s(now, limits.quota_period)
-        reset = counter.reset_s(now)
-        return max(reset, counter.expiry_s(now)) if extra > 0 else reset  # added now: last out
+        # What is added now leaves the window last: it alone decides.
+        return counter.expiry_s(now) if extra > 0 else counter.reset_s(now)
 
     def _headers(self, limits: Limits, now: float, requests: list[tuple[str, int, int, Any]],
                  extra_requests: int, tokens: list[tuple[str, int, int, Any]],
@@ -189,6 +192,8 @@ class UserCounters:
             return refused
         requested = requested_cap if completion and requested_cap and requested_cap > 0 else None
         if limits.unbounded:
+            if requested is None and prompt_estimate <= 0:
+                return _OPEN
             return Decision(True, cap=requested, reserve_tokens=max(0, prompt_estimate)
                             + (requested or 0))
         mc = limits.max_concurrent

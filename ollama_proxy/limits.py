@@ -338,9 +338,8 @@ class Window:
     def adjust(self, now: float, delta: int, at: float) -> None:
         """Change what was counted at ``at`` by ``delta`` (nothing once ``at``'s
         bucket has left the window)."""
-        self._expire(now)
-        b = self._bucket(at)
-        if b >= self._bucket(now) - self._n:
+        b = int(at // self.bucket_s)
+        if b >= int(now // self.bucket_s) - self._n:
             self._bump(b, delta)
 
     def remove(self, now: float, amount: int, at: float) -> None:
