@@ -131,7 +131,8 @@ def requested_cap(route: Route, obj: dict[str, Any]) -> int | None:
         value, where = obj.get("max_tokens"), "max_tokens"
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not value.is_integer()):  # also NaN and Infinity
         raise BadRequest(f'"{where}" must be a whole number')
     return int(value) if value >= 1 else None
 

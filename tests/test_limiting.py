@@ -197,6 +197,8 @@ async def test_no_limits_leave_the_body_alone():
     ("/api/chat", {**CHAT, "options": {"num_predict": "many"}}),
     ("/api/chat", {**CHAT, "options": [1]}),
     ("/v1/chat/completions", {**CHAT, "max_tokens": True}),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 2.5}),
+    ("/api/generate", {**CHAT, "options": {"num_predict": float("inf")}}),
 ])
 async def test_a_cap_that_is_not_a_number_is_400(path, body):
     """A cap the gateway cannot compare is refused before anything is counted."""
