@@ -16,6 +16,7 @@ No I/O here: the counters are in memory, rebuilt from the ledger at start
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from functools import partial
 from typing import Any, Callable
@@ -102,6 +103,8 @@ class Limiter:
         return self.store.get(entry.user).remaining(self.limits_for(entry), self.clock())
 
     async def __call__(self, ex: Exchange) -> None:
+        """Refuse the exchange (``LimitError``), or let it go: reserved and capped if it
+        is a generation or an embedding, with the ``x-ratelimit-*`` headers to send."""
         entry = ex.principal
         if entry is None:  # a relay without keys
             return
@@ -151,7 +154,7 @@ def _metered_row(row: UsageRecord) -> bool:
     return route is not None and route.kind in METERED
 
 
-def load_counters(conn: Any, now: float) -> LimitStore:
+def load_counters(conn: sqlite3.Connection, now: float) -> LimitStore:
     """Every user's counters from the ledger (in the store's thread, at start):
     the last day's rows for the windows, this month's and all-time token sums
     for the quotas."""
