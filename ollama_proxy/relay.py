@@ -326,9 +326,10 @@ class Relay:
                     break
                 out = scanner.feed(data)
                 if out:
-                    if tally.finished:
-                        # the backend's end marker is in this piece: commit the usage first,
-                        # so a client that stops reading at done/[DONE] is already counted
+                    if tally.finished or tally.error is not None:
+                        # the backend's end marker (or its error, which ends a stream) is in
+                        # this piece: commit the usage first, so a client that stops reading
+                        # there (the ollama client raises on the error line) is counted as is
                         await self._record(meter, outcome())
                     await responder.write(out)
             out = scanner.finish()
