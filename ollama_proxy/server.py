@@ -16,6 +16,8 @@ from email.utils import formatdate
 from typing import Awaitable, Callable
 
 import h11
+
+from . import sockio
 import trio
 
 from .errors import ProxyError, error_body, family_of, render
@@ -152,6 +154,7 @@ class _Connection:
     def __init__(self, server: HttpServer, stream: trio.SocketStream, client: str) -> None:
         self.server = server
         self.stream = stream
+        self.raw = sockio.raw_socket(stream.socket)  # the hot path's calls
         self.client = client
         self.h11 = h11.Connection(
             h11.SERVER, max_incomplete_event_size=server.settings.max_header_bytes
@@ -174,16 +177,12 @@ class _Connection:
     async def send_bytes(self, data: bytes) -> None:
         """Write bytes h11 has framed (or that frame like it); failures spoil the connection.
 
-        Straight on the socket: SocketStream.send_all's context managers cost more than
-        the rest of a relayed chunk's Python work. This task is the connection's only writer.
+        Straight on the socket (sockio): SocketStream.send_all's context managers and
+        schedule point cost more than the rest of a relayed chunk's Python work. This task
+        is the connection's only writer.
         """
-        sock = self.stream.socket
         try:
-            sent = await sock.send(data)
-            if sent < len(data):
-                view = memoryview(data)
-                while sent < len(view):
-                    sent += await sock.send(view[sent:])
+            await sockio.send_all(self.raw, data)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.h11.send_failed()
             raise ClientGone() from exc
@@ -199,13 +198,13 @@ class _Connection:
         One task per connection instead of one watcher per request: spawning and
         cancelling a task costs more than the rest of a small request's relay.
         """
-        sock = self.stream.socket
+        sock = self.raw
         while True:
             while len(self.h11.trailing_data[0]) >= MAX_PIPELINE_BUFFER:
                 self._wanted = trio.Event()
                 await self._wanted.wait()
             try:
-                data = await sock.recv(RECEIVE_SIZE)
+                data = await sockio.recv(sock, RECEIVE_SIZE, wait_first=True)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             self.h11.receive_data(data)

@@ -15,6 +15,8 @@ import select
 from dataclasses import dataclass
 
 import h11
+
+from . import sockio
 import trio
 
 from .bodies import body_reader
@@ -45,10 +47,11 @@ class PoolSettings:
 class _Conn:
     """One upstream socket and its h11 client state."""
 
-    __slots__ = ("stream", "h11", "idle_since")
+    __slots__ = ("stream", "raw", "h11", "idle_since")
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
+        self.raw = sockio.raw_socket(stream.socket)  # the hot path's calls
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
 
@@ -57,7 +60,7 @@ class _Conn:
         if now - self.idle_since > expiry_s:
             return False
         try:
-            readable, _, _ = select.select([self.stream.socket.fileno()], [], [], 0)
+            readable, _, _ = select.select([self.raw], [], [], 0)
         except (OSError, ValueError):
             return False
         return not readable
@@ -103,7 +106,10 @@ class UpstreamPool:
         Raises ``UpstreamUnreachable`` (nothing was sent), ``UpstreamTimeout``
         (no head in time) or ``UpstreamProtocolError``.
         """
-        await self._slots.acquire()
+        try:  # Semaphore.acquire yields to the scheduler even when a slot is free
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
         self.in_use += 1
         try:
             return await self._request(method, target, headers, body)
@@ -153,7 +159,7 @@ class UpstreamPool:
                 parts.append(conn.h11.send(h11.Data(data=body)))
             parts.append(conn.h11.send(h11.EndOfMessage()))
             if len(body) < SMALL_BODY_BYTES:
-                await conn.stream.send_all(b"".join(parts))
+                await sockio.send_all(conn.raw, b"".join(parts))
             else:  # no copy of a big body just to save a syscall
                 for part in parts:
                     await conn.stream.send_all(part)
@@ -179,7 +185,7 @@ class UpstreamPool:
         while True:
             event = conn.h11.next_event()
             if event is h11.NEED_DATA:
-                data = await conn.stream.receive_some(RECEIVE_SIZE)
+                data = await sockio.recv(conn.raw, RECEIVE_SIZE, wait_first=True)
                 if not data and conn.h11.their_state is h11.SEND_RESPONSE and not conn.h11.trailing_data[0]:
                     # EOF before a single byte of response: closed keep-alive race
                     raise _StaleConnection()
@@ -261,9 +267,8 @@ class UpstreamResponse:
         # A bare cancel scope: fail_after's generator costs too much once per chunk.
         with trio.CancelScope(deadline=trio.current_time() + gap_s) as scope:
             try:
-                # straight on the socket: SocketStream's error-translating wrapper costs
-                # a generator per call, once per relayed chunk
-                return await self._conn.stream.socket.recv(RECEIVE_SIZE)
+                # straight on the socket (sockio): once per relayed chunk
+                return await sockio.recv(self._conn.raw, RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise UpstreamProtocolError(f"backend connection broke: {exc}") from exc
         assert scope.cancelled_caught
