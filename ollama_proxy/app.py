@@ -74,7 +74,8 @@ class Gateway:
         self.router = Router([make_backend(u) for u in config.upstreams])
         self.store = Store(config.server.database)
         self.ledger = LedgerWriter(config.server.database, wait=config.server.ledger_wait)
-        self.observers: list[UsageObserver] = [UsageLog(), *([observer] if observer else [])]
+        self.usage_log = UsageLog()
+        self.observers: list[UsageObserver] = [self.usage_log, *([observer] if observer else [])]
         self._admin_key = admin_key
         self.secret = b""  # the key-hashing secret, once the database is open
         self.index: KeyIndex | None = None
@@ -149,11 +150,13 @@ class Gateway:
             self.limiter.store = await self.store.call(load_counters, self.limiter.clock())
             self.relay = Relay(self.router, self.ledger, observers=self.observers, index=index,
                                steps=[self.limiter], on_usage=[self.limiter.settle],
+                               while_waiting=[self.usage_log.flush],
                                max_response_bytes=cfg.max_body_bytes * 4)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.ledger.run)
                 nursery.start_soon(index.keep_fresh)
                 nursery.start_soon(self.router.run_health_checks)
+                nursery.start_soon(self.usage_log.run)
                 if handle_signals:
                     nursery.start_soon(self._drain_on_signals)
                     if hasattr(signal, "SIGHUP"):  # not on Windows

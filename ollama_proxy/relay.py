@@ -72,14 +72,40 @@ UsageHook = Callable[[Exchange, UsageRecord], None]
 
 
 class UsageLog:
-    """Usage as one JSON log line per request: the access log."""
+    """Usage as one JSON log line per request: the access log.
+
+    A line costs tens of microseconds (JSON, logging, a write), so lines are
+    kept and written by ``flush`` while the gateway waits for a backend (the
+    relay's ``while_waiting``), and at least every ``FLUSH_EVERY_S`` (the
+    gateway's timer): never on a response's latency path.
+    """
+
+    FLUSH_EVERY_S = 1.0
+    MAX_PENDING = 1000  # past this, observe writes at once (memory stays bounded)
 
     def __init__(self) -> None:
         self._log = logging.getLogger("ollama_proxy.usage")
+        self._pending: list[UsageRecord] = []
 
     def observe(self, record: UsageRecord) -> None:
-        if self._log.isEnabledFor(logging.INFO):
-            self._log.info("%s", record.to_json())
+        self._pending.append(record)
+        if len(self._pending) >= self.MAX_PENDING:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending and self._log.isEnabledFor(logging.INFO):
+            for record in pending:
+                self._log.info("%s", record.to_json())
+
+    async def run(self) -> None:
+        """Flush on a timer, so lines appear when no request comes to carry them out."""
+        try:
+            while True:
+                await trio.sleep(self.FLUSH_EVERY_S)
+                self.flush()
+        finally:
+            self.flush()
 
 
 def _outcome_of_error(err: ProxyError) -> str:
@@ -163,6 +189,7 @@ class Relay:
         index: KeyIndex | None = None,
         steps: Sequence[PolicyStep] = (),
         on_usage: Sequence[UsageHook] = (),
+        while_waiting: Sequence[Callable[[], None]] = (),
         max_response_bytes: int = 256 * 1024 * 1024,
         max_frame_bytes: int = 1 << 20,
     ) -> None:
@@ -172,6 +199,9 @@ class Relay:
         self._index = index  # None: no keys needed (tests of the bare relay)
         self._steps = tuple(steps)
         self._on_usage = tuple(on_usage)
+        # Deferred work (the usage log) done once a request is sent to a backend:
+        # time the gateway would otherwise spend waiting.
+        self._while_waiting = tuple(while_waiting)
         self._max_response_bytes = max_response_bytes
         self._max_frame_bytes = max_frame_bytes
         self._started = time.time()
@@ -266,7 +296,8 @@ class Relay:
                 meter.tally = UsageTally()  # sent: from here on, usage is unknown until counted
             try:
                 response = await backend.pool.request(
-                    request.method, backend.target(request.target), headers, body)
+                    request.method, backend.target(request.target), headers, body,
+                    on_sent=self._waiting if self._while_waiting else None)
             except UpstreamUnreachable as err:
                 meter.tally = UsageTally(exact=True)  # never reached a backend: nothing used
                 backend.mark(False, err.message)
@@ -276,6 +307,10 @@ class Relay:
             return response
         assert failure is not None
         raise failure
+
+    def _waiting(self) -> None:
+        for work in self._while_waiting:
+            work()
 
     async def _relay(self, ex: Exchange, upstream: UpstreamResponse, responder: Responder,
                      meter: _Meter) -> None:

@@ -229,33 +229,43 @@ class _Connection:
         self._wanted.set()
         await self._fed.wait()
 
-    async def _next_event(self) -> object:  # an h11 event, or PAUSED
-        while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            await self._wait_fed()
+    async def _next_event(self, timeout_s: float) -> object | None:
+        """The next h11 event; None when ``timeout_s`` passed without the bytes for it.
+
+        The event is usually in h11's buffer already: the timeout's cancel scope is
+        set up only when there is something to wait for.
+        """
+        event = self.h11.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        with trio.move_on_after(timeout_s):
+            while True:
+                await self._wait_fed()
+                event = self.h11.next_event()
+                if event is not h11.NEED_DATA:
+                    return event
+        return None
 
     async def _next_request(self) -> h11.Request | None:
         """Wait for a request head: idle waits end silently, partial heads get 408."""
         settings = self.server.settings
         if not self.h11.trailing_data[0]:
-            # Idle: nothing of the next request yet. Drain can interrupt this.
-            self.idle_scope = trio.CancelScope()
             if self.server.draining:
                 return None
-            with self.idle_scope, trio.move_on_after(settings.keepalive_timeout_s):
+            # Idle: nothing of the next request yet. One scope ends the wait on the
+            # keep-alive timeout or on a drain (which cancels it).
+            self.idle_scope = trio.CancelScope(
+                deadline=trio.current_time() + settings.keepalive_timeout_s)
+            with self.idle_scope:
                 await self._wait_fed()
             self.idle_scope = None
             if not self.h11.trailing_data[0] and self.h11.their_state is h11.IDLE:
                 return None
-        with trio.move_on_after(settings.header_timeout_s):
-            event = await self._next_event()
-            if isinstance(event, h11.Request):
-                return event
-            return None  # ConnectionClosed
-        await self.error(408, "timed out reading the request head")
-        return None
+        event = await self._next_event(settings.header_timeout_s)
+        if event is None:
+            await self.error(408, "timed out reading the request head")
+            return None
+        return event if isinstance(event, h11.Request) else None  # else ConnectionClosed
 
     async def _read_body(self, request: Request, head: h11.Request) -> bytes | None:
         """The whole body, or None after answering 413 (too big) or 408 (too slow)."""
@@ -269,9 +279,8 @@ class _Connection:
         chunks: list[bytes] = []
         size = 0
         while True:
-            with trio.move_on_after(self.server.settings.header_timeout_s) as scope:
-                event = await self._next_event()
-            if scope.cancelled_caught:
+            event = await self._next_event(self.server.settings.header_timeout_s)
+            if event is None:
                 await self.error(408, "timed out reading the request body", request.path)
                 return None
             if isinstance(event, h11.Data):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import select
+from typing import Callable
 from dataclasses import dataclass
 
 import h11
@@ -100,8 +101,10 @@ class UpstreamPool:
         target: str,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
+        on_sent: Callable[[], None] | None = None,
     ) -> UpstreamResponse:
-        """Send a request and wait for the response head (first-byte timeout).
+        """Send a request and wait for the response head (first-byte timeout);
+        ``on_sent`` runs once the request is out, before the wait.
 
         Raises ``UpstreamUnreachable`` (nothing was sent), ``UpstreamTimeout``
         (no head in time) or ``UpstreamProtocolError``.
@@ -112,7 +115,7 @@ class UpstreamPool:
             await self._slots.acquire()
         self.in_use += 1
         try:
-            return await self._request(method, target, headers, body)
+            return await self._request(method, target, headers, body, on_sent)
         except BaseException:
             self._release()
             raise
@@ -122,18 +125,18 @@ class UpstreamPool:
         self._slots.release()
 
     async def _request(self, method: str, target: str, headers: list[tuple[bytes, bytes]],
-                       body: bytes) -> UpstreamResponse:
+                       body: bytes, on_sent: Callable[[], None] | None) -> UpstreamResponse:
         conn, stale = checkout(self._idle, trio.current_time(), self.settings.idle_expiry_s)
         for old in stale:
             await old.aclose()
         if conn is not None:
             try:
-                return await self._exchange(conn, method, target, headers, body)
+                return await self._exchange(conn, method, target, headers, body, on_sent)
             except _StaleConnection:
                 pass  # the backend closed it just now, before reading: retry on a new one
         conn = await self._connect()
         try:
-            return await self._exchange(conn, method, target, headers, body)
+            return await self._exchange(conn, method, target, headers, body, on_sent)
         except _StaleConnection as exc:
             raise UpstreamProtocolError("backend closed the connection without a response") from exc
 
@@ -151,7 +154,8 @@ class UpstreamPool:
         return _Conn(stream)
 
     async def _exchange(self, conn: _Conn, method: str, target: str,
-                        headers: list[tuple[bytes, bytes]], body: bytes) -> UpstreamResponse:
+                        headers: list[tuple[bytes, bytes]], body: bytes,
+                        on_sent: Callable[[], None] | None) -> UpstreamResponse:
         """Send on ``conn`` and read the head; ``conn`` is closed on any failure."""
         try:
             parts = [conn.h11.send(h11.Request(method=method, target=target, headers=headers))]
@@ -163,6 +167,8 @@ class UpstreamPool:
             else:  # no copy of a big body just to save a syscall
                 for part in parts:
                     await conn.stream.send_all(part)
+            if on_sent is not None:
+                on_sent()
             with trio.fail_after(self.settings.first_byte_timeout_s):
                 response = await self._read_head(conn)
         except trio.TooSlowError as exc:

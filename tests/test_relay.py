@@ -9,8 +9,10 @@ import httpx
 import pytest
 import trio
 
+from ollama_proxy.relay import UsageLog
 from ollama_proxy.server import HttpServer, Request, Responder
 from ollama_proxy.simulator import Simulator
+from ollama_proxy.usage import UsageRecord
 
 from gateway_stack import MemorySink, Stack, gateway_config, start_gateway, start_stack
 
@@ -319,3 +321,35 @@ async def test_64_concurrent_streams(stack):
     assert results == [51] * 64
     assert len(stack.sink.records) == 64
     assert all(r.completion_tokens == 50 and r.outcome == "ok" for r in stack.sink.records)
+
+
+
+def test_usage_log_keeps_lines_until_flushed(caplog):
+    """Writing a line costs tens of microseconds: observe only keeps it; flush writes."""
+    caplog.set_level("INFO", logger="ollama_proxy.usage")
+    log = UsageLog()
+    record = UsageRecord(request_id="r1", time=0.0, endpoint="/api/chat", model="m",
+                         backend="b", status=200, outcome="ok", prompt_tokens=1,
+                         completion_tokens=2, estimated=False, stream=False, duration_s=0.1,
+                         ttfb_s=0.05, client="127.0.0.1")
+    log.observe(record)
+    assert caplog.records == []
+    log.flush()
+    log.flush()
+    assert [json.loads(r.getMessage())["request_id"] for r in caplog.records] == ["r1"]
+
+
+async def test_usage_log_lines_are_written_while_the_next_request_waits(stack, caplog):
+    """The gateway writes kept lines once the next request is out to a backend."""
+    caplog.set_level("INFO", logger="ollama_proxy.usage")
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(headers=stack.headers) as client:
+            first = await client.post(stack.url + "/api/chat", json={**CHAT, "stream": False})
+            second = await client.post(stack.url + "/api/chat", json={**CHAT, "stream": False})
+    written = [json.loads(r.getMessage())["request_id"] for r in caplog.records
+               if r.name == "ollama_proxy.usage"]
+    assert first.headers["x-request-id"] in written
+    stack.gateway.usage_log.flush()  # what its timer does within a second
+    written = [json.loads(r.getMessage())["request_id"] for r in caplog.records
+               if r.name == "ollama_proxy.usage"]
+    assert written == [first.headers["x-request-id"], second.headers["x-request-id"]]
