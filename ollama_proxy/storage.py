@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import sqlite3
 import threading
 import time
@@ -58,58 +59,70 @@ class Store:
 class LedgerWriter:
     """One writer thread, group commit; a usage sink whose ``record`` means "committed".
 
-    The thread is our own (a ``to_thread`` call costs ~100 us, three times
-    an SQLite commit): batches go to it through a queue, and it reports each
-    commit back with ``run_sync_soon``. While one batch commits, the next
-    one fills up.
+    Rows go to the thread through a queue; it commits whatever has queued up
+    meanwhile in one transaction (group commit: under load one commit covers
+    many responses), publishes the number of the last row it committed, and
+    sends one byte on a socket pair. Waiting ``record`` calls watch that socket
+    themselves: the first takes the watch, the others wait until it ends. So at
+    low load a response resumes one run-loop pass after its commit (a
+    ``run_sync_soon`` callback costs a pass of its own, then one more).
     """
+
+    MAX_BATCH = 1000  # rows per transaction
 
     def __init__(self, path: str, *, wait: bool = True) -> None:
         self._path = path
         self._wait = wait  # False: record() returns before the commit (no crash durability)
-        self._pending: list[UsageRecord] = []
-        self._committed = trio.Event()  # set when the pending batch is in the database
-        self._inflight: trio.Event | None = None  # the batch the thread is writing
-        self._jobs: queue.SimpleQueue[tuple[list[UsageRecord], trio.Event] | None] = queue.SimpleQueue()
-        self._token: trio.lowlevel.TrioToken | None = None
-        self.rows_written = 0
+        self._jobs: queue.SimpleQueue[tuple[int, UsageRecord] | None] = queue.SimpleQueue()
+        self._queued = 0  # number of the last row queued (trio thread)
+        self._done = 0  # number of the last row committed (or dropped); set by the thread
+        self._thread_rows = 0
+        self._thread_commits = 0
+        self._watching = False  # a waiter watches the wake-up socket
+        self._watch_ended = trio.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.rows_written = 0  # as of the last wake-up taken (stats, tests)
         self.commits = 0
 
     async def record(self, record: UsageRecord) -> None:
-        self._pending.append(record)
-        committed = self._committed
-        if self._inflight is None:
-            self._send_batch()
+        self._queued += 1
+        self._jobs.put((self._queued, record))
         if self._wait:
-            await committed.wait()
+            await self._until(self._queued)
 
     async def flush(self) -> None:
         """Return once every row recorded so far is committed (at shutdown, or without wait)."""
-        if self._pending:
-            await self._committed.wait()
-        elif self._inflight is not None:
-            await self._inflight.wait()
+        await self._until(self._queued)
 
-    def _send_batch(self) -> None:
-        batch, committed = self._pending, self._committed
-        self._pending, self._committed = [], trio.Event()
-        self._inflight = committed
-        self._jobs.put((batch, committed))
+    async def _until(self, number: int) -> None:
+        while self._done < number:
+            if self._watching:
+                ended = self._watch_ended
+                await ended.wait()
+                continue
+            self._watching = True
+            try:
+                await trio.lowlevel.wait_readable(self._wake_r)
+                self._take_wakeups()
+            finally:  # done, cancelled or failed: the others re-check, one takes the watch
+                self._watching = False
+                ended, self._watch_ended = self._watch_ended, trio.Event()
+                ended.set()
 
-    def _batch_done(self, rows: int, committed: trio.Event) -> None:
-        """In the trio thread: wake the batch's waiters, send the next batch."""
-        self.rows_written += rows
-        self.commits += 1
-        self._inflight = None
-        committed.set()
-        if self._pending:
-            self._send_batch()
+    def _take_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        self.rows_written, self.commits = self._thread_rows, self._thread_commits
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the writer thread until cancelled (after the last waiter was served)."""
         conn = await trio.to_thread.run_sync(db.connect, self._path)
-        token = trio.lowlevel.current_trio_token()
-        thread = threading.Thread(target=self._write_loop, args=(conn, token),
+        thread = threading.Thread(target=self._write_loop, args=(conn,),
                                   name="ollama-proxy-ledger", daemon=True)
         thread.start()
         task_status.started()
@@ -120,8 +133,27 @@ class LedgerWriter:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(thread.join)
                 await trio.to_thread.run_sync(conn.close)
+                self._take_wakeups()
+                self._wake_r.close()
+                self._wake_w.close()
 
-    def _write_loop(self, conn: sqlite3.Connection, token: trio.lowlevel.TrioToken) -> None:
+    def _next_batch(self) -> tuple[list[tuple[int, UsageRecord]], bool]:
+        """The rows queued now (waiting for the first); True when told to stop after them."""
+        first = self._jobs.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        while len(batch) < self.MAX_BATCH:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                return batch, True
+            batch.append(job)
+        return batch, False
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
         """The writer thread: commit each batch; a failing database is retried, never dropped."""
         touched: dict[str, float] = {}
 
@@ -133,22 +165,26 @@ class LedgerWriter:
             return True
 
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            batch, committed = job
-            now = time.monotonic()
-            while True:
+            batch, stop = self._next_batch()
+            if batch:
+                records = [record for _, record in batch]
+                now = time.monotonic()
+                while True:
+                    try:
+                        ledger.insert_records(conn, records, lambda prefix: touch_due(prefix, now))
+                        self._thread_rows += len(records)
+                        self._thread_commits += 1
+                        break
+                    except sqlite3.Error as exc:  # locked, disk full...: the rows wait, never dropped
+                        log.error("ledger commit of %d rows failed (will retry): %s", len(batch), exc)
+                        time.sleep(RETRY_DELAY_S)
+                    except Exception:  # a bug: say so loudly, but never stall every response
+                        log.exception("ledger rows could not be written, %d dropped", len(batch))
+                        break
+                self._done = batch[-1][0]  # before the wake-up byte: the waiter reads it after
                 try:
-                    ledger.insert_records(conn, batch, lambda prefix: touch_due(prefix, now))
-                    break
-                except sqlite3.Error as exc:  # locked, disk full...: the rows wait, never dropped
-                    log.error("ledger commit of %d rows failed (will retry): %s", len(batch), exc)
-                    time.sleep(RETRY_DELAY_S)
-                except Exception:  # a bug: say so loudly, but never stall every response
-                    log.exception("ledger rows could not be written, %d dropped", len(batch))
-                    break
-            try:
-                token.run_sync_soon(self._batch_done, len(batch), committed)
-            except trio.RunFinishedError:
+                    self._wake_w.send(b"\0")
+                except BlockingIOError:  # unread wake-ups pending: one more adds nothing
+                    pass
+            if stop:
                 return
