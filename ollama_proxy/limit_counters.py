@@ -208,13 +208,14 @@ class UserCounters:
             return _refuse(429, "insufficient_quota", "max_tokens_per_request",
                            "max_tokens_per_request is 0", None, self.headers(limits, now))
 
-        # Every request and token limit that refuses: (retry or None, name, limit).
-        blocked: list[tuple[int | None, str, int]] = []
+        # Every request and token limit that refuses: (retry or None, name, limit,
+        # whether requests in flight hold what it needs).
+        blocked: list[tuple[int | None, str, int, bool]] = []
         requests = self._request_limits(limits, now)
         tokens = self._token_limits(limits, now)
         for name, limit, used, window in requests:
             if used >= limit:
-                blocked.append((window.seconds_until(now, 1, limit), name, limit))
+                blocked.append((window.seconds_until(now, 1, limit), name, limit, False))
         need = max(1, prompt_estimate + 1 if completion else prompt_estimate)
         budget: int | None = None
         for name, limit, used, window in tokens:
@@ -222,15 +223,20 @@ class UserCounters:
             budget = left if budget is None else min(budget, left)
             if left >= need:
                 continue
-            if name == "token_quota":  # only what is in flight can still come back
-                blocked.append((1 if left + self.held >= need else None, name, limit))
+            # What requests in flight hold comes back when they settle (in seconds, not
+            # when the window slides: one request holds a whole day's budget when no
+            # max_tokens_per_request bounds its cap); a total quota has nothing else.
+            wait = None if name == "token_quota" else window.seconds_until(now, need, limit)
+            if left + self.held >= need and (wait is not None or name == "token_quota"):
+                blocked.append((1, name, limit, True))
             else:
-                blocked.append((window.seconds_until(now, need, limit), name, limit))
+                blocked.append((wait, name, limit, False))
         if blocked:
             hdrs = self._headers(limits, now, requests, 0, tokens, 0)
             # A permanent refusal wins; otherwise the longest wait.
             forever = [b for b in blocked if b[0] is None]
-            retry, name, limit = forever[0] if forever else max(blocked, key=lambda b: b[0] or 0)
+            retry, name, limit, in_flight = (forever[0] if forever
+                                             else max(blocked, key=lambda b: b[0] or 0))
             if retry is None:
                 code = "insufficient_quota"
                 if limit == 0:
@@ -242,7 +248,7 @@ class UserCounters:
                     why = f"this request needs {need} tokens, more than {name} ({limit})"
                     code = "rate_limit_exceeded"
                 return _refuse(429, code, name, why, None, hdrs)
-            held = " (held by requests in flight)" if name == "token_quota" else ""
+            held = " (held by requests in flight)" if in_flight else ""
             return _refuse(429, "rate_limit_exceeded", name,
                            f"{name} limit ({limit}) reached{held}; retry in {retry}s", retry, hdrs)
 

@@ -313,6 +313,28 @@ def test_token_rate_limit_retry_after():
     assert uc.check(limits, T + 61, "m").allowed
 
 
+@pytest.mark.parametrize("name", ["tokens_per_minute", "tokens_per_day"])
+def test_window_held_in_flight_is_retryable_at_once(name):
+    """Without max_tokens_per_request one request holds a window's whole budget: a second
+    one meanwhile waits for that request to settle (Retry-After 1), not for the window to
+    slide (a day); a hold that cannot make room keeps the window's wait."""
+    limits = Limits(**{name: 1000})
+    uc = UserCounters()
+    d, res = uc.admit(limits, T, "m", prompt_estimate=10)
+    assert d.cap == 990 and uc.held == 1000
+    d = uc.check(limits, T + 1, "m", prompt_estimate=10)
+    assert (d.allowed, d.code, d.retry_after_s, d.limit) == (
+        False, "rate_limit_exceeded", 1, name)
+    assert "held by requests in flight" in d.message
+    uc.settle(res, T + 2, 12, 30)
+    d, res = uc.admit(limits, T + 2, "m", prompt_estimate=10)
+    assert d.allowed and d.cap == 1000 - 42 - 10
+    uc.settle(res, T + 3, 10, d.cap)  # used it all: nothing in flight can help now
+    d = uc.check(limits, T + 4, "m", prompt_estimate=10)
+    assert d.retry_after_s == (57 if name == "tokens_per_minute" else 86_400 + 56)
+    assert "held" not in d.message
+
+
 def test_request_larger_than_the_limit_is_never_retried():
     """A prompt estimate above tokens_per_minute can never fit: no Retry-After."""
     d = UserCounters().check(Limits(tokens_per_minute=100), T, "m", prompt_estimate=500)
