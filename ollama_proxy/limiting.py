@@ -24,7 +24,7 @@ from typing import Any, Callable
 from . import ledger
 from .accounts import KeyEntry
 from .errors import LimitError, ProxyError
-from .limit_counters import Decision, LimitStore, rebuild
+from .limit_counters import Decision, LimitStore, UserCounters, rebuild
 from .limits import DAY_BUCKET_S, DAY_S, Limits, filter_listing, month_start
 from .policy import Exchange, requested_cap, set_cap
 from .routes import Route, RouteKind, match_route
@@ -39,12 +39,17 @@ CACHE_MAX = 10_000
 Clock = Callable[[], float]
 
 
-def refusal(decision: Decision, route: Route, model: str | None) -> LimitError:
+def refusal(decision: Decision, route: Route, model: str | None,
+            headers: tuple[tuple[str, str], ...] = ()) -> LimitError:
     """The error a refused ``decision`` is answered with, in OpenAI's terms
-    (``type`` ``requests``/``tokens``/``insufficient_quota``, as api.openai.com)."""
-    if decision.status == 403 and route.name == "openai_model":  # hidden, as in the listing
+    (``type`` ``requests``/``tokens``/``insufficient_quota``, as api.openai.com);
+    ``headers``: the ``x-ratelimit-*`` pairs when the decision has none."""
+    extra = _encode(decision.headers or headers)
+    if decision.code == "model_not_allowed" and route.name == "openai_model":
+        # hidden, as in the listing (an expired user still hears that it expired)
         return LimitError(f"The model '{model}' does not exist or you do not have access to it.",
-                          status=404, code="model_not_found", openai_type="invalid_request_error")
+                          status=404, code="model_not_found", openai_type="invalid_request_error",
+                          extra_headers=extra)
     kind: str | None = None
     if decision.status == 429:
         kind = ("insufficient_quota" if decision.code == "insufficient_quota"
@@ -52,7 +57,7 @@ def refusal(decision: Decision, route: Route, model: str | None) -> LimitError:
     assert decision.code is not None
     return LimitError(decision.message, status=decision.status, code=decision.code,
                       openai_type=kind, retry_after_s=decision.retry_after_s,
-                      extra_headers=_encode(decision.headers))
+                      extra_headers=extra)
 
 
 def _encode(headers: tuple[tuple[str, str], ...]) -> list[tuple[bytes, bytes]]:
@@ -121,7 +126,7 @@ class Limiter:
                 prompt_estimate=estimate_prompt_tokens(obj) if tokens else 0,
                 completion=completion)
             if reservation is None:
-                raise refusal(decision, route, ex.model)
+                raise refusal(decision, route, ex.model, self._headers(counters, limits, now))
             ex.reservation = reservation
             if decision.cap is not None and set_cap(route, obj, decision.cap):
                 ex.body_dirty = True
@@ -131,12 +136,18 @@ class Limiter:
             model = None if route.kind is RouteKind.MANAGEMENT else ex.model
             refused = counters.access(limits, now, model)
             if refused is not None:
-                raise refusal(refused, route, model)
+                raise refusal(refused, route, model, self._headers(counters, limits, now))
             if limits.allowed_models is not None and route.name in LISTINGS:
                 ex.rewrite_reply = partial(filter_listing, limits.allowed_models)
-            headers = () if limits.unbounded else counters.headers(limits, now)
+            headers = self._headers(counters, limits, now)
         if headers:
             ex.extra_headers = _encode(headers)
+
+    @staticmethod
+    def _headers(counters: UserCounters, limits: Limits,
+                 now: float) -> tuple[tuple[str, str], ...]:
+        """The ``x-ratelimit-*`` pairs of a user's counted limits, nothing counted now."""
+        return () if limits.unbounded else counters.headers(limits, now)
 
     def settle(self, ex: Exchange, record: UsageRecord) -> None:
         """Replace the exchange's reservation by the usage its record reports."""

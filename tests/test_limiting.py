@@ -231,6 +231,8 @@ async def test_embeddings_are_charged_their_prompt_without_a_cap():
      "model_not_allowed", "permission_error"),
     ({"allowed_models": ["qwen*"]}, "/v1/models/llama3.2", None, 404, "model_not_found",
      "invalid_request_error"),
+    ({"expires_at": "2025-01-01"}, "/v1/models/llama3.2", None, 403, "user_expired",
+     "permission_error"),
     ({"token_quota": 0}, "/v1/chat/completions", CHAT, 429, "insufficient_quota",
      "insufficient_quota"),
     ({"requests_per_day": 0}, "/v1/embeddings", {"model": "m", "input": "x"}, 429,
@@ -247,6 +249,27 @@ async def test_refusals_in_the_api_familys_shape(limits, path, body, status, cod
         assert (shaped["type"], shaped["code"]) == (kind, code)
     else:
         assert set(json.loads(render(ApiFamily.NATIVE, err))) == {"error"}
+
+
+@pytest.mark.parametrize(("limits", "path", "body"), [
+    ({"allowed_models": ["qwen*"]}, "/api/chat", CHAT),
+    ({"allowed_models": ["qwen*"]}, "/v1/chat/completions", CHAT),
+    ({"allowed_models": ["qwen*"]}, "/api/show", {"model": "llama3.2"}),
+    ({"allowed_models": ["qwen*"]}, "/v1/models/llama3.2", None),
+    ({"expires_at": "2025-01-01"}, "/api/embed", {"model": "m", "input": "x"}),
+    ({"expires_at": "2025-01-01"}, "/api/tags", None),
+])
+async def test_forbidden_answers_carry_the_ratelimit_headers(limits, path, body):
+    """A user with limits gets the x-ratelimit-* headers on a 403 (or the hidden model's
+    404) too, with nothing counted; a user without counted limits gets none."""
+    lim = limiter(requests_per_minute=5, tokens_per_day=1000)
+    err = await refused(lim, exchange(path, body, key(limits), "POST" if body else "GET"))
+    assert err.status in (403, 404)
+    got = headers(err)
+    assert (got["x-ratelimit-remaining-requests"], got["x-ratelimit-remaining-tokens"]) == (
+        "5", "1000")
+    err = await refused(limiter(), exchange(path, body, key(limits), "POST" if body else "GET"))
+    assert not any(name.startswith("x-ratelimit") for name in headers(err))
 
 
 async def test_listings_count_nothing_and_are_filtered():
