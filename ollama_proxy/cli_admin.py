@@ -98,8 +98,8 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
+    if isinstance(value, (list, tuple)):  # allowed_models: empty is no model, not every one
+        return ",".join(str(v) for v in value) or "(none)"
     return str(value)
 
 
@@ -341,7 +341,7 @@ def add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
     limit_help = ("set a limit, named as in [limits] (repeatable): requests_per_minute=60, "
                   "quota_period=month, allowed_models=llama3*,qwen*, expires_at=2025-12-31, ...; "
-                  "VALUE null = the default")
+                  "VALUE null = the default, 0 = none allowed (allowed_models= : no model)")
 
     users = group("users", "manage users on the database file (offline)")
     cmd = add(users, "create", "create a user and its first key (the key is shown once)",

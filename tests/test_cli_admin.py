@@ -245,6 +245,16 @@ def test_limits_print_set_and_unset(cli: Cli) -> None:
     assert cli.json("users", "show", "alice")["limits"] == limits
 
 
+def test_no_allowed_model_is_not_shown_blank(cli: Cli) -> None:
+    """`--set allowed_models=` allows no model; the table says so rather than showing a
+    blank, which reads like the ini's empty `allowed_models =` (every model)."""
+    created = cli("users", "create", "alice", "--limit", "allowed_models=").out
+    assert "allowed_models=(none)" in created
+    assert cli.json("users", "limits", "alice")["limits"]["allowed_models"] == []
+    text = cli("users", "limits", "alice").out
+    assert re.search(r"^allowed_models\s+\(none\)$", text, re.MULTILINE)
+
+
 @pytest.mark.parametrize(("assignment", "name"), [
     ("requests_per_minute=lots", "requests_per_minute"),
     ("max_concurrent=-1", "max_concurrent"),
