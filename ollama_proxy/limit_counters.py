@@ -61,6 +61,7 @@ class Reservation:
     tokens: int  # reserved tokens (prompt estimate + cap)
     cap: int | None
     settled: bool = False
+    text_estimate: int | None = None  # the prompt's text estimate (4 characters a token)
 
 
 class LedgerRow(Protocol):

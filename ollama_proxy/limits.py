@@ -170,6 +170,11 @@ def _model_names(model: str) -> tuple[str, ...]:
     return (name,)
 
 
+def canonical_model(model: str) -> str:
+    """One spelling per model: lower case, ``name:tag``, no default registry."""
+    return _model_names(model)[0]
+
+
 def _normal_glob(glob: str) -> str:
     g = glob.strip().lower()
     return g[len(_REGISTRY_PREFIX):] if g.startswith(_REGISTRY_PREFIX) else g

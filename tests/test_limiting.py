@@ -5,6 +5,7 @@ family's shape, settle, and the counters rebuilt from a ledger file."""
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import json
 from typing import Any
 
@@ -140,6 +141,48 @@ async def test_month_quota_rolls_over_on_the_first(autojump_clock):
     await month(ex)
     assert ex.body_obj["options"]["num_predict"] == 40
     await refused(total, exchange("/api/chat", CHAT))
+
+
+async def test_reservations_learn_the_prompt_overhead_of_a_model():
+    """The backend counts more prompt than the text (the chat template): after one exact
+    count the next reservations of that model on that route hold the difference too, so
+    requests at once stay within the quota; estimated counts teach nothing; a model
+    counted at or below its text forgets it."""
+    lim = limiter(token_quota=300)
+    hi = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}  # 1 token
+    first = exchange("/api/chat", hi)
+    await lim(first)
+    assert first.body_obj["options"]["num_predict"] == 299
+    lim.settle(first, usage(first, 21, 5))  # 20 tokens of template
+    assert lim.store.get("ann").quota.total == 26
+    burst = [exchange("/api/chat", {**hi, "model": "LLAMA3.2:latest",
+                                    "options": {"num_predict": 9}}) for _ in range(20)]
+    admitted = []
+    for ex in burst:
+        try:
+            await lim(ex)
+        except LimitError:
+            continue
+        assert ex.reservation is not None and ex.reservation.tokens == 21 + 9
+        admitted.append(ex)
+    assert len(admitted) == (300 - 26) // 30
+    for ex in admitted:  # every one uses all it was allowed
+        lim.settle(ex, usage(ex, 21, 9))
+    assert lim.store.get("ann").quota.total <= 300
+    lim.store.get("ann").quota.total = 0  # room for the rest
+    other = exchange("/v1/chat/completions", {**hi, "max_tokens": 3})  # its own route
+    await lim(other)
+    assert other.reservation.tokens == 1 + 3
+    lim.settle(other, usage(other, 1, 3))
+    estimated = exchange("/api/chat", {**hi, "model": "qwen3", "options": {"num_predict": 3}})
+    await lim(estimated)
+    lim.settle(estimated, dataclasses.replace(usage(estimated, 50, 0), estimated=True))
+    assert lim._overhead == {("chat", "llama3.2:latest"): 20}
+    again = exchange("/api/chat", {**hi, "options": {"num_predict": 1}})
+    await lim(again)
+    assert again.reservation.tokens == 1 + 20 + 1
+    lim.settle(again, usage(again, 1, 1))
+    assert lim._overhead == {}
 
 
 async def test_max_concurrent_comes_back_after_settle():

@@ -194,6 +194,36 @@ async def test_thirty_concurrent_requests_never_overshoot_a_small_quota(stack):
     assert {status for status in answers.values()} == {200, 429}
 
 
+async def test_short_prompts_at_once_stay_within_the_quota(stack):
+    """Prompts like "hi", whose text estimate (1 token) is far below the backend's count
+    (the chat template): after one request of the model on each route, 30 at once against
+    token_quota=300 stay within it, prompts included (they went over by the template of
+    every request in flight before the reservations learned it)."""
+    quota = 300
+    text = "hi [[sim:tokens=5]]"
+
+    async def one(client: httpx.AsyncClient, key: str, i: int) -> None:
+        path = ("/api/chat", "/v1/chat/completions")[i % 2]
+        async with client.stream("POST", stack.url + path, json=chat(text, stream=i % 3 == 0),
+                                 headers=bearer(key)) as response:
+            await response.aread()
+
+    with trio.fail_after(TIMEOUT_S):
+        async with httpx.AsyncClient(timeout=15, limits=httpx.Limits(max_connections=40)) as client:
+            key = await new_user(client, stack, "ann", token_quota=quota,
+                                 max_tokens_per_request=5)
+            await one(client, key, 0)
+            await one(client, key, 1)
+            async with trio.open_nursery() as nursery:
+                for i in range(30):
+                    nursery.start_soon(one, client, key, i)
+    rows = ledger_rows(stack.gateway.config.server.database, "ann")
+    admitted = [r for r in rows if r["outcome"] != "refused"]
+    assert len(admitted) >= 10 and len(rows) == 32
+    assert all(r["prompt_tokens"] > 1 for r in admitted)  # the template counts
+    assert sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows) <= quota
+
+
 async def test_max_concurrent_comes_back_to_zero_after_clients_leave(stack):
     """max_concurrent=2: clients that leave mid-stream or before the first byte free their
     slot; afterwards two requests go at once again."""
