@@ -134,9 +134,12 @@ class Limiter:
             text = estimate_prompt_tokens(obj) if tokens else 0
             overhead = self._overhead.get((route.name, canonical_model(ex.model)), 0) if (
                 tokens and self._overhead and ex.model) else 0
+            # The client's own cap matters only where a count applies; elsewhere the
+            # backend judges it, as without the gateway.
+            requested = requested_cap(route, obj) if completion and not limits.unbounded else None
             decision, reservation = counters.admit(
-                limits, now, ex.model, requested_cap(route, obj) if completion else None,
-                prompt_estimate=text + overhead, completion=completion)
+                limits, now, ex.model, requested, prompt_estimate=text + overhead,
+                completion=completion)
             if reservation is None:
                 raise refusal(decision, route, ex.model, self._headers(counters, limits, now))
             if tokens:

@@ -229,12 +229,15 @@ async def test_cap_is_sent_when_absent_or_larger(path, extra, sent, dirty):
                                   else sent["max_tokens"])
 
 
-async def test_no_limits_leave_the_body_alone():
-    """Without limits nothing is capped, re-serialised or added to the response."""
-    lim = limiter()
-    ex = exchange("/api/chat", {**CHAT, "options": {"num_predict": 30}})
+@pytest.mark.parametrize("options", [{"num_predict": 30}, {"num_predict": 7.5},
+                                     {"num_predict": "many"}, {"num_predict": float("inf")}])
+async def test_no_limits_leave_the_body_alone(options):
+    """Without limits nothing is capped, re-serialised or added to the response, and the
+    client's cap is the backend's to judge (Ollama takes 7.5 as 7), not a 400."""
+    lim = limiter(allowed_models=("llama*",))
+    ex = exchange("/api/chat", {**CHAT, "options": options})
     await lim(ex)
-    assert not ex.body_dirty and ex.extra_headers is None and ex.reservation.cap == 30
+    assert not ex.body_dirty and ex.extra_headers is None and ex.reservation.tokens == 0
 
 
 @pytest.mark.parametrize(("path", "body"), [
