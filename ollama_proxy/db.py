@@ -96,6 +96,9 @@ def connect(path: str) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open database {path}: {exc}") from exc
     try:
+        # A new file only (later it is fixed): a ledger commit writes a page per index,
+        # and 1 KiB pages make that commit about a quarter cheaper than 4 KiB ones.
+        conn.execute("PRAGMA page_size = 1024")
         conn.execute("PRAGMA journal_mode = WAL")
         # NORMAL in WAL mode syncs at checkpoints, not at each commit: a commit
         # survives kill -9 of the process (it is in the OS's page cache), and
