@@ -285,6 +285,9 @@ class Relay:
         """Send to the first backend that takes the connection."""
         request = ex.request
         body = ex.body()
+        # A HEAD of a reply we edit (a filtered model list) must announce the edited
+        # length: fetch the body with GET, and send none.
+        method = "GET" if request.method == "HEAD" and ex.rewrite_reply else request.method
         failure: ProxyError | None = None
         for backend in self._router.candidates(ex):
             headers = upstream_request_headers(
@@ -296,7 +299,7 @@ class Relay:
                 meter.tally = UsageTally()  # sent: from here on, usage is unknown until counted
             try:
                 response = await backend.pool.request(
-                    request.method, backend.target(request.target), headers, body,
+                    method, backend.target(request.target), headers, body,
                     on_sent=self._waiting if self._while_waiting else None)
             except UpstreamUnreachable as err:
                 meter.tally = UsageTally(exact=True)  # never reached a backend: nothing used
@@ -337,6 +340,8 @@ class Relay:
             await self._record(meter, "ok" if upstream.status < 500 else "upstream_error")
             if ex.request.method == "HEAD":  # no body, but the length the backend announced
                 length = upstream.header(b"content-length")
+                if ex.rewrite_reply is not None:  # fetched with GET: the edited body's length
+                    length = str(len(body)).encode()
                 await responder.start(upstream.status, headers,
                                       length=int(length) if length and length.isdigit() else 0)
                 await responder.end()

@@ -272,8 +272,12 @@ async def test_model_lists_show_only_allowed_models_and_others_are_refused(stack
             async def get(path: str, headers: dict[str, str]) -> httpx.Response:
                 return await client.get(stack.url + path, headers=headers)
 
-            tags = (await get("/api/tags", own)).json()
+            tags_reply = await get("/api/tags", own)
+            tags = tags_reply.json()
             assert [m["name"] for m in tags["models"]] == ["llama3.2:latest"]
+            head = await client.head(stack.url + "/api/tags", headers=own)
+            assert (head.status_code, head.content) == (200, b"")
+            assert head.headers["content-length"] == str(len(tags_reply.content))
             assert [m["name"] for m in (await get("/api/ps", own)).json()["models"]] == [
                 "llama3.2:latest"]
             listed = (await get("/v1/models", own)).json()
@@ -296,7 +300,7 @@ async def test_model_lists_show_only_allowed_models_and_others_are_refused(stack
             whole = await get("/api/tags", stack.headers)
             direct = await client.get(stack.sim_url + "/api/tags")
     assert whole.content == direct.content
-    assert len(relayed(stack)) == 7  # 5 allowed, the unfiltered tags, the direct call: no refusal
+    assert len(relayed(stack)) == 8  # 6 allowed, the unfiltered tags, the direct call: no refusal
 
 
 async def test_an_expired_user_is_refused_everywhere(stack):
