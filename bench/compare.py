@@ -34,6 +34,18 @@ from ollama_proxy.keys import new_key  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CHAT_5 = "hi [[sim:tokens=5]]"
+# Default limits for every user, set high enough never to refuse a benchmark request but
+# all counted: windows, a month quota, concurrency, and a cap injected into every body.
+LIMITS_ON = {
+    "OLLAMA_PROXY_LIMITS_REQUESTS_PER_MINUTE": "100000000",
+    "OLLAMA_PROXY_LIMITS_REQUESTS_PER_DAY": "1000000000",
+    "OLLAMA_PROXY_LIMITS_TOKENS_PER_MINUTE": "1000000000",
+    "OLLAMA_PROXY_LIMITS_TOKENS_PER_DAY": "100000000000",
+    "OLLAMA_PROXY_LIMITS_TOKEN_QUOTA": "1000000000000",
+    "OLLAMA_PROXY_LIMITS_QUOTA_PERIOD": "month",
+    "OLLAMA_PROXY_LIMITS_MAX_CONCURRENT": "100000",
+    "OLLAMA_PROXY_LIMITS_MAX_TOKENS_PER_REQUEST": "4096",
+}
 
 
 @dataclass(frozen=True)
@@ -207,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     sim_url = f"http://{sim.address}"
     key = new_key()
     workdir = tempfile.mkdtemp(prefix="ollama-proxy-bench-")
-    env = {"OLLAMA_PROXY_ADMIN_KEY": key,  # every feature on: keys, ledger, usage log
-           "OLLAMA_PROXY_SERVER_DATABASE": os.path.join(workdir, "bench.db")}
+    env = {"OLLAMA_PROXY_ADMIN_KEY": key,  # every feature on: keys, ledger, usage log, limits
+           "OLLAMA_PROXY_SERVER_DATABASE": os.path.join(workdir, "bench.db"), **LIMITS_ON}
     gateway = Process("gateway", [sys.executable, "-m", "ollama_proxy", "serve",
                                   "--listen", "127.0.0.1:0", "--upstream", sim_url,
                                   *args.gateway_arg],
@@ -231,46 +243,73 @@ def main(argv: list[str] | None = None) -> int:
         sim.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     print(format_table(rows))
-    durability = None
-    if not args.only or "durability" in args.only:
-        durability = measure_durability(args, two_cores)
-        print(f"\nledger durability (small c=32, waiting for the commit vs not): "
-              f"{durability['durable_req_s']:.0f} vs {durability['no_wait_req_s']:.0f} req/s, "
-              f"cost {durability['cost_pct']:.1f} %")
+    costs = None
+    if not args.only or "cost" in args.only:
+        costs = measure_costs(args, two_cores)
+        print()
+        for line in format_costs(costs):
+            print(line)
     if args.json_out:
         pathlib.Path(args.json_out).write_text(json.dumps(
-            {"summary": rows, "durability": durability, "raw": raw}, indent=1))
+            {"summary": rows, "costs": costs, "raw": raw}, indent=1))
     return 0
 
 
-def measure_durability(args: argparse.Namespace, two_cores: bool) -> dict:
-    """Same workload, same run: the ledger waited for (default) and not waited for."""
-    workload = workloads(args.quick)[1]  # small c=32
+# Features measured on and off in the same run: (name, workload, env on, env off).
+COSTS = [
+    ("ledger durability", "small c=32", {"OLLAMA_PROXY_SERVER_LEDGER_WAIT": "true", **LIMITS_ON},
+     {"OLLAMA_PROXY_SERVER_LEDGER_WAIT": "false", **LIMITS_ON}),
+    ("limits", "small c=32", LIMITS_ON, {}),
+    ("limits", "small c=1", LIMITS_ON, {}),
+]
+
+
+def measure_costs(args: argparse.Namespace, two_cores: bool) -> list[dict]:
+    """Each feature's cost: the same workload through a gateway with it on, off, and on
+    again (before and after, averaged, so drift cancels), all in this run."""
+    by_name = {w.name: w for w in workloads(args.quick)}
     sim = Process("sim", [sys.executable, str(HERE / "sim_server.py")], "ready ",
                   1 if two_cores else None)
     workdir = tempfile.mkdtemp(prefix="ollama-proxy-bench-")
     key = new_key()
-    results = {}
+    out = []
     try:
-        for name, wait in (("durable", "true"), ("no_wait", "false"), ("durable2", "true")):
-            env = {"OLLAMA_PROXY_ADMIN_KEY": key, "OLLAMA_PROXY_SERVER_LEDGER_WAIT": wait,
-                   "OLLAMA_PROXY_SERVER_DATABASE": os.path.join(workdir, f"{name}.db")}
-            gateway = Process(f"gateway-{name}", [
-                sys.executable, "-m", "ollama_proxy", "serve", "--listen", "127.0.0.1:0",
-                "--upstream", f"http://{sim.address}"], "listening on ",
-                0 if two_cores else None, env)
-            try:
-                report = run_load(parse_args(["--url", gateway.address, "--json", "--key", key,
-                                              *workload.args]))
-            finally:
-                gateway.stop()
-            results[name] = report["requests_per_s"]
+        for n, (feature, workload_name, env_on, env_off) in enumerate(COSTS):
+            print(f"... cost of {feature} ({workload_name})", file=sys.stderr, flush=True)
+            reports = []
+            for i, extra in enumerate((env_on, env_off, env_on)):
+                env = {"OLLAMA_PROXY_ADMIN_KEY": key, **extra,
+                       "OLLAMA_PROXY_SERVER_DATABASE": os.path.join(workdir, f"{n}-{i}.db")}
+                gateway = Process(f"gateway-cost-{n}-{i}", [
+                    sys.executable, "-m", "ollama_proxy", "serve", "--listen", "127.0.0.1:0",
+                    "--upstream", f"http://{sim.address}"], "listening on ",
+                    0 if two_cores else None, env)
+                try:
+                    reports.append(run_load(parse_args([
+                        "--url", gateway.address, "--json", "--key", key,
+                        *by_name[workload_name].args])))
+                finally:
+                    gateway.stop()
+            on = [reports[0], reports[2]]
+            on_rps = sum(r["requests_per_s"] for r in on) / 2
+            on_p50 = sum(r["latency_ms"]["p50"] for r in on) / 2
+            off_rps, off_p50 = reports[1]["requests_per_s"], reports[1]["latency_ms"]["p50"]
+            out.append({"feature": feature, "workload": workload_name,
+                        "on_req_s": round(on_rps, 1), "off_req_s": round(off_rps, 1),
+                        "throughput_cost_pct": round(100 * (1 - on_rps / off_rps), 1),
+                        "on_p50_ms": round(on_p50, 3), "off_p50_ms": round(off_p50, 3),
+                        "added_p50_ms": round(on_p50 - off_p50, 3)})
     finally:
         sim.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    durable = (results["durable"] + results["durable2"]) / 2  # before and after: drift cancels
-    return {"durable_req_s": durable, "no_wait_req_s": results["no_wait"],
-            "cost_pct": 100 * (1 - durable / results["no_wait"])}
+    return out
+
+
+def format_costs(costs: list[dict]) -> list[str]:
+    return [f"cost of {c['feature']} ({c['workload']}): {c['on_req_s']:.0f} vs "
+            f"{c['off_req_s']:.0f} req/s on/off ({c['throughput_cost_pct']:.1f} %), p50 "
+            f"{c['on_p50_ms']:.3f} vs {c['off_p50_ms']:.3f} ms ({c['added_p50_ms']:+.3f})"
+            for c in costs]
 
 
 if __name__ == "__main__":
