@@ -151,15 +151,20 @@ class UserCounters:
         out: list[tuple[str, str]] = []
         for family, items, extra in (("requests", requests, extra_requests),
                                      ("tokens", tokens, extra_tokens)):
-            # Tightest: least remaining; on a tie, the one that resets last.
-            best: tuple[tuple[int, float], int, int, float | None] | None = None
+            if not items:
+                continue
+            # Tightest: least remaining; on a tie, the one that resets last (a reset is
+            # worked out only for the tied ones: this runs per request).
+            least = min(limit - used for _name, limit, used, _counter in items)
+            best: tuple[float, int, int, float | None] | None = None
             for _name, limit, used, counter in items:
+                if limit - used != least:
+                    continue
                 reset = self._reset_s(counter, limits, now, extra)
-                key = (limit - used, -math.inf if reset is None else -reset)
+                key = -math.inf if reset is None else -reset
                 if best is None or key < best[0]:
                     best = (key, limit, used, reset)
-            if best is None:
-                continue
+            assert best is not None
             _key, limit, used, reset = best
             out.append((f"x-ratelimit-limit-{family}", str(limit)))
             out.append((f"x-ratelimit-remaining-{family}", str(max(0, limit - used - extra))))

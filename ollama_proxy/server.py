@@ -2,14 +2,16 @@
 pipelining, request limits with clean errors, client-gone detection, and a
 graceful drain. What to do with a request is injected as a ``Handler``.
 
-While a handler runs, a watcher task reads the client socket: EOF there means
-the client left, and the handler's cancel scope is cancelled at once, so a
-proxied upstream request dies with it (even while nothing is being written).
+The request loop reads the client socket itself. A handler still running
+after ``WATCH_AFTER_S`` gets a watcher that peeks at the socket: EOF there
+means the client left, and the handler's cancel scope is cancelled at once, so
+a proxied upstream request dies with it (even while nothing is being written).
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -26,9 +28,9 @@ log = logging.getLogger("ollama_proxy.server")
 
 # Large reads keep per-request work low; h11 buffers what it is not asked for yet.
 RECEIVE_SIZE = 64 * 1024
-# Pipelined bytes buffered while a response is still running; past this the
-# watcher stops reading and TCP back-pressure holds the client.
-MAX_PIPELINE_BUFFER = 256 * 1024
+# A handler still running this long gets a watcher for its client leaving; most
+# small requests are over sooner and cost the watcher nothing.
+WATCH_AFTER_S = 0.05
 # Bounded time for a polite close (shielded), so a stuck peer cannot hold us.
 CLOSE_TIMEOUT_S = 2.0
 
@@ -161,12 +163,12 @@ class _Connection:
         )
         self.aborted = False
         self.idle_scope: trio.CancelScope | None = None
-        # The reader task (``read_loop``) feeds h11 and sets this when bytes (or EOF) came.
-        self._fed = trio.Event()
-        self._wanted = trio.Event()  # set when the request loop needs more bytes
         self.eof = False
         self._handler_scope: trio.CancelScope | None = None
         self._responder: Responder | None = None
+        self._handler_began = 0.0  # trio time
+        self._busy = trio.Event()  # set once a handler runs; renewed when the connection idles
+        self._watch_scope: trio.CancelScope | None = None  # a watch in progress
 
     async def send(self, *events: h11.Event) -> None:
         """Send events with one socket write; a failed write spoils the connection."""
@@ -190,29 +192,50 @@ class _Connection:
             self.h11.send_failed()
             raise
 
-    async def read_loop(self) -> None:
-        """The connection's only reader, for its whole life: feeds h11 (pipelined requests
-        wait in its buffer, up to MAX_PIPELINE_BUFFER), wakes the request loop, and when
-        the client leaves while a handler runs, cancels that handler at once.
+    async def watch_loop(self) -> None:
+        """Notice the client leaving while a handler runs, and cancel the handler.
 
-        One task per connection instead of one watcher per request: spawning and
-        cancelling a task costs more than the rest of a small request's relay.
+        The request loop reads the socket itself, so a request reaches its
+        handler without a hand-over from another task. A handler that is still
+        running ``WATCH_AFTER_S`` after it began (a stream, a model loading)
+        gets watched: this task waits until the socket is readable and peeks,
+        never taking a byte; EOF or a reset means the client left. Bytes of a
+        pipelined request end the watch: they wait for the request loop. One
+        task per connection, waking at most every ``WATCH_AFTER_S`` while the
+        connection is busy: per request it costs nothing.
         """
-        sock = self.raw
         while True:
-            while len(self.h11.trailing_data[0]) >= MAX_PIPELINE_BUFFER:
-                self._wanted = trio.Event()
-                await self._wanted.wait()
+            await self._busy.wait()
+            await trio.sleep(WATCH_AFTER_S)
+            if self._handler_scope is None:
+                continue  # between requests; the next one sets _busy again
+            began = self._handler_began
+            await trio.sleep_until(began + WATCH_AFTER_S)
+            if self._handler_scope is not None and self._handler_began == began:
+                await self._watch()
+
+    async def _watch(self) -> None:
+        """Until this handler ends (it cancels ``_watch_scope``) or its client leaves."""
+        with trio.CancelScope() as scope:
+            self._watch_scope = scope
             try:
-                data = await sockio.recv(sock, RECEIVE_SIZE, wait_first=True)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            self.h11.receive_data(data)
-            self._fed.set()
-            if not data:
-                self.eof = True
-                self._client_left()
-                return
+                while True:
+                    await trio.lowlevel.wait_readable(self.raw)
+                    if scope.cancel_called:  # the socket is the request loop's again
+                        return
+                    try:
+                        peeked = self.raw.recv(1, socket.MSG_PEEK)
+                    except BlockingIOError:
+                        continue
+                    except OSError:  # reset
+                        peeked = b""
+                    if peeked:  # a pipelined request: read after this handler
+                        await trio.sleep_forever()
+                    self.eof = True
+                    self._client_left()
+                    return
+            finally:
+                self._watch_scope = None
 
     def _client_left(self) -> None:
         responder, scope = self._responder, self._handler_scope
@@ -221,13 +244,21 @@ class _Connection:
         responder.client_gone = True
         scope.cancel()
 
-    async def _wait_fed(self) -> None:
-        """Wait until the reader fed h11 more bytes (or EOF)."""
+    async def _wait_fed(self, *, idle: bool = False) -> None:
+        """Feed h11 the next bytes from the socket (or its EOF).
+
+        ``idle``: between requests, where nothing is there yet, so skip the read
+        that would fail.
+        """
         if self.eof:
             return
-        self._fed = trio.Event()
-        self._wanted.set()
-        await self._fed.wait()
+        try:
+            data = await sockio.recv(self.raw, RECEIVE_SIZE, wait_first=idle)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        self.h11.receive_data(data)
+        if not data:
+            self.eof = True
 
     async def _next_event(self, timeout_s: float) -> object | None:
         """The next h11 event; None when ``timeout_s`` passed without the bytes for it.
@@ -256,8 +287,10 @@ class _Connection:
             # keep-alive timeout or on a drain (which cancels it).
             self.idle_scope = trio.CancelScope(
                 deadline=trio.current_time() + settings.keepalive_timeout_s)
+            if self._busy.is_set():  # the watcher waits for the next handler
+                self._busy = trio.Event()
             with self.idle_scope:
-                await self._wait_fed()
+                await self._wait_fed(idle=True)
             self.idle_scope = None
             if not self.h11.trailing_data[0] and self.h11.their_state is h11.IDLE:
                 return None
@@ -317,6 +350,8 @@ class _Connection:
             self._handler_scope, self._responder = scope, responder
             if self.eof:  # gone already, before its answer began
                 self._client_left()
+            self._handler_began = trio.current_time()
+            self._busy.set()
             try:
                 await self.server.handler(request, responder)
             except ClientGone:
@@ -333,6 +368,8 @@ class _Connection:
                     await self.error(500, "internal error", request.path)
             finally:
                 self._handler_scope = self._responder = None
+                if self._watch_scope is not None:  # the socket is the request loop's again
+                    self._watch_scope.cancel()
         return responder
 
     async def _send_proxy_error(self, request: Request, err: ProxyError) -> None:
@@ -461,7 +498,7 @@ class HttpServer:
         self._connections.add(conn)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(conn.read_loop)
+                nursery.start_soon(conn.watch_loop)
                 try:
                     await conn.run()
                 finally:
