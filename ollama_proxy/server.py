@@ -300,12 +300,11 @@ class _Connection:
             return None
         return event if isinstance(event, h11.Request) else None  # else ConnectionClosed
 
-    async def _read_body(self, request: Request, head: h11.Request) -> bytes | None:
+    async def _read_body(self, path: str, length: bytes | None) -> bytes | None:
         """The whole body, or None after answering 413 (too big) or 408 (too slow)."""
         limit = self.server.settings.max_body_bytes
-        length = request.header(b"content-length")
         if length is not None and int(length) > limit:
-            await self.error(413, f"request body is larger than {limit} bytes", request.path)
+            await self.error(413, f"request body is larger than {limit} bytes", path)
             return None
         if self.h11.client_is_waiting_for_100_continue:
             await self.send(h11.InformationalResponse(status_code=100, headers=[]))
@@ -314,12 +313,12 @@ class _Connection:
         while True:
             event = await self._next_event(self.server.settings.header_timeout_s)
             if event is None:
-                await self.error(408, "timed out reading the request body", request.path)
+                await self.error(408, "timed out reading the request body", path)
                 return None
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
-                    await self.error(413, f"request body is larger than {limit} bytes", request.path)
+                    await self.error(413, f"request body is larger than {limit} bytes", path)
                     return None
                 chunks.append(event.data)
             elif isinstance(event, h11.EndOfMessage):
@@ -389,23 +388,17 @@ class _Connection:
                     return
                 target = head.target.decode("ascii", "replace")
                 path, _, query = target.partition("?")
-                request = Request(
-                    method=head.method.decode("ascii", "replace"),
-                    target=target,
-                    path=path,
-                    query=query,
-                    headers=list(head.headers),
-                    body=b"",
-                    client=self.client,
-                )
-                body = await self._read_body(request, head)
+                headers = list(head.headers)
+                length = next((v for k, v in headers if k == b"content-length"), None)
+                body = await self._read_body(path, length)
             except h11.RemoteProtocolError as exc:
                 await self.error(exc.error_status_hint, f"malformed request: {exc}")
                 return
             if body is None:
                 return
-            if body:
-                request = _with_body(request, body)
+            request = Request(method=head.method.decode("ascii", "replace"), target=target,
+                              path=path, query=query, headers=headers, body=body,
+                              client=self.client)
             responder = await self._run_handler(request)
             if (
                 responder.client_gone
@@ -425,18 +418,6 @@ class _Connection:
 
 def _head_size(head: h11.Request) -> int:
     return len(head.target) + sum(len(k) + len(v) + 4 for k, v in head.headers)
-
-
-def _with_body(request: Request, body: bytes) -> Request:
-    return Request(
-        method=request.method,
-        target=request.target,
-        path=request.path,
-        query=request.query,
-        headers=request.headers,
-        body=body,
-        client=request.client,
-    )
 
 
 class HttpServer:
