@@ -55,9 +55,14 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
 class UsageSink(Protocol):
-    """Where usage goes durably; awaited before a response's last bytes are sent."""
+    """Where usage goes durably; awaited before a response's last bytes are sent.
 
-    async def record(self, record: UsageRecord) -> None: ...
+    ``then``, when given, may be run by the sink right after the record is
+    durable (without blocking): it sends the response's last bytes early.
+    """
+
+    async def record(self, record: UsageRecord,
+                     then: Callable[[], None] | None = None) -> None: ...
 
 
 class UsageObserver(Protocol):
@@ -337,16 +342,21 @@ class Relay:
                 meter.tally = UsageTally(exact=True)
             if ex.rewrite_reply is not None and 200 <= upstream.status < 300 and body:
                 body = ex.rewrite_reply(body)
-            await self._record(meter, "ok" if upstream.status < 500 else "upstream_error")
-            if ex.request.method == "HEAD":  # no body, but the length the backend announced
-                length = upstream.header(b"content-length")
-                if ex.rewrite_reply is not None:  # fetched with GET: the edited body's length
-                    length = str(len(body)).encode()
-                await responder.start(upstream.status, headers,
-                                      length=int(length) if length and length.isdigit() else 0)
-                await responder.end()
-            else:
-                await responder.respond(upstream.status, headers, body)
+            outcome = "ok" if upstream.status < 500 else "upstream_error"
+            if ex.request.method != "HEAD":
+                # Rendered before the commit: the ledger's thread sends it right after.
+                delivery = responder.render(upstream.status, headers, body)
+                await self._record(meter, outcome, then=delivery.from_thread)
+                await responder.deliver(delivery)
+                return
+            await self._record(meter, outcome)
+            # HEAD: no body, but the length the backend announced
+            length = upstream.header(b"content-length")
+            if ex.rewrite_reply is not None:  # fetched with GET: the edited body's length
+                length = str(len(body)).encode()
+            await responder.start(upstream.status, headers,
+                                  length=int(length) if length and length.isdigit() else 0)
+            await responder.end()
             return
         scanner = StreamScanner(kind, drop_usage_chunk=ex.usage_injected,
                                 max_frame_bytes=self._max_frame_bytes)
@@ -386,7 +396,8 @@ class Relay:
         await self._record(meter, outcome())
         await responder.end()
 
-    async def _record(self, meter: _Meter, outcome: str) -> None:
+    async def _record(self, meter: _Meter, outcome: str,
+                      then: Callable[[], None] | None = None) -> None:
         """Hand the usage to the sink once; a client leaving meanwhile cannot stop it."""
         if meter.recorded:
             return
@@ -397,7 +408,7 @@ class Relay:
         # A bare scope: move_on_after's generator costs more, once per request.
         with trio.CancelScope(deadline=trio.current_time() + RECORD_TIMEOUT_S,
                               shield=True) as scope:
-            await self._sink.record(record)
+            await self._sink.record(record, then)
         if scope.cancelled_caught:
             log.error("%s: usage sink did not take the record within %g s",
                       meter.exchange.request_id.decode(), RECORD_TIMEOUT_S)

@@ -28,6 +28,8 @@ log = logging.getLogger("ollama_proxy.server")
 
 # Large reads keep per-request work low; h11 buffers what it is not asked for yet.
 RECEIVE_SIZE = 64 * 1024
+# Bounded wait (in ms) for another thread's send of a Delivery that is already under way.
+DELIVERY_WAIT_TRIES = 1000
 # A handler still running this long gets a watcher for its client leaving; most
 # small requests are over sooner and cost the watcher nothing.
 WATCH_AFTER_S = 0.05
@@ -83,6 +85,47 @@ def http_date() -> bytes:
     return _date_value
 
 
+class Delivery:
+    """A whole response, rendered, that another thread may send first.
+
+    The ledger writer sends it right after committing the response's usage, so
+    the client has it a hand-over back to the event loop sooner. Whoever
+    ``take``s it sends it; the other thread sends once, without blocking, and
+    ``Responder.deliver`` sends whatever is left.
+    """
+
+    __slots__ = ("sock", "data", "sent", "failed", "done", "_token")
+
+    def __init__(self, sock: socket.socket, data: bytes) -> None:
+        self.sock = sock
+        self.data = data
+        self.sent = 0
+        self.failed = False
+        self.done = False  # the other thread's send is over
+        self._token = [True]
+
+    def take(self) -> bool:
+        """True for the one caller that may send (``list.pop`` is atomic)."""
+        try:
+            self._token.pop()
+        except IndexError:
+            return False
+        return True
+
+    def from_thread(self) -> None:
+        """In another thread: one non-blocking send, if nobody took it yet."""
+        if not self.take():
+            return
+        try:
+            self.sent = self.sock.send(self.data)
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.failed = True
+        finally:
+            self.done = True
+
+
 class Responder:
     """Sends one response on its connection; the handler's only way to write."""
 
@@ -129,16 +172,37 @@ class Responder:
 
     async def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         """A whole response in one go (one write to the socket)."""
+        await self.deliver(self.render(status, headers, body))
+
+    def render(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> Delivery:
+        """A whole response as bytes, to send with ``deliver`` (after another thread
+        may have sent it first); h11 counts it as sent from here on."""
         headers = [(b"date", http_date()), *headers, (b"content-length", str(len(body)).encode())]
         if self._conn.server.draining:
             headers.append((b"connection", b"close"))
         self.started = self.ended = True
         self.status = status
-        events: list[h11.Event] = [h11.Response(status_code=status, headers=headers)]
+        h = self._conn.h11
+        data = h.send(h11.Response(status_code=status, headers=headers)) or b""
         if body and not self._head_only:
-            events.append(h11.Data(data=body))
-        events.append(h11.EndOfMessage())
-        await self._conn.send(*events)
+            data += h.send(h11.Data(data=body)) or b""
+        h.send(h11.EndOfMessage())  # a Content-Length body ends with no bytes
+        return Delivery(self._conn.raw, data)
+
+    async def deliver(self, delivery: Delivery) -> None:
+        """Send what another thread did not send of ``delivery``."""
+        start = 0
+        if not delivery.take():  # the other thread did (its send is over by now, or nearly)
+            for _ in range(DELIVERY_WAIT_TRIES):
+                if delivery.done:
+                    break
+                await trio.sleep(0.001)
+            if delivery.failed or not delivery.done:
+                self._conn.h11.send_failed()
+                raise ClientGone()
+            start = delivery.sent
+        if start < len(delivery.data):
+            await self._conn.send_bytes(delivery.data[start:] if start else delivery.data)
 
     async def abort(self) -> None:
         """Drop the connection without finishing the body (a simulated crash)."""

@@ -73,7 +73,8 @@ class LedgerWriter:
     def __init__(self, path: str, *, wait: bool = True) -> None:
         self._path = path
         self._wait = wait  # False: record() returns before the commit (no crash durability)
-        self._jobs: queue.SimpleQueue[tuple[int, UsageRecord] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[
+            tuple[int, UsageRecord, Callable[[], None] | None] | None] = queue.SimpleQueue()
         self._queued = 0  # number of the last row queued (trio thread)
         self._done = 0  # number of the last row committed (or dropped); set by the thread
         self._thread_rows = 0
@@ -86,9 +87,12 @@ class LedgerWriter:
         self.rows_written = 0  # as of the last wake-up taken (stats, tests)
         self.commits = 0
 
-    async def record(self, record: UsageRecord) -> None:
+    async def record(self, record: UsageRecord, then: Callable[[], None] | None = None) -> None:
+        """Return once ``record`` is committed. ``then`` runs in the writer thread right
+        after that commit (it must not block): the response's last bytes can go there.
+        Without waiting for commits, ``then`` is dropped."""
         self._queued += 1
-        self._jobs.put((self._queued, record))
+        self._jobs.put((self._queued, record, then if self._wait else None))
         if self._wait:
             await self._until(self._queued)
 
@@ -136,7 +140,8 @@ class LedgerWriter:
                 self._wake_r.close()
                 self._wake_w.close()
 
-    def _next_batch(self) -> tuple[list[tuple[int, UsageRecord]], bool]:
+    def _next_batch(self) -> tuple[list[tuple[int, UsageRecord, Callable[[], None] | None]],
+                                   bool]:
         """The rows queued now (waiting for the first); True when told to stop after them."""
         first = self._jobs.get()
         if first is None:
@@ -166,7 +171,7 @@ class LedgerWriter:
         while True:
             batch, stop = self._next_batch()
             if batch:
-                records = [record for _, record in batch]
+                records = [record for _, record, _then in batch]
                 now = time.monotonic()
                 while True:
                     try:
@@ -180,6 +185,12 @@ class LedgerWriter:
                     except Exception:  # a bug: say so loudly, but never stall every response
                         log.exception("ledger rows could not be written, %d dropped", len(batch))
                         break
+                for _seq, _record, then in batch:
+                    if then is not None:
+                        try:
+                            then()
+                        except Exception:
+                            log.exception("after-commit callback failed")
                 self._done = batch[-1][0]  # before the wake-up byte: the waiter reads it after
                 try:
                     self._wake_w.send(b"\0")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import trio
 
 from ollama_proxy import db
@@ -80,3 +82,30 @@ async def test_a_bug_in_one_batch_does_not_stall_the_writer(nursery, tmp_path, m
         await writer.record(record("lost"))
         await writer.record(record("kept"))
         assert rows(path) == ["kept"]
+
+
+async def test_then_runs_in_the_writer_thread_right_after_the_commit(nursery, tmp_path):
+    """``then`` (the response's last bytes) runs once its row is visible to others."""
+    path = tmp_path / "l.db"
+    writer = LedgerWriter(str(path))
+    await nursery.start(writer.run)
+    seen: list[tuple[list[str], bool]] = []
+
+    def then() -> None:
+        seen.append((rows(path), threading.current_thread() is not threading.main_thread()))
+
+    with trio.fail_after(10):
+        await writer.record(record("a"), then)
+    assert seen == [(["a"], True)]
+
+
+async def test_then_is_dropped_when_records_are_not_waited_for(nursery, tmp_path):
+    """ledger_wait = false: nobody waits, so the caller sends its bytes itself."""
+    path = tmp_path / "l.db"
+    writer = LedgerWriter(str(path), wait=False)
+    await nursery.start(writer.run)
+    called = []
+    with trio.fail_after(10):
+        await writer.record(record("x"), lambda: called.append(1))
+        await writer.flush()
+    assert rows(path) == ["x"] and called == []
