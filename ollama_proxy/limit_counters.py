@@ -65,10 +65,16 @@ class Reservation:
 
 
 class LedgerRow(Protocol):
-    time: float
-    user: str | None
-    prompt_tokens: int
-    completion_tokens: int
+    """What ``rebuild`` reads of a ledger row (read-only: rows are frozen)."""
+
+    @property
+    def time(self) -> float: ...
+    @property
+    def user(self) -> str | None: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
 
 
 _OPEN = Decision(True)  # no limit counts, nothing asked for: the common case, built once

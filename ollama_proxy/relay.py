@@ -342,14 +342,14 @@ class Relay:
                 meter.tally = UsageTally(exact=True)
             if ex.rewrite_reply is not None and 200 <= upstream.status < 300 and body:
                 body = ex.rewrite_reply(body)
-            outcome = "ok" if upstream.status < 500 else "upstream_error"
+            result = "ok" if upstream.status < 500 else "upstream_error"
             if ex.request.method != "HEAD":
                 # Rendered before the commit: the ledger's thread sends it right after.
                 delivery = responder.render(upstream.status, headers, body)
-                await self._record(meter, outcome, then=delivery.from_thread)
+                await self._record(meter, result, then=delivery.from_thread)
                 await responder.deliver(delivery)
                 return
-            await self._record(meter, outcome)
+            await self._record(meter, result)
             # HEAD: no body, but the length the backend announced
             length = upstream.header(b"content-length")
             if ex.rewrite_reply is not None:  # fetched with GET: the edited body's length

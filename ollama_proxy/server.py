@@ -18,10 +18,9 @@ from email.utils import formatdate
 from typing import Awaitable, Callable
 
 import h11
-
-from . import sockio
 import trio
 
+from . import sockio
 from .errors import ProxyError, error_body, family_of, render
 
 log = logging.getLogger("ollama_proxy.server")
@@ -308,7 +307,7 @@ class _Connection:
         responder.client_gone = True
         scope.cancel()
 
-    async def _wait_fed(self, *, idle: bool = False) -> None:
+    async def _feed_h11(self, *, idle: bool = False) -> None:
         """Feed h11 the next bytes from the socket (or its EOF).
 
         ``idle``: between requests, where nothing is there yet, so skip the read
@@ -335,7 +334,7 @@ class _Connection:
             return event
         with trio.move_on_after(timeout_s):
             while True:
-                await self._wait_fed()
+                await self._feed_h11()
                 event = self.h11.next_event()
                 if event is not h11.NEED_DATA:
                     return event
@@ -354,7 +353,7 @@ class _Connection:
             if self._busy.is_set():  # the watcher waits for the next handler
                 self._busy = trio.Event()
             with self.idle_scope:
-                await self._wait_fed(idle=True)
+                await self._feed_h11(idle=True)
             self.idle_scope = None
             if not self.h11.trailing_data[0] and self.h11.their_state is h11.IDLE:
                 return None
