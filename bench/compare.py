@@ -255,12 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# Features measured on and off in the same run: (name, workload, env on, env off).
+# Features measured on and off in the same run: (name, workload, on, off); each side is the
+# gateway to run ("serve", or "bare": bare_gateway.py, the relay with no features) and its env.
+SERVE, BARE = "serve", "bare"
 COSTS = [
-    ("ledger durability", "small c=32", {"OLLAMA_PROXY_SERVER_LEDGER_WAIT": "true", **LIMITS_ON},
-     {"OLLAMA_PROXY_SERVER_LEDGER_WAIT": "false", **LIMITS_ON}),
-    ("limits", "small c=32", LIMITS_ON, {}),
-    ("limits", "small c=1", LIMITS_ON, {}),
+    ("keys + ledger + usage log", "small c=32", (SERVE, {}), (BARE, {})),
+    ("keys + ledger + usage log", "small c=1", (SERVE, {}), (BARE, {})),
+    ("ledger durability", "small c=32",
+     (SERVE, {"OLLAMA_PROXY_SERVER_LEDGER_WAIT": "true", **LIMITS_ON}),
+     (SERVE, {"OLLAMA_PROXY_SERVER_LEDGER_WAIT": "false", **LIMITS_ON})),
+    ("limits", "small c=32", (SERVE, LIMITS_ON), (SERVE, {})),
+    ("limits", "small c=1", (SERVE, LIMITS_ON), (SERVE, {})),
 ]
 
 
@@ -274,14 +279,16 @@ def measure_costs(args: argparse.Namespace, two_cores: bool) -> list[dict]:
     key = new_key()
     out = []
     try:
-        for n, (feature, workload_name, env_on, env_off) in enumerate(COSTS):
+        for n, (feature, workload_name, on, off) in enumerate(COSTS):
             print(f"... cost of {feature} ({workload_name})", file=sys.stderr, flush=True)
             reports = []
-            for i, extra in enumerate((env_on, env_off, env_on)):
+            for i, (command, extra) in enumerate((on, off, on)):
                 env = {"OLLAMA_PROXY_ADMIN_KEY": key, **extra,
                        "OLLAMA_PROXY_SERVER_DATABASE": os.path.join(workdir, f"{n}-{i}.db")}
+                program = ([str(HERE / "bare_gateway.py")] if command == BARE
+                           else ["-m", "ollama_proxy", "serve"])
                 gateway = Process(f"gateway-cost-{n}-{i}", [
-                    sys.executable, "-m", "ollama_proxy", "serve", "--listen", "127.0.0.1:0",
+                    sys.executable, *program, "--listen", "127.0.0.1:0",
                     "--upstream", f"http://{sim.address}"], "listening on ",
                     0 if two_cores else None, env)
                 try:
