@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, unquote
 
 from . import accounts, keys, ledger
 from .accounts import KeyEntry
-from .auth import KeyIndex, authorize
+from .auth import Forbidden, KeyIndex, authorize
 from .backends import Router
 from .errors import BadRequest, NotFound, ProxyError
 from .limiting import Limiter
@@ -80,7 +80,12 @@ class AdminApi:
 
     async def handle(self, request: Request, responder: Responder) -> None:
         entry = self._index.identify(request)
-        authorize(entry, admin=request.path not in SELF_SERVICE)
+        admin_path = request.path not in SELF_SERVICE
+        authorize(entry, admin=admin_path)
+        if admin_path:  # an expired admin administers nothing (/v1/me still says why)
+            expires_at = self._limiter.limits_for(entry).expires_at
+            if expires_at is not None and self._limiter.clock() >= expires_at:
+                raise Forbidden("this user expired (expires_at)", code="user_expired")
         await self._store.call(ledger.touch_key, entry.prefix, time.time())
         for method, pattern, handler in ROUTES:
             match = pattern.fullmatch(request.path)

@@ -317,6 +317,21 @@ async def test_an_expired_user_is_refused_everywhere(stack):
     assert [r.outcome for r in stack.sink.records] == ["refused", "refused"]
 
 
+async def test_an_expired_admin_administers_nothing_but_can_see_why(stack):
+    """An admin past expires_at gets 403 on the admin API; /v1/me still answers."""
+    with trio.fail_after(TIMEOUT_S):
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.post(stack.url + "/admin/api/users", headers=stack.headers,
+                                         json={"name": "old", "role": "admin",
+                                               "limits": {"expires_at": "2020-01-01"}})
+            key = response.json()["key"]
+            users = await client.get(stack.url + "/admin/api/users", headers=bearer(key))
+            me = await client.get(stack.url + "/v1/me", headers=bearer(key))
+    assert users.status_code == 403
+    assert users.json()["error"]["code"] == "user_expired"
+    assert me.status_code == 200 and me.json()["limits"]["expires_at"] is not None
+
+
 # -- hot edits, restart, /v1/me, reload ---------------------------------------------------
 
 
