@@ -313,7 +313,8 @@ class _Connection:
         ``idle``: between requests, where nothing is there yet, so skip the read
         that would fail.
         """
-        if self.eof:
+        if self.eof:  # h11 must hear it too when the watcher saw it: else NEED_DATA forever
+            self.h11.receive_data(b"")
             return
         try:
             data = await sockio.recv(self.raw, RECEIVE_SIZE, wait_first=idle)

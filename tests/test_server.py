@@ -11,6 +11,7 @@ import trio
 
 from ollama_proxy.server import (
     ClientGone,
+    _Connection,
     Delivery,
     HttpServer,
     Request,
@@ -280,3 +281,32 @@ async def test_a_delivery_is_sent_once_by_whoever_takes_it():
         with pytest.raises(ClientGone):
             await responder.deliver(broken)
         assert Conn.failed and Conn.sent == bytearray()
+
+
+async def test_eof_seen_by_the_watcher_reaches_h11(autojump_clock, monkeypatch):
+    """A client that pipelines part of a head and leaves while a finished response's
+    handler runs on: the request loop hears the EOF (400), it does not spin on it."""
+    feeds = 0
+    feed = _Connection._feed_h11
+
+    async def counted_feed(self, *, idle=False):  # a spin never checkpoints: stop it here
+        nonlocal feeds
+        feeds += 1
+        assert feeds < 100, "the request loop feeds h11 in a loop that never waits"
+        await feed(self, idle=idle)
+
+    monkeypatch.setattr(_Connection, "_feed_h11", counted_feed)
+
+    async def answer_then_linger(request: Request, responder: Responder) -> None:
+        await responder.respond(200, [], b"ok")
+        await trio.sleep(1)  # long enough for the watcher to arm and see the EOF
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            _, _, port = await start(nursery, handler=answer_then_linger)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHo")
+            await stream.send_eof()
+            data = await read_until_close(stream)
+            assert data.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 400" in data
+            nursery.cancel_scope.cancel()
