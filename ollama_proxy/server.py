@@ -283,7 +283,10 @@ class _Connection:
             self._watch_scope = scope
             try:
                 while True:
-                    await trio.lowlevel.wait_readable(self.raw)
+                    try:
+                        await trio.lowlevel.wait_readable(self.raw)
+                    except trio.ClosedResourceError:  # the handler dropped it (abort)
+                        return
                     if scope.cancel_called:  # the socket is the request loop's again
                         return
                     try:

@@ -310,3 +310,23 @@ async def test_eof_seen_by_the_watcher_reaches_h11(autojump_clock, monkeypatch):
             data = await read_until_close(stream)
             assert data.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 400" in data
             nursery.cancel_scope.cancel()
+
+
+async def test_abort_while_watched_is_no_connection_failure(autojump_clock, caplog):
+    """A handler that drops its connection (the simulator's crash) after the watcher
+    armed: the watcher's wait ends quietly, nothing is logged as a failure."""
+    async def crash_later(request: Request, responder: Responder) -> None:
+        await responder.start(200, [])
+        await responder.write(b"partial")
+        await trio.sleep(1)  # the watcher is waiting on the socket by now
+        await responder.abort()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            _, _, port = await start(nursery, handler=crash_later)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = await read_until_close(stream)
+            assert data.startswith(b"HTTP/1.1 200") and not data.endswith(b"0\r\n\r\n")
+            nursery.cancel_scope.cancel()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
