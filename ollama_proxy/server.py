@@ -432,6 +432,8 @@ class _Connection:
                 log.exception("handler failed for %s %s", request.method, request.path)
                 if not responder.started:
                     await self.error(500, "internal error", request.path)
+                else:  # h11 counts a rendered response as sent, delivered or not: close
+                    self.aborted = True
             finally:
                 self._handler_scope = self._responder = None
                 if self._watch_scope is not None:  # the socket is the request loop's again
