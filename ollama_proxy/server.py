@@ -274,7 +274,8 @@ class _Connection:
                 continue  # between requests; the next one sets _busy again
             began = self._handler_began
             await trio.sleep_until(began + WATCH_AFTER_S)
-            if self._handler_scope is not None and self._handler_began == began:
+            if self._handler_scope is not None and self._handler_began == began \
+                    and not self.aborted:  # an aborted handler closed the socket
                 await self._watch()
 
     async def _watch(self) -> None:

@@ -348,3 +348,22 @@ async def test_handler_failing_after_render_closes_the_connection(autojump_clock
             assert await read_until_close(stream) == b""
             assert trio.current_time() < settings.keepalive_timeout_s
             nursery.cancel_scope.cancel()
+
+
+async def test_no_watch_after_abort(autojump_clock, caplog):
+    """A handler still running after it dropped its connection gets no watcher (its
+    socket is closed): nothing is logged as a connection failure."""
+    async def crash_then_linger(request: Request, responder: Responder) -> None:
+        await responder.start(200, [])
+        await responder.abort()
+        await trio.sleep(1)  # past WATCH_AFTER_S
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            _, _, port = await start(nursery, handler=crash_then_linger)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await read_until_close(stream)).startswith(b"HTTP/1.1 200")
+            await trio.sleep(2)  # the handler's end (virtual time)
+            nursery.cancel_scope.cancel()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
