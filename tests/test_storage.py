@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import trio
+import trio.testing
 
 from ollama_proxy import db
 from ollama_proxy.storage import LedgerWriter
@@ -109,3 +110,43 @@ async def test_then_is_dropped_when_records_are_not_waited_for(nursery, tmp_path
         await writer.record(record("x"), lambda: called.append(1))
         await writer.flush()
     assert rows(path) == ["x"] and called == []
+
+
+async def test_a_cancelled_watcher_hands_the_watch_on(nursery, tmp_path, monkeypatch):
+    """The waiter watching the wake-up socket gives up (its deadline): another waiter
+    takes the watch, and still returns once its own row is committed."""
+    from ollama_proxy import ledger
+
+    real = ledger.insert_records
+    go = threading.Event()
+
+    def held(conn, records, touch=lambda prefix: True):
+        go.wait(10)
+        real(conn, records, touch)
+
+    monkeypatch.setattr(ledger, "insert_records", held)
+    path = tmp_path / "l.db"
+    writer = LedgerWriter(str(path))
+    await nursery.start(writer.run)
+    outcomes: list[str] = []
+    first = trio.CancelScope()
+
+    async def give_up() -> None:
+        with first:
+            await writer.record(record("a"))
+        outcomes.append("a gave up" if first.cancelled_caught else "a")
+
+    async def wait() -> None:
+        await writer.record(record("b"))
+        outcomes.append("b")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(give_up)
+            await trio.testing.wait_all_tasks_blocked()  # "a" watches the socket
+            inner.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()  # "b" waits for the watch to end
+            first.cancel()
+            await trio.testing.wait_all_tasks_blocked()  # "b" watches now
+            go.set()
+    assert outcomes == ["a gave up", "b"] and rows(path) == ["a", "b"]
