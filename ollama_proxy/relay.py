@@ -318,14 +318,18 @@ class Relay:
 
     def _waiting(self) -> None:
         for work in self._while_waiting:
-            work()
+            try:
+                work()
+            except Exception:  # deferred work never fails the request it rides on
+                log.exception("deferred work failed")
 
     async def _relay(self, ex: Exchange, upstream: UpstreamResponse, responder: Responder,
                      meter: _Meter) -> None:
         kind = _frame_kind(upstream.header(b"content-type"))
         headers = client_response_headers(upstream.headers, streaming=kind is not None,
                                           request_id=ex.request_id)
-        if ex.extra_headers:
+        if ex.extra_headers:  # ours tell this user's limits: a backend's own would contradict them
+            headers = [h for h in headers if not h[0].startswith(b"x-ratelimit-")]
             headers += ex.extra_headers
         metered = ex.route.kind in (RouteKind.GENERATION, RouteKind.EMBEDDING)
         if kind is None:

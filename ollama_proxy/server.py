@@ -27,8 +27,6 @@ log = logging.getLogger("ollama_proxy.server")
 
 # Large reads keep per-request work low; h11 buffers what it is not asked for yet.
 RECEIVE_SIZE = 64 * 1024
-# Bounded wait (in ms) for another thread's send of a Delivery that is already under way.
-DELIVERY_WAIT_TRIES = 1000
 # A handler still running this long gets a watcher for its client leaving; most
 # small requests are over sooner and cost the watcher nothing.
 WATCH_AFTER_S = 0.05
@@ -191,12 +189,12 @@ class Responder:
     async def deliver(self, delivery: Delivery) -> None:
         """Send what another thread did not send of ``delivery``."""
         start = 0
-        if not delivery.take():  # the other thread did (its send is over by now, or nearly)
-            for _ in range(DELIVERY_WAIT_TRIES):
-                if delivery.done:
-                    break
+        if not delivery.take():  # the other thread did: its send is over by now, or nearly
+            # Wait for it to end (it never blocks): closing the socket under it could let
+            # it write into whatever connection gets the same file descriptor next.
+            while not delivery.done:
                 await trio.sleep(0.001)
-            if delivery.failed or not delivery.done:
+            if delivery.failed:
                 self._conn.h11.send_failed()
                 raise ClientGone()
             start = delivery.sent

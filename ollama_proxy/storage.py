@@ -137,6 +137,7 @@ class LedgerWriter:
                 await trio.to_thread.run_sync(thread.join)
                 await trio.to_thread.run_sync(conn.close)
                 self._take_wakeups()
+                trio.lowlevel.notify_closing(self._wake_r)  # a late waiter gets an error, not a hang
                 self._wake_r.close()
                 self._wake_w.close()
 

@@ -15,12 +15,13 @@ import httpx
 import pytest
 import trio
 
-from gateway_stack import MemorySink, Stack, start_stack
+from gateway_stack import MemorySink, Stack, gateway_config, start_gateway, start_stack
 from ollama_proxy import db
 from ollama_proxy.__main__ import main as cli_main
 from ollama_proxy.app import Gateway
 from ollama_proxy.config import load_config
-from ollama_proxy.simulator import SimRecord
+from ollama_proxy.server import HttpServer
+from ollama_proxy.simulator import SimRecord, Simulator
 
 TIMEOUT_S = 20
 RATE_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
@@ -493,3 +494,43 @@ async def test_reload_without_a_config_to_read_is_400(stack):
         async with httpx.AsyncClient(timeout=10) as client:
             response = await client.post(stack.url + "/admin/api/reload", headers=stack.headers)
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_config"
+
+
+class BackendLimits:
+    """A Responder that adds a backend's own x-ratelimit header to every response."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def start(self, status: int, headers: list, **kwargs: Any) -> None:
+        await self._inner.start(status, [*headers, (b"x-ratelimit-remaining-requests", b"999")],
+                                **kwargs)
+
+    async def respond(self, status: int, headers: list, body: bytes) -> None:
+        await self._inner.respond(
+            status, [*headers, (b"x-ratelimit-remaining-requests", b"999")], body)
+
+
+async def test_a_backends_own_ratelimit_headers_give_way_to_ours(nursery):
+    """A user with limits sees the gateway's x-ratelimit-* only; one without sees the backend's."""
+    sim = Simulator()
+    backend = HttpServer(lambda request, responder: sim.handle(request, BackendLimits(responder)))
+    host, port = await nursery.start(backend.serve, "127.0.0.1", 0)
+    gateway, url, _sink, admin = await start_gateway(
+        nursery, gateway_config([f"http://{host}:{port}"]))
+    stack = Stack(sim, f"http://{host}:{port}", gateway, url, _sink, admin)
+    with trio.fail_after(TIMEOUT_S):
+        async with httpx.AsyncClient(timeout=10) as client:
+            limited = await new_user(client, stack, "ann", requests_per_minute=10)
+            free = await new_user(client, stack, "bob")
+            for stream in (False, True):
+                ours = await client.post(url + "/api/chat", json=chat(stream=stream),
+                                         headers=bearer(limited))
+                theirs = await client.post(url + "/api/chat", json=chat(stream=stream),
+                                           headers=bearer(free))
+                assert ours.headers.get_list("x-ratelimit-remaining-requests") == [
+                    "9" if not stream else "8"]
+                assert theirs.headers.get_list("x-ratelimit-remaining-requests") == ["999"]
