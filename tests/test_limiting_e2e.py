@@ -137,13 +137,14 @@ async def test_the_cap_reaches_the_backend(stack, path, extra, sent):
             key = await new_user(client, stack, "ann", max_tokens_per_request=5)
             response = await client.post(stack.url + path, json=body,
                                          headers=bearer(key, "cap-1"))
-    assert response.status_code == 200, response.text
+        assert response.status_code == 200, response.text
+        usage = await stack.sink.record_of("cap-1")
     [record] = forwarded(stack, "cap-1")
     assert {k: record.body[k] for k in sent} == sent
     assert "max_completion_tokens" not in record.body
     cap = sent["options"]["num_predict"] if "options" in sent else sent["max_tokens"]
     assert record.completion_tokens == cap
-    assert stack.sink.records[-1].completion_tokens == cap
+    assert usage.completion_tokens == cap
 
 
 # -- quotas under concurrency ------------------------------------------------------------
@@ -312,6 +313,7 @@ async def test_an_expired_user_is_refused_everywhere(stack):
             chat_answer = await client.post(stack.url + "/v1/chat/completions", json=chat(),
                                             headers=bearer(key))
             tags = await client.get(stack.url + "/api/tags", headers=bearer(key))
+            await stack.sink.wait_for(lambda records: len(records) == 2)
     assert chat_answer.status_code == tags.status_code == 403
     assert chat_answer.json()["error"]["code"] == "user_expired"
     assert relayed(stack) == []

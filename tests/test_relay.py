@@ -77,7 +77,12 @@ async def tapped(nursery):
 
 
 def last(sink: MemorySink):
+    """The latest record, once a test waited for it (``wait_for``, ``record_of``)."""
     return sink.records[-1]
+
+
+async def record_of(stack: Stack, response: httpx.Response):
+    return await stack.sink.record_of(response.headers["x-request-id"])
 
 
 @pytest.mark.parametrize(("path", "body"), [
@@ -100,7 +105,7 @@ async def test_bytes_unchanged_and_usage_exact(tapped, path, body):
             response = await client.post(stack.url + path, json=body)
         assert response.status_code == 200
         assert response.content == bytes(tap.sent[-1])
-        record, sim_record = last(stack.sink), stack.sim.records[-1]
+        record, sim_record = await record_of(stack, response), stack.sim.records[-1]
         assert (record.prompt_tokens, record.completion_tokens) == (
             sim_record.prompt_tokens, sim_record.completion_tokens)
         assert record.outcome == "ok" and not record.estimated and record.prompt_tokens > 0
@@ -119,7 +124,7 @@ async def test_injected_usage_is_invisible_to_client(tapped, path, body, dropped
         assert stack.sim.records[-1].body["stream_options"] == {"include_usage": True}
         assert dropped in bytes(tap.sent[-1]) and dropped not in response.content
         assert response.content.endswith(b"data: [DONE]\n\n")
-        record = last(stack.sink)
+        record = await record_of(stack, response)
         assert record.completion_tokens == stack.sim.records[-1].completion_tokens > 0
         assert not record.estimated
 
@@ -139,7 +144,7 @@ async def test_stream_headers_and_forwarding_rules(stack):
         assert b"authorization" not in seen and b"origin" not in seen
         assert b"accept-encoding" not in seen  # httpx asks for gzip; usage must stay readable
         assert seen[b"x-custom"] == b"kept"
-        assert last(stack.sink).request_id == "abc-123"
+        assert (await record_of(stack, response)).request_id == "abc-123"
 
 
 async def test_max_completion_tokens_becomes_max_tokens(stack):
@@ -202,8 +207,9 @@ async def test_upstream_death_midstream_ends_well_formed(stack, path, tail_check
         lines = [line for line in response.text.splitlines() if line]
         assert tail_check(lines[-1])
         assert stack.sim.records[-1].outcome == "dropped"
-        assert last(stack.sink).outcome == "upstream_error"
-        assert last(stack.sink).completion_tokens == 3 and last(stack.sink).estimated
+        record = await record_of(stack, response)
+        assert record.outcome == "upstream_error"
+        assert record.completion_tokens == 3 and record.estimated
 
 
 async def test_native_midstream_error_line_is_relayed(stack):
@@ -215,7 +221,7 @@ async def test_native_midstream_error_line_is_relayed(stack):
         lines = response.text.splitlines()
         assert json.loads(lines[-1]) == {"error": "an error was encountered while running the model"}
         assert len(lines) == 3
-        assert last(stack.sink).outcome == "upstream_error"
+        assert (await record_of(stack, response)).outcome == "upstream_error"
 
 
 @pytest.mark.parametrize(("path", "shape"), [("/api/chat", "native"), ("/v1/chat/completions", "openai")])
@@ -231,7 +237,8 @@ async def test_unreachable_backend_is_502(nursery, path, shape):
         assert response.status_code == 502
         error = response.json()["error"]
         assert isinstance(error, str) if shape == "native" else error["code"] == "upstream_unreachable"
-        assert sink.records[-1].outcome == "unreachable"
+        record = await sink.record_of(response.headers["x-request-id"])
+        assert record.outcome == "unreachable"
         nursery.cancel_scope.cancel()
 
 
@@ -245,7 +252,7 @@ async def test_first_byte_timeout_is_504(nursery):
         assert response.status_code == 504
         assert response.json()["error"]["code"] == "upstream_timeout"
         await stack.sim.wait_for(lambda sim: sim.records[-1].outcome == "cancelled")
-        assert last(stack.sink).outcome == "timeout"
+        assert (await record_of(stack, response)).outcome == "timeout"
 
 
 @pytest.mark.parametrize(("path", "content", "status"), [
@@ -319,7 +326,7 @@ async def test_64_concurrent_streams(stack):
                 for _ in range(64):
                     nursery.start_soon(one, client)
     assert results == [51] * 64
-    assert len(stack.sink.records) == 64
+    await stack.sink.wait_for(lambda records: len(records) == 64)
     assert all(r.completion_tokens == 50 and r.outcome == "ok" for r in stack.sink.records)
 
 
