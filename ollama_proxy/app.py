@@ -151,7 +151,7 @@ class Gateway:
             self.relay = Relay(self.router, self.ledger, observers=self.observers, index=index,
                                steps=[self.limiter], on_usage=[self.limiter.settle],
                                while_waiting=[self.usage_log.flush],
-                               max_response_bytes=cfg.max_body_bytes * 4)
+                               max_response_bytes=cfg.max_response_bytes)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.ledger.run)
                 nursery.start_soon(index.keep_fresh)

@@ -33,6 +33,8 @@ _API_KEY_CHARS = re.compile(r"[\x21-\x7e]+")  # it goes into an HTTP header: no 
 _MIB = 1024 * 1024
 _KIB = 1024
 
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
@@ -45,6 +47,14 @@ class ServerConfig:
     drain_s: float
     database: str
     ledger_wait: bool
+    body_timeout_s: float
+    send_timeout_s: float
+    max_response_bytes: int
+    max_connections: int | None  # None: from the file-descriptor limit at start
+    max_connections_per_ip: int
+    allow: tuple[IpNetwork, ...]  # empty: every address
+    deny: tuple[IpNetwork, ...]
+    trusted_proxies: tuple[IpNetwork, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +75,7 @@ class UpstreamConfig:
     connect_timeout_s: float
     first_byte_timeout_s: float
     chunk_gap_timeout_s: float
+    tokenize: str  # "auto" or "off"
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +116,30 @@ def _choice(*options: str) -> Callable[[str], str]:
             raise ValueError(f"expected one of: {', '.join(options)}")
         return text.lower()
     return parse
+
+
+def _cidrs(text: str) -> tuple[IpNetwork, ...]:
+    """Addresses or CIDR blocks separated by commas and/or spaces."""
+    out = []
+    for item in (i for i in re.split(r"[\s,]+", text) if i):
+        try:
+            out.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"expected IP addresses or CIDR blocks (e.g. 10.0.0.0/8, 192.168.1.7, "
+                             f"::1) separated by commas or spaces; {item!r} is not one") from None
+    return tuple(out)
+
+
+def _show_cidrs(networks: tuple[IpNetwork, ...]) -> str:
+    return ", ".join(str(n) for n in networks)
+
+
+def _auto_whole(text: str) -> int | None:
+    if not text:
+        return None
+    if not re.fullmatch(r"[0-9]{1,18}", text) or int(text) < 1:
+        raise ValueError("expected a whole number >= 1, or nothing for automatic")
+    return int(text)
 
 
 def _optional_whole(text: str) -> int | None:
@@ -242,6 +277,36 @@ SCHEMA: tuple[Key, ...] = (
         "so every response a client got in full survives a crash, even kill -9; false stops\n"
         "waiting for the commit (a crash may then lose the last rows; for measurements).",
         "ledger_wait"),
+    Key("server", "body_timeout_s", _seconds(0, inclusive=False), "60",
+        "Seconds a client may take to send a whole request body (number > 0), however it\n"
+        "trickles it; slower gets 408.", "body_timeout_s"),
+    Key("server", "send_timeout_s", _seconds(0, inclusive=False), "60",
+        "Seconds a client may go without accepting a byte of its response (number > 0); then\n"
+        "the connection is cut and the backend request cancelled (a stalled reader never\n"
+        "holds a GPU).", "send_timeout_s"),
+    Key("server", "max_response_mb", _whole(1), "32",
+        "Largest backend reply that does not stream, in MiB (whole number >= 1); it is held\n"
+        "whole to read its usage, so bigger gets 502. Streams are never held.",
+        "max_response_bytes", _MIB),
+    Key("server", "max_connections", _auto_whole, "",
+        "Most client connections open at once (whole number >= 1); empty: what the open-file\n"
+        "limit (ulimit -n) leaves after the backend connections. At the cap a new connection\n"
+        "closes the longest-idle one, or is refused when none is idle.", "max_connections"),
+    Key("server", "max_connections_per_ip", _whole(1), "256",
+        "Most connections one client address may hold open at once (whole number >= 1).",
+        "max_connections_per_ip"),
+    Key("server", "allow", _cidrs, "",
+        "Client addresses that may connect, as addresses or CIDR blocks separated by commas\n"
+        "or spaces, e.g. 10.0.0.0/8, 192.168.1.7, ::1; empty: every address.", "allow",
+        show=_show_cidrs),
+    Key("server", "deny", _cidrs, "",
+        "Client addresses that may not connect (wins over allow); same form as allow.", "deny",
+        show=_show_cidrs),
+    Key("server", "trusted_proxies", _cidrs, "",
+        "Reverse proxies in front of the gateway, as addresses or CIDR blocks: only for a\n"
+        "connection from one of them is X-Forwarded-For read, and its last address that is\n"
+        "not a trusted proxy is the client for allow/deny, logs and the ledger; empty: none.",
+        "trusted_proxies", show=_show_cidrs),
     Key("log", "level", _choice("debug", "info", "warning", "error"), "info",
         "Log level: debug, info, warning or error.", "level"),
     Key("limits", "requests_per_minute", _optional_whole, "",
@@ -300,6 +365,11 @@ SCHEMA: tuple[Key, ...] = (
     Key(UPSTREAM, "chunk_gap_timeout_s", _seconds(0, inclusive=False), "300",
         "Seconds a streamed answer may go silent between two chunks before it is cut (number > 0).",
         "chunk_gap_timeout_s"),
+    Key(UPSTREAM, "tokenize", _choice("auto", "off"), "auto",
+        "Exact counts for streams whose backend reports no usage (llama.cpp servers): auto asks\n"
+        "the backend's tokenize endpoint (vLLM and llama-server POST /tokenize,\n"
+        "llama-cpp-python POST /extras/tokenize) after the stream, off the latency path;\n"
+        "off keeps the estimate.", "tokenize"),
 )
 
 Raw = dict[str, tuple[str, str]]  # key -> (text, origin for messages)

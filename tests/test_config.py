@@ -53,12 +53,14 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.server == ServerConfig(
         host="127.0.0.1", port=8080, max_body_bytes=64 * 1024 * 1024, max_header_bytes=64 * 1024,
         header_timeout_s=30.0, keepalive_timeout_s=75.0, drain_s=30.0, database="ollama-proxy.db",
-        ledger_wait=True)
+        ledger_wait=True, body_timeout_s=60.0, send_timeout_s=60.0,
+        max_response_bytes=32 * 1024 * 1024, max_connections=None, max_connections_per_ip=256,
+        allow=(), deny=(), trusted_proxies=())
     assert config.log.level == "info"
     assert config.upstreams == (UpstreamConfig(
         name="default", url="http://127.0.0.1:11434", host="127.0.0.1", port=11434, base_path="",
         kind="ollama", api_key=None, max_connections=1024, connect_timeout_s=5.0,
-        first_byte_timeout_s=600.0, chunk_gap_timeout_s=300.0),)
+        first_byte_timeout_s=600.0, chunk_gap_timeout_s=300.0, tokenize="auto"),)
 
 
 def test_config_is_frozen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,6 +127,14 @@ BAD_VALUES = [
     ("server", "drain_s", "inf", "expected a number of seconds >= 0"),
     ("server", "database", "", "expected a file path"),
     ("server", "ledger_wait", "maybe", "expected true or false"),
+    ("server", "body_timeout_s", "0", "expected a number of seconds > 0"),
+    ("server", "send_timeout_s", "-1", "expected a number of seconds > 0"),
+    ("server", "max_response_mb", "0", "expected a whole number >= 1"),
+    ("server", "max_connections", "0", "or nothing for automatic"),
+    ("server", "max_connections_per_ip", "many", "expected a whole number >= 1"),
+    ("server", "allow", "10.0.0.0/33", "'10.0.0.0/33' is not one"),
+    ("server", "deny", "example.com", "expected IP addresses or CIDR blocks"),
+    ("server", "trusted_proxies", "10.0.0.1;10.0.0.2", "is not one"),
     ("log", "level", "verbose", "expected one of: debug, info, warning, error"),
     ("limits", "requests_per_minute", "-1", "expected a whole number >= 0"),
     ("limits", "requests_per_day", "ten", "expected a whole number >= 0"),
@@ -148,6 +158,7 @@ BAD_VALUES = [
     ("upstream.gpu-1", "url", "http://[::1/", "expected http://HOST"),
     ("upstream.gpu-1", "url", "https://gpu1", "TLS upstreams are not supported yet"),
     ("upstream.gpu-1", "kind", "vllm", "expected one of: ollama, openai"),
+    ("upstream.gpu-1", "tokenize", "yes", "expected one of: auto, off"),
     ("upstream.gpu-1", "api_key_env", "MY-KEY", "name of an environment variable"),
     ("upstream.gpu-1", "api_key_file", "/nonexistent/key", "cannot read the key file"),
     ("upstream.gpu-1", "max_connections", "0", "expected a whole number >= 1"),
