@@ -43,8 +43,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 handle_signals=True, task_status=task_status))
             names = ", ".join(f"{u.name}={u.url}" for u in config.upstreams)
             logging.getLogger("ollama_proxy").info(
-                "ollama-proxy %s listening on http://%s:%d, backends: %s",
-                __version__, host, port, names)
+                "ollama-proxy %s listening on http://%s:%d, backends: %s; at most %d connections",
+                __version__, host, port, names, gateway.server.settings.max_connections)
         logging.getLogger("ollama_proxy").info("stopped")
 
     trio.run(main)
@@ -60,6 +60,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     print(describe(config))
+    return 0
+
+
+def cmd_systemd_unit(args: argparse.Namespace) -> int:
+    from .systemd import UnitPaths, render_unit
+
+    config = _load(args)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(package_root):  # running from the .pyz
+        command, pythonpath = (sys.executable, package_root), None
+    else:  # a source checkout
+        command, pythonpath = (sys.executable, "-m", "ollama_proxy"), package_root
+    paths = UnitPaths(command=command, pythonpath=pythonpath,
+                      config=os.path.abspath(config.source) if config.source else None,
+                      database=os.path.abspath(config.server.database))
+    print(render_unit(paths, user=args.user, drain_s=config.server.drain_s,
+                      port=config.server.port), end="")
     return 0
 
 
@@ -101,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", metavar="FILE", help="ini file (default: ./ollama-proxy.ini)")
     check.add_argument("--listen", metavar="HOST:PORT", help="as for serve")
     check.add_argument("--upstream", metavar="URL", action="append", help="as for serve")
+
+    unit = add("systemd-unit", cmd_systemd_unit,
+               "print a hardened systemd service file for `serve` with this config")
+    unit.add_argument("--user", default="ollama-proxy",
+                      help="the system user the service runs as (default: ollama-proxy)")
+    unit.add_argument("--config", metavar="FILE",
+                      help="ini file the service reads (default: ./ollama-proxy.ini when it exists)")
 
     add("version", cmd_version, "print the version")
     add_admin_commands(sub)

@@ -87,6 +87,7 @@ class AdminApi:
             if expires_at is not None and self._limiter.clock() >= expires_at:
                 raise Forbidden("this user expired (expires_at)", code="user_expired")
         await self._store.call(ledger.touch_key, entry.prefix, time.time())
+        await request.read_body()  # only now: a stranger's body is never read
         for method, pattern, handler in ROUTES:
             match = pattern.fullmatch(request.path)
             if match is None:

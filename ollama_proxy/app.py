@@ -15,6 +15,7 @@ from . import accounts
 from .admin import AdminApi, is_admin_path
 from .auth import KeyIndex
 from .backends import Backend, Router
+from .clientip import AddressPolicy
 from .config import Config, ServerConfig, UpstreamConfig, settings
 from .errors import BadRequest, ConfigError, ProxyError
 from .limiting import Limiter, load_counters
@@ -29,12 +30,56 @@ log = logging.getLogger("ollama_proxy.app")
 LIVE_SECTIONS = ("limits", "log")
 
 
-def server_settings(cfg: ServerConfig) -> ServerSettings:
+# File descriptors kept for what is not a connection: the database and its journal
+# files, listeners, the ledger's wake-up sockets, the event loop, logs.
+RESERVED_FDS = 64
+# Without resource limits to read (not Unix), or below this, the cap is this.
+FALLBACK_CONNECTIONS = 1024
+MIN_CONNECTIONS = 16
+
+
+def open_file_limit() -> int | None:
+    """The open-file limit, with the soft limit raised to the hard one first (as Go
+    programs do): a server's connections are file descriptors. None when unknown."""
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def connection_cap(nofile: int | None, pool_connections: int) -> int:
+    """The default ``max_connections``: the file descriptors left after the reserve
+    and the backend connections. Each request in flight holds one backend
+    connection, so those take at most half of what is left."""
+    if nofile is None:
+        return FALLBACK_CONNECTIONS
+    budget = nofile - RESERVED_FDS
+    return max(MIN_CONNECTIONS, budget - min(pool_connections, budget // 2))
+
+
+def server_settings(cfg: ServerConfig, upstreams: tuple[UpstreamConfig, ...] = ()) -> ServerSettings:
+    max_connections = cfg.max_connections
+    if max_connections is None:
+        max_connections = connection_cap(open_file_limit(),
+                                         sum(u.max_connections for u in upstreams))
     return ServerSettings(
         max_body_bytes=cfg.max_body_bytes,
         max_header_bytes=cfg.max_header_bytes,
         header_timeout_s=cfg.header_timeout_s,
         keepalive_timeout_s=cfg.keepalive_timeout_s,
+        body_timeout_s=cfg.body_timeout_s,
+        send_timeout_s=cfg.send_timeout_s,
+        max_connections=max_connections,
+        max_connections_per_ip=cfg.max_connections_per_ip,
+        addresses=AddressPolicy(cfg.allow, cfg.deny, cfg.trusted_proxies),
     )
 
 
@@ -81,7 +126,7 @@ class Gateway:
         self.index: KeyIndex | None = None
         self.relay: Relay | None = None
         self.admin: AdminApi | None = None
-        self.server = HttpServer(self._handle, server_settings(config.server))
+        self.server = HttpServer(self._handle, server_settings(config.server, config.upstreams))
 
     async def _handle(self, request: Request, responder: Responder) -> None:
         assert self.relay is not None and self.admin is not None

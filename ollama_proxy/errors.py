@@ -98,6 +98,20 @@ class PayloadTooLarge(ProxyError):
     code = "payload_too_large"
 
 
+class RequestTimeout(ProxyError):
+    """The client took too long to send its request."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class ShuttingDown(ProxyError):
+    """The gateway is draining and the grace ran out before an answer began."""
+
+    status = 503
+    code = "shutting_down"
+
+
 class UpstreamUnreachable(ProxyError):
     """No connection to the backend could be made (nothing was sent)."""
 

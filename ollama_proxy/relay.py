@@ -24,6 +24,7 @@ from .backends import Backend, Router
 from .errors import (
     NotFound,
     ProxyError,
+    ShuttingDown,
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -35,8 +36,8 @@ from .headers import client_response_headers, upstream_request_headers
 from .policy import Exchange, PolicyStep, apply_openai_rules, parse_body, wants_stream
 from .auth import KeyIndex, Unauthorized, authorize
 from .routes import RouteKind, match_route
-from .server import ClientGone, Request, Responder
-from .upstream import UpstreamResponse
+from .server import ClientGone, ClientStalled, Request, Responder
+from .upstream import ResponseTooLarge, UpstreamResponse
 from .usage import (
     StreamScanner,
     UsageRecord,
@@ -48,6 +49,9 @@ from .usage import (
 log = logging.getLogger("ollama_proxy.relay")
 
 JSON_TYPE = b"application/json; charset=utf-8"
+METERED = (RouteKind.GENERATION, RouteKind.EMBEDDING)
+# A reply cut for its size is counted by its bytes (its usage was at its end).
+BYTES_PER_TOKEN = 4
 # A bounded, shielded wait for the sink when the request is being cancelled.
 RECORD_TIMEOUT_S = 5.0
 # A client's X-Request-Id is kept when it looks like an id, else we make one.
@@ -114,6 +118,8 @@ class UsageLog:
 
 
 def _outcome_of_error(err: ProxyError) -> str:
+    if isinstance(err, ShuttingDown):
+        return "cancelled"
     if isinstance(err, UpstreamUnreachable):
         return "unreachable"
     if isinstance(err, UpstreamTimeout):
@@ -256,6 +262,8 @@ class Relay:
                 if self._index is not None:
                     ex.principal = self._index.identify(ex.request)
                     authorize(ex.principal, admin=ex.route.admin_only)
+                # Only now: a stranger's body is never read (its connection closes).
+                await ex.request.read_body()
                 ex.body_obj = parse_body(ex.route, ex.request.body)
                 ex.stream = wants_stream(ex.route, ex.body_obj)
                 if ex.body_obj is not None:  # first: the steps see max_tokens, never its alias
@@ -263,7 +271,11 @@ class Relay:
                         ex.route, ex.body_obj, ex.stream)
                 for step in self._steps:
                     await step(ex)
-                upstream = await self._open_upstream(ex, meter)
+                with responder.stop_scope() as stop:  # a drain's grace ends the wait here
+                    upstream = await self._open_upstream(ex, meter)
+                if upstream is None:
+                    assert stop.cancelled_caught
+                    raise ShuttingDown("the gateway is shutting down; retry", retry_after_s=1)
             except ProxyError as err:
                 meter.status = err.status
                 if isinstance(err, Unauthorized):  # no ledger rows for strangers
@@ -274,9 +286,17 @@ class Relay:
                 return
             meter.ttfb_s = round(time.perf_counter() - meter.started, 6)
             meter.status = upstream.status
-            await self._relay(ex, upstream, responder, meter)
-        except ClientGone:
-            await self._record(meter, "client_closed")
+            if _frame_kind(upstream.header(b"content-type")) is None:
+                await self._relay_whole(ex, upstream, responder, meter)
+            else:
+                await self._relay_stream(ex, upstream, responder, meter)
+        except ClientGone as gone:
+            await self._record(meter, "client_stalled" if isinstance(gone, ClientStalled)
+                               else "client_closed")
+        except Exception:  # a bug: the server logs it once and answers 500
+            meter.status = 500
+            await self._record(meter, "error")
+            raise
         finally:
             if not meter.recorded:  # cancelled: the client left, or shutdown
                 await self._record(meter, "client_closed" if responder.client_gone else "cancelled")
@@ -300,7 +320,7 @@ class Relay:
                 api_key=backend.api_key, request_id=ex.request_id,
             )
             meter.backend = backend
-            if ex.route.kind in (RouteKind.GENERATION, RouteKind.EMBEDDING):
+            if ex.route.kind in METERED:
                 meter.tally = UsageTally()  # sent: from here on, usage is unknown until counted
             try:
                 response = await backend.pool.request(
@@ -323,77 +343,99 @@ class Relay:
             except Exception:  # deferred work never fails the request it rides on
                 log.exception("deferred work failed")
 
-    async def _relay(self, ex: Exchange, upstream: UpstreamResponse, responder: Responder,
-                     meter: _Meter) -> None:
-        kind = _frame_kind(upstream.header(b"content-type"))
-        headers = client_response_headers(upstream.headers, streaming=kind is not None,
+    def _response_headers(self, ex: Exchange, upstream: UpstreamResponse,
+                          streaming: bool) -> list[tuple[bytes, bytes]]:
+        headers = client_response_headers(upstream.headers, streaming=streaming,
                                           request_id=ex.request_id)
         if ex.extra_headers:  # ours tell this user's limits: a backend's own would contradict them
             headers = [h for h in headers if not h[0].startswith(b"x-ratelimit-")]
             headers += ex.extra_headers
-        metered = ex.route.kind in (RouteKind.GENERATION, RouteKind.EMBEDDING)
-        if kind is None:
-            try:
+        return headers
+
+    async def _relay_whole(self, ex: Exchange, upstream: UpstreamResponse,
+                           responder: Responder, meter: _Meter) -> None:
+        """A reply that does not stream: read whole (to read its usage), recorded, sent."""
+        metered = ex.route.kind in METERED
+        body: bytes | None = None
+        try:
+            with responder.stop_scope():  # a drain's grace ends the read here
                 body = await upstream.read_all(self._max_response_bytes)
-            except ProxyError as err:
-                meter.status = err.status
-                await self._record(meter, _outcome_of_error(err))
-                await self._send_error(responder, ex, err)
-                return
-            if metered and upstream.status < 400:
-                meter.tally = scan_whole_body(body)
-            elif metered and upstream.status < 500:  # refused by the backend: nothing used
-                meter.tally = UsageTally(exact=True)
-            if ex.rewrite_reply is not None and 200 <= upstream.status < 300 and body:
-                body = ex.rewrite_reply(body)
-            result = "ok" if upstream.status < 500 else "upstream_error"
-            if ex.request.method != "HEAD":
-                # Rendered before the commit: the ledger's thread sends it right after.
-                delivery = responder.render(upstream.status, headers, body)
-                await self._record(meter, result, then=delivery.from_thread)
-                await responder.deliver(delivery)
-                return
-            await self._record(meter, result)
-            # HEAD: no body, but the length the backend announced
-            length = upstream.header(b"content-length")
-            if ex.rewrite_reply is not None:  # fetched with GET: the edited body's length
-                length = str(len(body)).encode()
-            await responder.start(upstream.status, headers,
-                                  length=int(length) if length and length.isdigit() else 0)
-            await responder.end()
+            if body is None:
+                raise ShuttingDown("the gateway is shutting down; retry", retry_after_s=1)
+        except ProxyError as err:
+            meter.status = err.status
+            if isinstance(err, ResponseTooLarge) and ex.route.kind is RouteKind.GENERATION:
+                meter.tally.frames = err.received // BYTES_PER_TOKEN  # what the reply held, roughly
+            await self._record(meter, _outcome_of_error(err))
+            await self._send_error(responder, ex, err)
             return
+        headers = self._response_headers(ex, upstream, streaming=False)
+        if metered and upstream.status < 400:
+            meter.tally = scan_whole_body(body)
+        elif metered and upstream.status < 500:  # refused by the backend: nothing used
+            meter.tally = UsageTally(exact=True)
+        if ex.rewrite_reply is not None and 200 <= upstream.status < 300 and body:
+            body = ex.rewrite_reply(body)
+        result = "ok" if upstream.status < 500 else "upstream_error"
+        if ex.request.method != "HEAD":
+            # Rendered before the commit: the ledger's thread sends it right after.
+            delivery = responder.render(upstream.status, headers, body)
+            await self._record(meter, result, then=delivery.from_thread)
+            await responder.deliver(delivery)
+            return
+        await self._record(meter, result)
+        # HEAD: no body, but the length the backend announced
+        length = upstream.header(b"content-length")
+        if ex.rewrite_reply is not None:  # fetched with GET: the edited body's length
+            length = str(len(body)).encode()
+        await responder.start(upstream.status, headers,
+                              length=int(length) if length and length.isdigit() else 0)
+        await responder.end()
+
+    async def _relay_stream(self, ex: Exchange, upstream: UpstreamResponse,
+                            responder: Responder, meter: _Meter) -> None:
+        """A stream: frames go out as they come; a broken or cut stream ends with an
+        error frame, so the client always sees a well-formed end."""
+        kind = _frame_kind(upstream.header(b"content-type"))
+        assert kind is not None
         scanner = StreamScanner(kind, drop_usage_chunk=ex.usage_injected,
                                 max_frame_bytes=self._max_frame_bytes)
-        meter.tally = scanner.tally
-        await responder.start(upstream.status, headers)
+        tally = meter.tally = scanner.tally
+        await responder.start(upstream.status, self._response_headers(ex, upstream, True))
         failure: str | None = None
-        tally = scanner.tally
+        cut = False  # by a drain
 
         def outcome() -> str:
+            if cut:
+                return "cancelled"
             bad = failure is not None or tally.error is not None or upstream.status >= 500
             return "upstream_error" if bad else "ok"
 
-        try:
-            while True:
-                data = await upstream.receive()
-                if not data:
-                    break
-                out = scanner.feed(data)
+        with responder.stop_scope() as stop:  # a drain's grace ends the stream here
+            try:
+                while True:
+                    data = await upstream.receive()
+                    if not data:
+                        break
+                    out = scanner.feed(data)
+                    if out:
+                        if tally.finished or tally.error is not None:
+                            # the backend's end marker (or its error, which ends a stream) is
+                            # in this piece: commit the usage first, so a client that stops
+                            # reading there (the ollama client raises on the error line) is
+                            # counted as is
+                            await self._record(meter, outcome())
+                        await responder.write(out)
+                out = scanner.finish()
                 if out:
-                    if tally.finished or tally.error is not None:
-                        # the backend's end marker (or its error, which ends a stream) is in
-                        # this piece: commit the usage first, so a client that stops reading
-                        # there (the ollama client raises on the error line) is counted as is
-                        await self._record(meter, outcome())
                     await responder.write(out)
-            out = scanner.finish()
-            if out:
-                await responder.write(out)
-        except (UpstreamTimeout, UpstreamProtocolError) as err:
-            failure = err.message
-            log.warning("%s: backend broke mid-stream: %s", ex.request_id.decode(), err.message)
-        if failure is None and metered and upstream.status < 400 and not tally.finished \
-                and tally.error is None:
+            except (UpstreamTimeout, UpstreamProtocolError) as err:
+                failure = err.message
+                log.warning("%s: backend broke mid-stream: %s", ex.request_id.decode(), err.message)
+        if stop.cancelled_caught:
+            failure, cut = "the gateway is shutting down", True
+        elif failure is None and ex.route.kind in METERED and upstream.status < 400 \
+                and not tally.finished and tally.error is None:
             failure = "the backend ended the stream before it was complete"
         if failure is not None:
             await responder.write(error_frame(kind, failure))

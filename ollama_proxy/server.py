@@ -6,14 +6,23 @@ The request loop reads the client socket itself. A handler still running
 after ``WATCH_AFTER_S`` gets a watcher that peeks at the socket: EOF there
 means the client left, and the handler's cancel scope is cancelled at once, so
 a proxied upstream request dies with it (even while nothing is being written).
+
+Strangers pay nothing: a request's body is read only when its handler asks
+(``Request.read_body``), after it checked the key; a refused request's
+connection closes without its body being read. Every resource a client can hold
+is bounded: connections (in all and per address; at the cap the longest-idle
+connection makes room), the time to send a head and a body, the time a client
+may go without reading its response.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Awaitable, Callable
 
@@ -21,7 +30,17 @@ import h11
 import trio
 
 from . import sockio
-from .errors import ProxyError, error_body, family_of, render
+from .clientip import AddressPolicy
+from .errors import (
+    ApiFamily,
+    BadRequest,
+    PayloadTooLarge,
+    ProxyError,
+    RequestTimeout,
+    error_body,
+    family_of,
+    render,
+)
 
 log = logging.getLogger("ollama_proxy.server")
 
@@ -32,6 +51,17 @@ RECEIVE_SIZE = 64 * 1024
 WATCH_AFTER_S = 0.05
 # Bounded time for a polite close (shielded), so a stuck peer cannot hold us.
 CLOSE_TIMEOUT_S = 2.0
+# After a drain's grace, interrupted handlers get this long to end their responses
+# well (an error line, the ledger row) before they are cancelled outright.
+FINISH_S = 2.0
+# Closing a socket with unread bytes resets it, which can destroy the answer we just
+# sent (a 401 to a client still uploading): half-close, then discard what arrives for
+# at most this long and this much, so a refused client reads its answer.
+LINGER_S = 1.0
+LINGER_BYTES = 1024 * 1024
+# The start of a request head kept to tell its path (and so its error dialect) when
+# the head turns out malformed: h11 consumes the bytes it rejects.
+HEAD_PEEK_BYTES = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,19 +72,25 @@ class ServerSettings:
     max_header_bytes: int = 64 * 1024
     header_timeout_s: float = 30.0
     keepalive_timeout_s: float = 75.0
+    body_timeout_s: float = 60.0
+    send_timeout_s: float = 60.0
+    max_connections: int = 1024
+    max_connections_per_ip: int = 256
+    addresses: AddressPolicy = AddressPolicy()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
-    """A fully received request (the body is read before the handler runs)."""
+    """A request whose head arrived; its body is read by ``read_body``."""
 
     method: str
     target: str
     path: str
     query: str
     headers: list[tuple[bytes, bytes]]  # names lower-cased by h11
-    body: bytes
-    client: str  # peer address, for logs and IP rules
+    body: bytes | bytearray  # b"" until read_body
+    client: str  # the client's address (behind a trusted proxy: from X-Forwarded-For)
+    _unread: Callable[[], Awaitable[bytearray]] | None = field(default=None, repr=False)
 
     def header(self, name: bytes) -> bytes | None:
         """First value of header ``name`` (lower-case), or None."""
@@ -63,9 +99,25 @@ class Request:
                 return value
         return None
 
+    async def read_body(self) -> bytes | bytearray:
+        """The whole body, read from the client on the first call: 413 past
+        ``max_body_bytes``, 408 past ``body_timeout_s`` (or a silent gap of
+        ``header_timeout_s``). Call it only once the caller is known to be
+        allowed: a body never read costs nothing."""
+        reader = self._unread
+        if reader is not None:
+            self._unread = None
+            self.body = await reader()
+        return self.body
+
 
 class ClientGone(Exception):
     """The client closed its connection; nothing more can be sent to it."""
+
+
+class ClientStalled(ClientGone):
+    """The client accepted no byte of its response for ``send_timeout_s``: the
+    connection is cut as if it had left."""
 
 
 _date_second = -1
@@ -126,7 +178,8 @@ class Delivery:
 class Responder:
     """Sends one response on its connection; the handler's only way to write."""
 
-    __slots__ = ("_conn", "_head_only", "_chunked", "started", "ended", "client_gone", "status")
+    __slots__ = ("_conn", "_head_only", "_chunked", "started", "ended", "client_gone", "status",
+                 "_stops")
 
     def __init__(self, conn: _Connection, method: str) -> None:
         self._conn = conn
@@ -136,6 +189,19 @@ class Responder:
         self.ended = False
         self.client_gone = False
         self.status = 0
+        self._stops: list[trio.CancelScope] = []
+
+    def stop_scope(self) -> trio.CancelScope:
+        """A cancel scope the server's drain cancels when its grace runs out (enter it
+        once). Work inside it (waiting for a backend, relaying a stream) stops there,
+        and the handler still has ``FINISH_S`` to end its response well."""
+        scope = self._conn.server.stoppable()
+        self._stops.append(scope)
+        return scope
+
+    def _closing_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        if self._conn.closes_after_response():
+            headers.append((b"connection", b"close"))
 
     async def start(
         self, status: int, headers: list[tuple[bytes, bytes]], *, length: int | None = None
@@ -147,8 +213,7 @@ class Responder:
         elif not self._head_only and self._conn.h11.their_http_version == b"1.1":
             headers.append((b"transfer-encoding", b"chunked"))
             self._chunked = True
-        if self._conn.server.draining:
-            headers.append((b"connection", b"close"))
+        self._closing_headers(headers)
         self.started = True
         self.status = status
         await self._conn.send(h11.Response(status_code=status, headers=headers))
@@ -175,8 +240,7 @@ class Responder:
         """A whole response as bytes, to send with ``deliver`` (after another thread
         may have sent it first); h11 counts it as sent from here on."""
         headers = [(b"date", http_date()), *headers, (b"content-length", str(len(body)).encode())]
-        if self._conn.server.draining:
-            headers.append((b"connection", b"close"))
+        self._closing_headers(headers)
         self.started = self.ended = True
         self.status = status
         h = self._conn.h11
@@ -214,22 +278,50 @@ Handler = Callable[[Request, Responder], Awaitable[None]]
 class _Connection:
     """One client socket and its h11 state machine; the only reader and writer."""
 
-    def __init__(self, server: HttpServer, stream: trio.SocketStream, client: str) -> None:
+    def __init__(self, server: HttpServer, stream: trio.SocketStream, peer: str) -> None:
         self.server = server
         self.stream = stream
         self.raw = sockio.raw_socket(stream.socket)  # the hot path's calls
-        self.client = client
+        self.client = peer  # the peer address (the connection's, for logs)
         self.h11 = h11.Connection(
             h11.SERVER, max_incomplete_event_size=server.settings.max_header_bytes
         )
         self.aborted = False
-        self.idle_scope: trio.CancelScope | None = None
         self.eof = False
+        # Set at accept when this address may not connect: its requests get this answer.
+        self.refusal: ProxyError | None = None
+        # Waiting for a request since (trio time), None while one is in flight: the
+        # longest-idle connection makes room when the connection cap is reached.
+        self.idle_since: float | None = trio.current_time()
+        self.evicted = False
+        self._accepted_at = self.idle_since
+        self._served = 0
+        self._wait_scope: trio.CancelScope | None = None  # the wait for the next head
+        self._head_begun = False  # bytes of the next head arrived (a drain lets it finish)
+        self._head_peek = b""
+        self._close_after = False  # this request's framing is ambiguous: close after it
+        self._body_length: int | None = None  # the request's Content-Length (None: chunked)
         self._handler_scope: trio.CancelScope | None = None
         self._responder: Responder | None = None
         self._handler_began = 0.0  # trio time
         self._busy = trio.Event()  # set once a handler runs; renewed when the connection idles
         self._watch_scope: trio.CancelScope | None = None  # a watch in progress
+
+    def evict(self) -> None:
+        """Close this idle connection to make room for a new one."""
+        self.evicted = True
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+
+    def stop_waiting(self) -> None:
+        """A drain: stop waiting for a next request that has not begun to arrive."""
+        if self._wait_scope is not None and not self._head_begun:
+            self._wait_scope.cancel()
+
+    def closes_after_response(self) -> bool:
+        """Whether the response being sent is this connection's last (says Connection: close)."""
+        return (self.server.draining or self._close_after
+                or self.h11.their_state is not h11.DONE)  # the body is unread
 
     async def send(self, *events: h11.Event) -> None:
         """Send events with one socket write; a failed write spoils the connection."""
@@ -245,7 +337,10 @@ class _Connection:
         is the connection's only writer.
         """
         try:
-            await sockio.send_all(self.raw, data)
+            await sockio.send_all(self.raw, data, self.server.settings.send_timeout_s)
+        except sockio.Stalled as exc:
+            self.h11.send_failed()
+            raise ClientStalled() from exc
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.h11.send_failed()
             raise ClientGone() from exc
@@ -258,12 +353,13 @@ class _Connection:
 
         The request loop reads the socket itself, so a request reaches its
         handler without a hand-over from another task. A handler that is still
-        running ``WATCH_AFTER_S`` after it began (a stream, a model loading)
-        gets watched: this task waits until the socket is readable and peeks,
-        never taking a byte; EOF or a reset means the client left. Bytes of a
-        pipelined request end the watch: they wait for the request loop. One
-        task per connection, waking at most every ``WATCH_AFTER_S`` while the
-        connection is busy: per request it costs nothing.
+        running ``WATCH_AFTER_S`` after its whole request arrived (a stream, a
+        model loading) gets watched: this task waits until the socket is
+        readable and peeks, never taking a byte; EOF or a reset means the
+        client left. Bytes of a pipelined request end the watch: they wait for
+        the request loop. One task per connection, waking at most every
+        ``WATCH_AFTER_S`` while the connection is busy: per request it costs
+        nothing.
         """
         while True:
             await self._busy.wait()
@@ -309,6 +405,11 @@ class _Connection:
         responder.client_gone = True
         scope.cancel()
 
+    def _arm_watch(self) -> None:
+        """The whole request is in: from now on its client leaving is watched for."""
+        self._handler_began = trio.current_time()
+        self._busy.set()
+
     async def _feed_h11(self, *, idle: bool = False) -> None:
         """Feed h11 the next bytes from the socket (or its EOF).
 
@@ -322,20 +423,22 @@ class _Connection:
             data = await sockio.recv(self.raw, RECEIVE_SIZE, wait_first=idle)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
+        if self.idle_since is not None and len(self._head_peek) < HEAD_PEEK_BYTES:
+            self._head_peek += data[:HEAD_PEEK_BYTES]  # a head is on its way
         self.h11.receive_data(data)
         if not data:
             self.eof = True
 
-    async def _next_event(self, timeout_s: float) -> object | None:
-        """The next h11 event; None when ``timeout_s`` passed without the bytes for it.
+    async def _next_event(self, deadline: float) -> object | None:
+        """The next h11 event; None when ``deadline`` passed without the bytes for it.
 
-        The event is usually in h11's buffer already: the timeout's cancel scope is
+        The event is usually in h11's buffer already: the deadline's cancel scope is
         set up only when there is something to wait for.
         """
         event = self.h11.next_event()
         if event is not h11.NEED_DATA:
             return event
-        with trio.move_on_after(timeout_s):
+        with trio.CancelScope(deadline=deadline):
             while True:
                 await self._feed_h11()
                 event = self.h11.next_event()
@@ -344,53 +447,91 @@ class _Connection:
         return None
 
     async def _next_request(self) -> h11.Request | None:
-        """Wait for a request head: idle waits end silently, partial heads get 408."""
-        settings = self.server.settings
-        if not self.h11.trailing_data[0]:
-            if self.server.draining:
-                return None
-            # Idle: nothing of the next request yet. One scope ends the wait on the
-            # keep-alive timeout or on a drain (which cancels it).
-            self.idle_scope = trio.CancelScope(
-                deadline=trio.current_time() + settings.keepalive_timeout_s)
-            if self._busy.is_set():  # the watcher waits for the next handler
-                self._busy = trio.Event()
-            with self.idle_scope:
-                await self._feed_h11(idle=True)
-            self.idle_scope = None
-            if not self.h11.trailing_data[0] and self.h11.their_state is h11.IDLE:
-                return None
-        event = await self._next_event(settings.header_timeout_s)
-        if event is None:
-            await self.error(408, "timed out reading the request head")
-            return None
-        return event if isinstance(event, h11.Request) else None  # else ConnectionClosed
+        """Wait for a request head: idle waits end silently, partial heads get 408.
 
-    async def _read_body(self, path: str, length: bytes | None) -> bytes | None:
-        """The whole body, or None after answering 413 (too big) or 408 (too slow)."""
-        limit = self.server.settings.max_body_bytes
-        if length is not None and int(length) > limit:
-            await self.error(413, f"request body is larger than {limit} bytes", path)
-            return None
+        A new connection must bring its whole head within ``header_timeout_s``; a
+        kept-alive one may first idle for ``keepalive_timeout_s``, then its head
+        must arrive within ``header_timeout_s`` of its first byte. An eviction ends
+        either wait; a drain only a wait that has not begun to receive a head.
+        """
+        settings = self.server.settings
+        first = self._served == 0
+        self.idle_since = trio.current_time()
+        pending = self.h11.trailing_data[0]
+        self._head_peek = pending[:HEAD_PEEK_BYTES]
+        self._head_begun = bool(pending)
+        with trio.CancelScope() as wait:
+            self._wait_scope = wait
+            try:
+                if self.evicted or (self.server.draining and not pending):
+                    return None
+                if not pending:
+                    if self._busy.is_set():  # the watcher waits for the next handler
+                        self._busy = trio.Event()
+                    wait.deadline = (self._accepted_at + settings.header_timeout_s if first
+                                     else self.idle_since + settings.keepalive_timeout_s)
+                    await self._feed_h11(idle=True)
+                    if not self.h11.trailing_data[0] and self.h11.their_state is h11.IDLE:
+                        return None  # the client closed the connection
+                    wait.deadline = math.inf
+                    self._head_begun = True
+                start = self._accepted_at if first else trio.current_time()
+                event = await self._next_event(start + settings.header_timeout_s)
+            finally:
+                self._wait_scope = None
+            if event is None:
+                await self.error(408, "timed out reading the request head", self._sniffed_path())
+                return None
+            return event if isinstance(event, h11.Request) else None  # else ConnectionClosed
+        return None  # evicted, drained, or a new connection that never sent a byte
+
+    def _sniffed_path(self) -> str:
+        """The path of a request whose head h11 could not parse (for its error dialect)."""
+        line = re.split(rb"\r?\n", self._head_peek, maxsplit=1)[0]
+        parts = line.split(b" ")
+        if len(parts) < 2:
+            return "/"
+        return parts[1].decode("latin-1").partition("?")[0]
+
+    async def _receive_body(self) -> bytearray:
+        """The request body (``Request.read_body``): into one buffer of the announced
+        length, or one growing buffer for a chunked body, within ``body_timeout_s``."""
+        settings = self.server.settings
+        limit, length = settings.max_body_bytes, self._body_length
+        if length is not None and length > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
         if self.h11.client_is_waiting_for_100_continue:
             await self.send(h11.InformationalResponse(status_code=100, headers=[]))
-        chunks: list[bytes] = []
+        body = bytearray(length or 0)
         size = 0
-        while True:
-            event = await self._next_event(self.server.settings.header_timeout_s)
-            if event is None:
-                await self.error(408, "timed out reading the request body", path)
-                return None
-            if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > limit:
-                    await self.error(413, f"request body is larger than {limit} bytes", path)
-                    return None
-                chunks.append(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                return b"".join(chunks)
-            else:  # ConnectionClosed mid-body
-                return None
+        ends = trio.current_time() + settings.body_timeout_s
+        try:
+            while True:
+                event = await self._next_event(
+                    min(ends, trio.current_time() + settings.header_timeout_s))
+                if isinstance(event, h11.Data):
+                    if length is None:
+                        if size + len(event.data) > limit:
+                            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+                        body += event.data
+                    else:  # h11 never gives more than Content-Length
+                        body[size:size + len(event.data)] = event.data
+                    size += len(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    if self._handler_scope is not None:
+                        self._arm_watch()
+                    return body
+                elif event is None:
+                    raise RequestTimeout(
+                        f"timed out reading the request body ({size} bytes in; it must arrive "
+                        f"within {settings.body_timeout_s:g} s, with no pause of "
+                        f"{settings.header_timeout_s:g} s)")
+                else:
+                    raise ClientGone()
+        except h11.RemoteProtocolError as exc:
+            if self.eof:
+                raise ClientGone() from exc
+            raise BadRequest(f"malformed request body: {_reason(exc)}") from None
 
     async def error(self, status: int, message: str, path: str = "/") -> None:
         """Answer an error of the server's own, then this connection closes."""
@@ -415,8 +556,8 @@ class _Connection:
             self._handler_scope, self._responder = scope, responder
             if self.eof:  # gone already, before its answer began
                 self._client_left()
-            self._handler_began = trio.current_time()
-            self._busy.set()
+            if request._unread is None:  # else once its body is in
+                self._arm_watch()
             try:
                 await self.server.handler(request, responder)
             except ClientGone:
@@ -435,6 +576,7 @@ class _Connection:
                     self.aborted = True
             finally:
                 self._handler_scope = self._responder = None
+                self.server.forget(responder._stops)
                 if self._watch_scope is not None:  # the socket is the request loop's again
                     self._watch_scope.cancel()
         return responder
@@ -442,7 +584,34 @@ class _Connection:
     async def _send_proxy_error(self, request: Request, err: ProxyError) -> None:
         body = render(family_of(request.path), err)
         headers = [(b"content-type", b"application/json; charset=utf-8"), *err.headers()]
-        await Responder(self, request.method).respond(err.status, headers, body)
+        try:
+            await Responder(self, request.method).respond(err.status, headers, body)
+        except ClientGone:
+            pass
+
+    def _request(self, head: h11.Request) -> Request:
+        """The ``Request`` of a head; a body-less one's end is taken at once."""
+        target = head.target.decode("ascii", "replace")
+        path, _, query = target.partition("?")
+        headers = list(head.headers)
+        length: bytes | None = None
+        chunked = False
+        forwarded: list[bytes] = []
+        for name, value in headers:
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"x-forwarded-for":
+                forwarded.append(value)
+        # Both framings (RFC 9112 §6.1): h11 reads it chunked, and the connection closes.
+        self._close_after = chunked and length is not None
+        self._body_length = None if chunked else int(length or 0)
+        addresses = self.server.settings.addresses
+        client = self.client if addresses.open else addresses.client_of(self.client, forwarded)
+        return Request(method=head.method.decode("ascii", "replace"), target=target, path=path,
+                       query=query, headers=headers, body=b"", client=client,
+                       _unread=self._receive_body if chunked or self._body_length else None)
 
     async def run(self) -> None:
         while True:
@@ -450,27 +619,34 @@ class _Connection:
                 head = await self._next_request()
                 if head is None:
                     return
+                self.idle_since = None  # a request is in flight
+                path = head.target.partition(b"?")[0].decode("ascii", "replace")
                 if _head_size(head) > self.server.settings.max_header_bytes:
                     # h11 caps only heads still incomplete; one read can bring a whole big one
-                    await self.error(431, "request header block is too large")
+                    await self.error(431, "request header block is too large", path)
                     return
-                target = head.target.decode("ascii", "replace")
-                path, _, query = target.partition("?")
-                headers = list(head.headers)
-                length = next((v for k, v in headers if k == b"content-length"), None)
-                body = await self._read_body(path, length)
+                request = self._request(head)
+                if request._unread is None:  # no body: take its end now
+                    event = self.h11.next_event()
+                    assert isinstance(event, h11.EndOfMessage), event
             except h11.RemoteProtocolError as exc:
-                await self.error(exc.error_status_hint, f"malformed request: {exc}")
+                await self.error(exc.error_status_hint, f"malformed request: {_reason(exc)}",
+                                 self._sniffed_path())
                 return
-            if body is None:
+            refusal = self.refusal
+            if refusal is None and request.client != self.client \
+                    and not self.server.settings.addresses.admits(request.client):
+                refusal = address_refused()
+            if refusal is not None:
+                self._close_after = True
+                await self._send_proxy_error(request, refusal)
                 return
-            request = Request(method=head.method.decode("ascii", "replace"), target=target,
-                              path=path, query=query, headers=headers, body=body,
-                              client=self.client)
             responder = await self._run_handler(request)
+            self._served += 1
             if (
                 responder.client_gone
                 or self.aborted
+                or self._close_after
                 or self.server.draining
                 or self.h11.our_state is not h11.DONE
                 or self.h11.their_state is not h11.DONE
@@ -481,15 +657,58 @@ class _Connection:
     async def aclose(self) -> None:
         with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
             scope.shield = True
+            if self.h11.their_state is h11.SEND_BODY and not self.eof and not self.aborted:
+                await self._linger()
             await self.stream.aclose()
+
+    async def _linger(self) -> None:
+        """The client may still be sending a body we did not read: half-close (our
+        answer is out), then discard what arrives for a moment, so that closing does
+        not reset the connection before the client read the answer. Bounded by
+        ``LINGER_S`` and ``LINGER_BYTES``: a refused stranger costs little."""
+        try:
+            self.raw.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        left = LINGER_BYTES
+        with trio.move_on_after(LINGER_S):
+            while left > 0:
+                try:
+                    data = await sockio.recv(self.raw, RECEIVE_SIZE)
+                except OSError:
+                    return
+                if not data:
+                    return
+                left -= len(data)
 
 
 def _head_size(head: h11.Request) -> int:
     return len(head.target) + sum(len(k) + len(v) + 4 for k, v in head.headers)
 
 
+def _reason(exc: h11.RemoteProtocolError) -> str:
+    """h11's complaint without the raw bytes it quotes (never echoed to the client)."""
+    return re.split(r":\s*(?:bytearray\()?b['\"]", str(exc), maxsplit=1)[0] or "malformed data"
+
+
+def address_refused() -> ProxyError:
+    return ProxyError("this client address may not use the gateway (allow/deny)", status=403,
+                      code="address_not_allowed")
+
+
+_REFUSED_FULL = error_body(ApiFamily.NATIVE, 503, "the gateway has too many connections; retry",
+                           "too_many_connections")
+
+
 class HttpServer:
-    """Accepts connections and runs one ``_Connection`` task per socket."""
+    """Accepts connections and runs one ``_Connection`` task per socket.
+
+    At most ``max_connections`` connections in all and ``max_connections_per_ip``
+    from one address (trusted proxies excepted) are open at once; a new one past
+    either cap closes the longest-idle connection with no request in flight (in
+    that address's, for the per-address cap), or is answered 503 and closed when
+    there is none.
+    """
 
     def __init__(self, handler: Handler, settings: ServerSettings | None = None) -> None:
         self.handler = handler
@@ -497,7 +716,22 @@ class HttpServer:
         self.draining = False
         self._accept_scope = trio.CancelScope()
         self._connections: set[_Connection] = set()
+        self._per_address: dict[str, int] = {}
         self._conn_nursery: trio.Nursery | None = None
+        self._stop_at = math.inf  # the drain's grace ends here
+        self._stoppable: set[trio.CancelScope] = set()
+        self.evicted = 0  # idle connections closed to make room (stats, tests)
+        self.refused = 0  # connections refused at a cap
+
+    def stoppable(self) -> trio.CancelScope:
+        """A cancel scope that the drain's deadline reaches (``Responder.stop_scope``)."""
+        scope = trio.CancelScope(deadline=self._stop_at)
+        self._stoppable.add(scope)
+        return scope
+
+    def forget(self, scopes: list[trio.CancelScope]) -> None:
+        for scope in scopes:
+            self._stoppable.discard(scope)
 
     async def serve(
         self,
@@ -535,16 +769,56 @@ class HttpServer:
                 log.warning("accept failed: %s", exc)
                 await trio.sleep(0.1)
                 continue
-            conns.start_soon(self._handle, stream)
+            conn = self._admit(stream)
+            if conn is None:
+                self.refused += 1
+                conns.start_soon(_refuse, stream)
+            else:
+                conns.start_soon(self._handle, conn)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    def _admit(self, stream: trio.SocketStream) -> _Connection | None:
+        """A connection for ``stream``, room made for it; None when there is no room."""
         try:
-            peer = stream.socket.getpeername()
-            client = str(peer[0])
+            peer = str(stream.socket.getpeername()[0])
         except OSError:
-            client = "?"
-        conn = _Connection(self, stream, client)
+            peer = "?"
+        settings = self.settings
+        conn = _Connection(self, stream, peer)
+        addresses = settings.addresses
+        if not addresses.is_trusted_proxy(peer):  # behind a proxy: checked per request
+            if not addresses.admits(peer):
+                conn.refusal = address_refused()
+            if self._per_address.get(peer, 0) >= settings.max_connections_per_ip \
+                    and not self._make_room(peer):
+                return None
+        if len(self._connections) >= settings.max_connections and not self._make_room(None):
+            return None
         self._connections.add(conn)
+        self._per_address[peer] = self._per_address.get(peer, 0) + 1
+        return conn
+
+    def _make_room(self, peer: str | None) -> bool:
+        """Evict the longest-idle connection (of ``peer``, when given)."""
+        idle = [c for c in self._connections
+                if c.idle_since is not None and (peer is None or c.client == peer)]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.idle_since or 0.0)
+        self._release(victim)
+        victim.evict()
+        self.evicted += 1
+        return True
+
+    def _release(self, conn: _Connection) -> None:
+        if conn in self._connections:
+            self._connections.discard(conn)
+            left = self._per_address[conn.client] - 1
+            if left:
+                self._per_address[conn.client] = left
+            else:
+                del self._per_address[conn.client]
+
+    async def _handle(self, conn: _Connection) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(conn.watch_loop)
@@ -553,17 +827,34 @@ class HttpServer:
                 finally:
                     nursery.cancel_scope.cancel()
         except Exception:  # contained: one bad connection never stops the server
-            log.exception("connection from %s failed", client)
+            log.exception("connection from %s failed", conn.client)
         finally:
-            self._connections.discard(conn)
+            self._release(conn)
             await conn.aclose()
 
     def drain(self, grace_s: float) -> None:
-        """Stop accepting, close idle connections, cancel the rest after ``grace_s``."""
+        """Stop accepting and close idle connections. In-flight responses get
+        ``grace_s``; then their stop scopes are cancelled (a stream ends with an error
+        frame), and whatever still runs ``FINISH_S`` later is cancelled outright."""
         self.draining = True
         self._accept_scope.cancel()
         for conn in list(self._connections):
-            if conn.idle_scope is not None:
-                conn.idle_scope.cancel()
+            conn.stop_waiting()
+        self._stop_at = trio.current_time() + grace_s
+        for scope in self._stoppable:
+            scope.deadline = min(scope.deadline, self._stop_at)
         if self._conn_nursery is not None:
-            self._conn_nursery.cancel_scope.deadline = trio.current_time() + grace_s
+            self._conn_nursery.cancel_scope.deadline = self._stop_at + FINISH_S
+
+
+async def _refuse(stream: trio.SocketStream) -> None:
+    """Answer 503 to a connection there is no room for, without waiting for it."""
+    data = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json; charset=utf-8\r\n"
+            b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%b"
+            % (len(_REFUSED_FULL), _REFUSED_FULL))
+    try:
+        sockio.raw_socket(stream.socket).send(data)  # never blocks: whatever fits
+    except OSError:
+        pass
+    with trio.CancelScope(shield=True):
+        await stream.aclose()

@@ -209,6 +209,7 @@ class Simulator:
             del self.records[: -self.max_records]
         self._notify()
         try:
+            await request.read_body()  # the simulator wants every body
             await self._dispatch(request, responder, record)
         except (trio.Cancelled, ClientGone):
             if record.outcome == "pending":

@@ -54,8 +54,13 @@ async def recv(sock: socket.socket, size: int, *, wait_first: bool = False) -> b
         return data
 
 
-async def send_all(sock: socket.socket, data: bytes) -> None:
-    """Write all of ``data``, waiting while the socket's buffer is full."""
+class Stalled(Exception):
+    """The peer accepted no byte for the whole stall timeout."""
+
+
+async def send_all(sock: socket.socket, data: bytes, stall_timeout_s: float | None = None) -> None:
+    """Write all of ``data``, waiting while the socket's buffer is full; ``Stalled``
+    when one wait for room lasts ``stall_timeout_s`` (a peer that stopped reading)."""
     global _unyielded
     sent = 0
     view: memoryview | None = None
@@ -63,7 +68,13 @@ async def send_all(sock: socket.socket, data: bytes) -> None:
         try:
             sent += sock.send(data if view is None else view[sent:])
         except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
+            if stall_timeout_s is None:
+                await trio.lowlevel.wait_writable(sock)
+            else:
+                with trio.CancelScope(deadline=trio.current_time() + stall_timeout_s) as wait:
+                    await trio.lowlevel.wait_writable(sock)
+                if wait.cancelled_caught:
+                    raise Stalled() from None
             _unyielded = 0
             continue
         if sent >= len(data):

@@ -160,7 +160,8 @@ class UpstreamPool:
         try:
             parts = [conn.h11.send(h11.Request(method=method, target=target, headers=headers))]
             if body:
-                parts.append(conn.h11.send(h11.Data(data=body)))
+                # the body object itself, not a copy (bodies reach max_body_mb)
+                parts.extend(conn.h11.send_with_data_passthrough(h11.Data(data=body)))
             parts.append(conn.h11.send(h11.EndOfMessage()))
             if len(body) < SMALL_BODY_BYTES:
                 await sockio.send_all(conn.raw, b"".join(parts))
@@ -224,6 +225,15 @@ class UpstreamPool:
             await conn.aclose()
 
 
+class ResponseTooLarge(UpstreamProtocolError):
+    """A reply that does not stream grew past the cap on what is held in memory."""
+
+    def __init__(self, limit: int, received: int) -> None:
+        super().__init__(f"the backend's reply is larger than {limit} bytes "
+                         f"([server] max_response_mb)")
+        self.received = received
+
+
 class _StaleConnection(Exception):
     """The connection broke before any response byte: safe to retry on a new one."""
 
@@ -285,7 +295,7 @@ class UpstreamResponse:
         raise UpstreamTimeout(f"backend went silent for {gap_s:g} s mid-response")
 
     async def read_all(self, limit: int) -> bytes:
-        """The whole remaining body, refusing more than ``limit`` bytes."""
+        """The whole remaining body, refusing more than ``limit`` bytes (``ResponseTooLarge``)."""
         pieces: list[bytes] = []
         size = 0
         while True:
@@ -294,7 +304,7 @@ class UpstreamResponse:
                 return b"".join(pieces)
             size += len(data)
             if size > limit:
-                raise UpstreamProtocolError(f"backend response is larger than {limit} bytes")
+                raise ResponseTooLarge(limit, size)
             pieces.append(data)
 
     async def aclose(self) -> None:

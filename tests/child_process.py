@@ -10,15 +10,16 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Callable
 
 
 class Child:
     """Use as a context manager: on the way out it is killed if still running, then waited for."""
 
-    def __init__(self, argv: list[str], *, cwd: Path, env: dict[str, str]) -> None:
+    def __init__(self, argv: list[str], *, cwd: Path, env: dict[str, str],
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.proc = subprocess.Popen(
-            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, preexec_fn=preexec_fn,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, encoding="utf-8", errors="replace",
         )

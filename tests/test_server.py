@@ -51,7 +51,7 @@ class Echo:
                 self.cancelled.set()
                 raise
         body = json.dumps({"method": request.method, "path": request.path,
-                           "body": request.body.decode()}).encode()
+                           "body": (await request.read_body()).decode()}).encode()
         await responder.respond(200, [(b"content-type", b"application/json")], body)
 
 
