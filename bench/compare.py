@@ -27,6 +27,18 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+
+def missing_modules(*names: str) -> list[str]:
+    """The modules of ``names`` this Python cannot import."""
+    import importlib.util
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
+if __name__ == "__main__" and (_missing := missing_modules("trio", "h11")):
+    sys.exit(f"bench/compare.py cannot import {', '.join(_missing)} (the gateway, "
+             f"the simulator and the load tool run on them); install them with:\n"
+             f"    {sys.executable} -m pip install -r {ROOT / 'tests' / 'requirements.txt'}")
+
 from load import parse_args, run_load  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
@@ -46,6 +58,10 @@ LIMITS_ON = {
     "OLLAMA_PROXY_LIMITS_MAX_CONCURRENT": "100000",
     "OLLAMA_PROXY_LIMITS_MAX_TOKENS_PER_REQUEST": "4096",
 }
+
+
+# Every load comes from this one address: the per-address connection cap must not apply.
+ONE_ADDRESS = {"OLLAMA_PROXY_SERVER_MAX_CONNECTIONS_PER_IP": "100000"}
 
 
 @dataclass(frozen=True)
@@ -85,10 +101,10 @@ class Process:
     """A child process whose stdout/stderr go to a file we can scan for its address."""
 
     def __init__(self, name: str, argv: list[str], ready: str, core: int | None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: pathlib.Path = ROOT) -> None:
         self.log = open(f"/tmp/ollama-proxy-bench-{name}-{os.getpid()}.log", "w+")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=ROOT,
+                                     stdin=subprocess.DEVNULL, cwd=cwd,
                                      env={**os.environ, **(env or {})})
         if core is not None:
             os.sched_setaffinity(self.proc.pid, {core})
@@ -104,9 +120,10 @@ class Process:
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
-        self.stop()
         self.log.seek(0)
-        raise RuntimeError(f"{self.proc.args} did not start:\n{self.log.read()[-2000:]}")
+        output = self.log.read()[-2000:]
+        self.stop()
+        raise RuntimeError(f"{self.proc.args} did not start:\n{output}")
 
     def cpu_s(self) -> float:
         fields = pathlib.Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -220,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     key = new_key()
     workdir = tempfile.mkdtemp(prefix="ollama-proxy-bench-")
     env = {"OLLAMA_PROXY_ADMIN_KEY": key,  # every feature on: keys, ledger, usage log, limits
-           "OLLAMA_PROXY_SERVER_DATABASE": os.path.join(workdir, "bench.db"), **LIMITS_ON}
+           "OLLAMA_PROXY_SERVER_DATABASE": os.path.join(workdir, "bench.db"), **LIMITS_ON,
+           **ONE_ADDRESS}
     gateway = Process("gateway", [sys.executable, "-m", "ollama_proxy", "serve",
                                   "--listen", "127.0.0.1:0", "--upstream", sim_url,
                                   *args.gateway_arg],
@@ -283,7 +301,7 @@ def measure_costs(args: argparse.Namespace, two_cores: bool) -> list[dict]:
             print(f"... cost of {feature} ({workload_name})", file=sys.stderr, flush=True)
             reports = []
             for i, (command, extra) in enumerate((on, off, on)):
-                env = {"OLLAMA_PROXY_ADMIN_KEY": key, **extra,
+                env = {"OLLAMA_PROXY_ADMIN_KEY": key, **extra, **ONE_ADDRESS,
                        "OLLAMA_PROXY_SERVER_DATABASE": os.path.join(workdir, f"{n}-{i}.db")}
                 program = ([str(HERE / "bare_gateway.py")] if command == BARE
                            else ["-m", "ollama_proxy", "serve"])
