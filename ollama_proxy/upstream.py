@@ -163,16 +163,17 @@ class UpstreamPool:
                 # the body object itself, not a copy (bodies reach max_body_mb)
                 parts.extend(conn.h11.send_with_data_passthrough(h11.Data(data=body)))
             parts.append(conn.h11.send(h11.EndOfMessage()))
-            if len(body) < SMALL_BODY_BYTES:
-                await sockio.send_all(conn.raw, b"".join(parts))
-            else:  # no copy of a big body just to save a syscall
-                for part in parts:
-                    await conn.stream.send_all(part)
-            if on_sent is not None:
-                on_sent()
-            # A bare scope: fail_after's generator costs more, once per request.
+            # One deadline for sending (a backend that stops reading a big body) and for
+            # the response head. A bare scope: fail_after's generator costs more.
             with trio.CancelScope(
                     deadline=trio.current_time() + self.settings.first_byte_timeout_s) as wait:
+                if len(body) < SMALL_BODY_BYTES:
+                    await sockio.send_all(conn.raw, b"".join(parts))
+                else:  # no copy of a big body just to save a syscall
+                    for part in parts:
+                        await conn.stream.send_all(part)
+                if on_sent is not None:
+                    on_sent()
                 response = await self._read_head(conn)
             if wait.cancelled_caught:
                 raise trio.TooSlowError()

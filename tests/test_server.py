@@ -221,7 +221,7 @@ async def test_drain_finishes_inflight_then_stops():
             assert not handler.cancelled.is_set()
 
 
-async def test_drain_grace_expiry_cancels():
+async def test_drain_grace_expiry_cancels(autojump_clock):
     """After the grace period, remaining responses are cancelled and serve() returns."""
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
