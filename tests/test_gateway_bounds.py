@@ -17,6 +17,7 @@ import trio
 from ollama_proxy.simulator import Simulator, run_simulator
 
 from gateway_stack import Stack, gateway_config, start_gateway
+from test_server import read_until_close
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "Hello there"}]}
 
@@ -33,13 +34,6 @@ async def stack_with(nursery: trio.Nursery, **server: object) -> Stack:
 
 def port_of(stack: Stack) -> int:
     return int(stack.url.rsplit(":", 1)[1])
-
-
-async def read_until_close(stream: trio.SocketStream) -> bytes:
-    data = b""
-    while piece := await stream.receive_some(65536):
-        data += piece
-    return data
 
 
 @pytest.mark.parametrize(("path", "shape"), [("/api/chat", "native"),

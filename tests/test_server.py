@@ -63,10 +63,12 @@ async def start(nursery, settings=None, handler=None):
 
 
 async def read_until_close(stream, limit=1 << 20) -> bytes:
+    """Everything up to the server's close (then ours, as a client does)."""
     data = b""
     while len(data) < limit:
         piece = await stream.receive_some(65536)
         if not piece:
+            await stream.aclose()
             break
         data += piece
     return data
