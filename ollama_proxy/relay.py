@@ -52,6 +52,7 @@ JSON_TYPE = b"application/json; charset=utf-8"
 METERED = (RouteKind.GENERATION, RouteKind.EMBEDDING)
 # A reply cut for its size is counted by its bytes (its usage was at its end).
 BYTES_PER_TOKEN = 4
+
 # A bounded, shielded wait for the sink when the request is being cancelled.
 RECORD_TIMEOUT_S = 5.0
 # A client's X-Request-Id is kept when it looks like an id, else we make one.
@@ -271,10 +272,9 @@ class Relay:
                         ex.route, ex.body_obj, ex.stream)
                 for step in self._steps:
                     await step(ex)
-                with responder.stop_scope() as stop:  # a drain's grace ends the wait here
+                with responder.stop_scope():  # a drain's grace ends the wait here
                     upstream = await self._open_upstream(ex, meter)
                 if upstream is None:
-                    assert stop.cancelled_caught
                     raise ShuttingDown("the gateway is shutting down; retry", retry_after_s=1)
             except ProxyError as err:
                 meter.status = err.status
@@ -286,10 +286,11 @@ class Relay:
                 return
             meter.ttfb_s = round(time.perf_counter() - meter.started, 6)
             meter.status = upstream.status
-            if _frame_kind(upstream.header(b"content-type")) is None:
+            kind = _frame_kind(upstream.header(b"content-type"))
+            if kind is None:
                 await self._relay_whole(ex, upstream, responder, meter)
             else:
-                await self._relay_stream(ex, upstream, responder, meter)
+                await self._relay_stream(ex, upstream, responder, meter, kind)
         except ClientGone as gone:
             await self._record(meter, "client_stalled" if isinstance(gone, ClientStalled)
                                else "client_closed")
@@ -393,11 +394,9 @@ class Relay:
         await responder.end()
 
     async def _relay_stream(self, ex: Exchange, upstream: UpstreamResponse,
-                            responder: Responder, meter: _Meter) -> None:
+                            responder: Responder, meter: _Meter, kind: FrameKind) -> None:
         """A stream: frames go out as they come; a broken or cut stream ends with an
         error frame, so the client always sees a well-formed end."""
-        kind = _frame_kind(upstream.header(b"content-type"))
-        assert kind is not None
         scanner = StreamScanner(kind, drop_usage_chunk=ex.usage_injected,
                                 max_frame_bytes=self._max_frame_bytes)
         tally = meter.tally = scanner.tally
