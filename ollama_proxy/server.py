@@ -456,7 +456,8 @@ class _Connection:
         """
         settings = self.server.settings
         first = self._served == 0
-        self.idle_since = trio.current_time()
+        if self.idle_since is None:  # a new connection is idle since it was accepted
+            self.idle_since = trio.current_time()
         pending = self.h11.trailing_data[0]
         self._head_peek = pending[:HEAD_PEEK_BYTES]
         self._head_begun = bool(pending)
@@ -469,7 +470,7 @@ class _Connection:
                     if self._busy.is_set():  # the watcher waits for the next handler
                         self._busy = trio.Event()
                     wait.deadline = (self._accepted_at + settings.header_timeout_s if first
-                                     else self.idle_since + settings.keepalive_timeout_s)
+                                     else trio.current_time() + settings.keepalive_timeout_s)
                     await self._feed_h11(idle=True)
                     if not self.h11.trailing_data[0] and self.h11.their_state is h11.IDLE:
                         return None  # the client closed the connection

@@ -236,9 +236,10 @@ async def test_one_address_may_hold_only_its_share():
         async with trio.open_nursery() as nursery:
             server, _, port = await serve(nursery, max_connections=100, max_connections_per_ip=2)
             idle = await open_idle(port, 2)
-            await trio.open_tcp_stream("127.0.0.1", port)
+            newcomer = await trio.open_tcp_stream("127.0.0.1", port)
             await wait_for_eof(idle[0])
             assert server.evicted == 1 and len(server._connections) == 2
+            await newcomer.aclose()
             nursery.cancel_scope.cancel()
 
 
