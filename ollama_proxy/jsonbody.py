@@ -30,6 +30,9 @@ MAX_DEPTH = 64
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
 _SQUARE = bytes.maketrans(b"{}", b"[]")
 _STRING = re.compile(rb'"[^"]*"')  # a string of the reduced text (only brackets inside)
+# Above this size, brackets are first counted with memchr: large bodies are images
+# (base64 strings), and translating them would cost more than their few brackets.
+_LARGE = 64 * 1024
 
 # Unicode simple case folding's "S" entries (CaseFolding.txt): the only simple
 # foldings that differ from the full ones ``str.casefold`` gives; every other
@@ -145,19 +148,16 @@ def _too_deep(raw: bytes) -> bool:
     """Whether ``raw`` nests containers deeper than ``MAX_DEPTH`` (valid JSON:
     exactly; invalid JSON: enough to keep the decoder's recursion bounded).
     C-speed byte operations only, so honest bodies of any size stay cheap."""
-    openers = 0
-    for char in (b"[", b"{"):  # a big body is mostly strings: memchr skips them
-        pos = raw.find(char)
-        while pos >= 0 and openers <= MAX_DEPTH:
-            openers += 1
-            pos = raw.find(char, pos + 1)
-    if openers <= MAX_DEPTH:
+    if len(raw) > _LARGE and _openers(raw) <= MAX_DEPTH:
         return False
     if b"\\" in raw:  # escaped quotes and backslashes, paired left to right as JSON does
         raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    text = raw.translate(_SQUARE, _NOT_STRUCTURE)
+    if text.count(b"[") <= MAX_DEPTH:  # brackets in strings included: a bound
+        return False
     # Two adjacent quotes are an empty string or the end of one and the start of the
     # next, with no bracket between: deleting them changes no bracket's standing.
-    text = raw.translate(_SQUARE, _NOT_STRUCTURE).replace(b'""', b"")
+    text = text.replace(b'""', b"")
     if b'"' in text:
         text = _STRING.sub(b"", text)
     # Each pass deletes the innermost pairs, one level of every nest.
@@ -169,3 +169,15 @@ def _too_deep(raw: bytes) -> bool:
     # Left: pairs nested deeper than MAX_DEPTH, or unmatched brackets (invalid JSON,
     # which the decoder refuses, after at most MAX_DEPTH levels plus those left open).
     return b"[]" in text or text.count(b"[") > MAX_DEPTH
+
+
+def _openers(raw: bytes) -> int:
+    """How many "[" and "{" bytes ``raw`` holds, counting no further than MAX_DEPTH + 1
+    (memchr skips the long strings a large body is made of)."""
+    count = 0
+    for char in (b"[", b"{"):
+        pos = raw.find(char)
+        while pos >= 0 and count <= MAX_DEPTH:
+            count += 1
+            pos = raw.find(char, pos + 1)
+    return count
