@@ -58,10 +58,11 @@ def _fold_table() -> dict[int, int]:
         if block.casefold() == block:
             continue
         for char, full in zip(block, map(str.casefold, block)):
-            if full != char:
-                simple = chr(_SIMPLE_ONLY.get(ord(char), ord(full) if len(full) == 1 else ord(char)))
-                if simple != char:
-                    classes.setdefault(simple, {simple}).add(char)
+            if full == char:
+                continue
+            simple = chr(_SIMPLE_ONLY.get(ord(char), ord(full) if len(full) == 1 else ord(char)))
+            if simple != char:
+                classes.setdefault(simple, {simple}).add(char)
     table = dict.fromkeys(_SURROGATES, 0xFFFD)
     for members in classes.values():
         smallest = min(members)
@@ -103,8 +104,13 @@ def decode_object(raw: bytes) -> dict[str, Any]:
     return value
 
 
-def _collector(keep: Callable[[dict[str, Any]], None]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
-    def make_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+Pairs = list[tuple[str, Any]]
+
+
+def _collector(keep: Callable[[dict[str, Any]], None]) -> Callable[[Pairs], dict[str, Any]]:
+    """The decoder's object hook: builds each object, refuses a key spelled twice,
+    and hands objects of two keys or more to ``keep`` for the fold check."""
+    def make_object(pairs: Pairs) -> dict[str, Any]:
         obj = dict(pairs)
         if len(obj) != len(pairs):
             _refuse_duplicate(pairs)
@@ -114,7 +120,7 @@ def _collector(keep: Callable[[dict[str, Any]], None]) -> Callable[[list[tuple[s
     return make_object
 
 
-def _refuse_duplicate(pairs: list[tuple[str, Any]]) -> None:
+def _refuse_duplicate(pairs: Pairs) -> None:
     seen: set[str] = set()
     for key, _ in pairs:
         if key in seen:

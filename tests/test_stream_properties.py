@@ -66,7 +66,8 @@ ZERO = ',"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}'
 # (data, the data forwarded when the scanner drops what the gateway asked for, or None
 # when the whole event goes).
 SSE_DATA = st.one_of(
-    TEXT.map(lambda t: (chunk([{"index": 0, "delta": {"content": t}, "finish_reason": None}]),) * 2),
+    TEXT.map(lambda t: (chunk([{"index": 0, "delta": {"content": t},
+                                "finish_reason": None}]),) * 2),
     st.just((chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}}]),) * 2),
     st.just((chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]),) * 2),
     st.tuples(COUNT, COUNT).map(lambda c: (chunk([], usage={
