@@ -30,6 +30,7 @@ MAX_DEPTH = 64
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
 _SQUARE = bytes.maketrans(b"{}", b"[]")
 _STRING = re.compile(rb'"[^"]*"')  # a string of the reduced text (only brackets inside)
+_TOO_MANY_OPEN = b"[" * (MAX_DEPTH + 1)
 # Above this size, brackets are first counted with memchr: large bodies are images
 # (base64 strings), and translating them would cost more than their few brackets.
 _LARGE = 64 * 1024
@@ -166,6 +167,8 @@ def _too_deep(raw: bytes) -> bool:
     text = text.replace(b'""', b"")
     if b'"' in text:
         text = _STRING.sub(b"", text)
+    if _TOO_MANY_OPEN in text:  # that many openers in a row nest in each other
+        return True
     # Each pass deletes the innermost pairs, one level of every nest.
     for _ in range(MAX_DEPTH):
         shorter = text.replace(b"[]", b"")

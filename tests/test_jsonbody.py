@@ -253,19 +253,33 @@ def test_decoder_agrees_with_json_loads_or_refuses_collisions(tree, ascii_only):
 
 # String values that look like structure: brackets, quotes and backslashes, escaped.
 TRICKY = st.text(alphabet=st.sampled_from(list('[]{}"\\ a')), max_size=6)
+# What sits beside each level's child, with its own depth: such a string, or shallow
+# containers (so that a deep nest need not be a run of openers).
+SIBLINGS = TRICKY.map(lambda t: (json.dumps(t), 0)) | st.sampled_from(
+    [("[]", 1), ("{}", 1), ('[[1],{"x":[]}]', 3)])
 
 
-@PROPERTY
-@given(st.lists(st.sampled_from("[{"), min_size=1, max_size=80), TRICKY, TRICKY)
-def test_depth_is_counted_exactly_whatever_the_strings_hold(kinds, inner, sibling):
-    """Nest objects and arrays to any depth with strings full of brackets and
-    escapes beside them: refused exactly when deeper than MAX_DEPTH."""
-    opens, closes = ['{"s":' + json.dumps(sibling) + ',"a":'], ["}"]
-    for kind in kinds[1:]:
-        opens.append("[" + json.dumps(sibling) + "," if kind == "[" else '{"b":')
-        closes.append("]" if kind == "[" else "}")
+DEPTHS = st.integers(MAX_DEPTH - 4, MAX_DEPTH + 4) | st.integers(1, 100)
+NESTS = DEPTHS.flatmap(lambda depth: st.lists(st.tuples(st.sampled_from("[{"), SIBLINGS),
+                                              min_size=depth, max_size=depth))
+
+
+@settings(PROPERTY, max_examples=100)
+@given(NESTS, TRICKY)
+def test_depth_is_counted_exactly_whatever_sits_beside(levels, inner):
+    """Nest objects and arrays to any depth, with strings full of brackets and escapes
+    or shallow containers beside each level: refused exactly when deeper than MAX_DEPTH."""
+    opens, closes, depth = [], [], len(levels)
+    for index, (kind, (sibling, sibling_depth)) in enumerate(levels):
+        depth = max(depth, index + 1 + sibling_depth)
+        if kind == "[" and index:
+            opens.append("[" + sibling + ",")
+            closes.append("]")
+        else:  # the top level is an object
+            opens.append('{"s":' + sibling + ',"a":')
+            closes.append("}")
     text = "".join(opens) + json.dumps(inner) + "".join(reversed(closes))
-    if len(kinds) > MAX_DEPTH:
+    if depth > MAX_DEPTH:
         assert "nested deeper" in refusal(text.encode())
     else:
         assert decode_object(text.encode()) == json.loads(text)
