@@ -19,6 +19,7 @@ from .accounts import KeyEntry
 from .auth import Forbidden, KeyIndex, authorize
 from .backends import Router
 from .errors import BadRequest, NotFound, ProxyError
+from .jsonbody import decode_object
 from .limiting import Limiter
 from .server import Request, Responder
 from .storage import Store
@@ -37,15 +38,11 @@ def is_admin_path(path: str) -> bool:
 
 
 def _body(request: Request, allowed: set[str]) -> dict[str, Any]:
-    """The JSON object of the request; unknown fields are named in the 400."""
+    """The JSON object of the request (decoded strictly: no deep nesting, no
+    duplicate keys); unknown fields are named in the 400."""
     if not request.body.strip():
         return {}
-    try:
-        obj = json.loads(request.body)
-    except ValueError as exc:
-        raise BadRequest(f"invalid JSON in request body: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise BadRequest("request body must be a JSON object")
+    obj = decode_object(request.body)
     unknown = sorted(set(obj) - allowed)
     if unknown:
         raise BadRequest(f'unknown field "{unknown[0]}" (allowed: {", ".join(sorted(allowed))})')

@@ -180,9 +180,24 @@ def go_decode(body: bytes) -> Any:
     if start == len(text):
         raise GoJsonError("EOF")
     try:
-        return _DECODER.raw_decode(text, start)[0]
+        value = _DECODER.raw_decode(text, start)[0]
     except json.JSONDecodeError as exc:
         raise GoJsonError(_go_message(text, exc)) from None
+    return _without_lone_surrogates(value) if _SURROGATE_ESCAPE.search(text) else value
+
+
+# A "\ud800"-"\udfff" escape; Go reads one that is not half of a pair as U+FFFD.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [_without_lone_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def json_kind(value: Any) -> str:

@@ -538,6 +538,12 @@ def test_go_decode_reads_one_value():
     assert go_decode(b' {"a": [1, 2]} trailing') == {"a": [1, 2]}
 
 
+def test_go_decode_reads_a_lone_surrogate_as_replacement_character():
+    """Go decodes a "\\udc00" escape that is not half of a pair as U+FFFD; pairs stay."""
+    assert go_decode(b'{"k\\udc00":["x\\ud800y","\\ud83d\\ude00","\\\\ud800"]}') == {
+        "k\ufffd": ["x\ufffdy", "\U0001f600", "\\ud800"]}
+
+
 def test_directives():
     """Directives parse anywhere in the text; a typo or a bad value is an error."""
     parsed = parse_directives("a [[sim:tokens=3]] b [[sim:delay=0.5]] [[sim:status=503]]")
