@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import trio
 
-from ollama_proxy import db, ledger
+from ledger_rows import insert as insert_rows
+from ollama_proxy import db
 from ollama_proxy.accounts import KeyEntry
 from ollama_proxy.errors import ApiFamily, LimitError, render
 from ollama_proxy.limiting import Limiter, load_counters
@@ -373,7 +374,7 @@ def test_load_counters_from_the_ledger(tmp_path):
     now = utc(2025, 3, 1, 0, 10, 0)
     conn = db.connect(str(tmp_path / "op.db"))
     try:
-        ledger.insert_records(conn, [
+        insert_rows(conn, [
             row(utc(2024, 12, 5, 0, 0, 0), prompt=1000, completion=0),
             row(now - 3600),                                      # February, within the day
             row(now - 30, "/v1/embeddings", prompt=7, completion=0),
@@ -381,10 +382,11 @@ def test_load_counters_from_the_ledger(tmp_path):
             row(now - 10, outcome="refused", prompt=0, completion=0),
             row(now - 5, user="bob", completion=1),
         ])
-        store = load_counters(conn, now)
+        store, backlog = load_counters(conn, now)
     finally:
         conn.close()
     assert store.get("ann").snapshot(now) == {
         "requests_minute": 1, "requests_day": 2, "tokens_minute": 7, "tokens_day": 37,
         "tokens_total": 1037, "tokens_month": 7, "in_flight": 0}
     assert store.get("bob").snapshot(now)["tokens_minute"] == 11
+    assert backlog is None
