@@ -155,7 +155,9 @@ def insert_row(conn: sqlite3.Connection, record: UsageRecord) -> int:
 
 def insert_minimal(conn: sqlite3.Connection, r: UsageRecord) -> int:
     """The row of a record SQLite refused whole: who, when, which request, its status
-    and tokens, outcome ``unrecorded``; no model, backend, client or durations."""
+    and tokens, outcome ``unrecorded``; no model, backend, client or durations.
+    Made storable again: this is the last chance of the row."""
+    r = storable(r, 0.0)[0]
     row_id = conn.execute(_INSERT_MINIMAL, (
         r.time, r.user, r.key_prefix, r.request_id, r.endpoint, r.status, UNRECORDED,
         r.prompt_tokens, r.completion_tokens, int(r.estimated), int(r.stream))).lastrowid
