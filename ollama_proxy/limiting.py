@@ -253,5 +253,9 @@ def load_counters(conn: sqlite3.Connection, now: float) -> tuple[LimitStore, Bac
         months = {r["key"]: r["prompt_tokens"] + r["completion_tokens"]
                   for r in reports.usage(conn, since=month, group_by="user", unfolded=unfolded)
                   if r["key"] is not None}
+    if not unfolded:  # the quotas count the summaries only, not the day's rows, until then
+        for name in {r.user for r in rows if r.user is not None}:
+            totals.setdefault(name, 0)
+            months.setdefault(name, 0)
     store = LimitStore(rebuild(rows, now, totals=totals, months=months, counts=_metered_row))
     return store, None if unfolded else Backlog(folded, top, month)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import httpx
 import trio
 
 from gateway_stack import MemorySink, gateway_config, start_gateway
-from ollama_proxy import db, ledger
+from ledger_rows import insert
+from ollama_proxy import accounts, db, ledger, limiting
 from ollama_proxy.app import Gateway
 from ollama_proxy.server import HttpServer, Request, Responder
+from ollama_proxy.usage import UsageRecord
 
 TIMEOUT_S = 20
 HUGE = 2**63
@@ -34,6 +37,13 @@ async def hostile_backend(request: Request, responder: Responder) -> None:
             "prompt_eval_count": HUGE if model == "huge" else 3, "eval_count": 2}
     await responder.respond(200, [(b"content-type", b"application/json")],
                             json.dumps(body).encode())
+
+
+def record(request_id: str, when: float, prompt: int, completion: int) -> UsageRecord:
+    return UsageRecord(request_id=request_id, time=when, endpoint="/api/chat", model="m",
+                       backend="b", status=200, outcome="ok", prompt_tokens=prompt,
+                       completion_tokens=completion, estimated=False, stream=False,
+                       duration_s=0.1, ttfb_s=0.1, client="127.0.0.1", user="ann")
 
 
 def chat(model: str) -> bytes:
@@ -106,3 +116,25 @@ async def test_hostile_values_cost_no_row_and_survive_a_restart(nursery):
                                   headers={"Authorization": f"Bearer {keys['mallory']}"})
     assert me.json()["remaining"]["token_quota"] == QUOTA - used
     assert os.path.exists(path)
+
+
+async def test_a_start_on_a_long_backlog_counts_it_while_serving(nursery, monkeypatch):
+    """Rows the summaries have not seen (an older file, rows added by hand): the gateway
+    starts without summing them first, and a user's quota still counts every one."""
+    monkeypatch.setattr(limiting, "SYNC_BACKLOG_ROWS", 0)
+    config = gateway_config(["http://127.0.0.1:9"])
+    path = config.server.database
+    conn = db.connect(path)
+    try:
+        secret = accounts.server_secret(conn, path)
+        _, key = accounts.create_user(conn, secret, "ann", limits={"token_quota": QUOTA},
+                                      actor="test")
+        insert(conn, [record(f"r{i}", t, 100, 20) for i, t in enumerate(
+            (time.time() - 400 * 86400, time.time() - 60, time.time()))])
+    finally:
+        conn.close()
+    _gateway, url, _sink, _admin = await start_gateway(nursery, config)
+    with trio.fail_after(TIMEOUT_S):
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            me = await client.get("/v1/me", headers={"Authorization": f"Bearer {key}"})
+    assert me.json()["remaining"]["token_quota"] == QUOTA - 3 * 120
