@@ -63,7 +63,7 @@ def _text_ok(value: object) -> bool:
 
 def _whole(value: object, top: int) -> int:
     try:
-        number = int(value)  # type: ignore[call-overload]
+        number: int = int(value)  # type: ignore[call-overload]
     except (TypeError, ValueError, OverflowError):  # None, NaN, infinity, text
         return 0
     return min(max(number, 0), top)

@@ -329,11 +329,13 @@ class LedgerWriter:
                 else:
                     self._write_other(conn, job, written)
             except Exception as exc:
-                if not db.transient(exc):
-                    raise
-                log.error("ledger commit failed (will retry): %s", exc)
-                time.sleep(RETRY_DELAY_S)
-                continue
+                if not db.transient(exc):  # a bug: say so loudly, never stall the writer
+                    log.exception("ledger: writing %r failed", job)
+                    written.lost += isinstance(job, _Row)
+                else:
+                    log.error("ledger commit failed (will retry): %s", exc)
+                    time.sleep(RETRY_DELAY_S)
+                    continue
             self._settle(written)
             return
 
