@@ -44,7 +44,9 @@ FOLD_IDLE_S = 10.0
 FOLD_STEP_ROWS = 2000
 # After a fold failed for a reason that will not pass by itself, try again this late.
 FOLD_RETRY_S = 60.0
-# Request ids whose row ids are remembered for ``amend`` (a few MB; seconds of peak load).
+# Request ids whose row ids are remembered for ``amend`` (a few MB; seconds of peak
+# load); older rows, or rows written before the start, are looked for among as many
+# of the newest ledger rows.
 RECENT_ROWS = 20_000
 
 
@@ -388,7 +390,8 @@ class LedgerWriter:
         if clamped:
             log.warning("request %s: exact counts out of range (%r, %r), clamped", job.request_id,
                         job.prompt_tokens, job.completion_tokens)
-        row_id = written.ids.get(job.request_id) or self._recent.get(job.request_id)
+        row_id = (written.ids.get(job.request_id) or self._recent.get(job.request_id)
+                  or ledger.find_row(conn, job.request_id, RECENT_ROWS))
         if row_id is None or not ledger.amend_row(conn, row_id, job.request_id, prompt,
                                                   completion, estimated=clamped):
             log.warning("request %s: exact counts came, but its ledger row is unknown "

@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from ledger_rows import insert
-from ollama_proxy import accounts, db, keys, ledger, storage
+from ollama_proxy import accounts, db, keys, ledger, reports, storage
 from ollama_proxy.storage import LedgerWriter
 from ollama_proxy.usage import UsageRecord
 
@@ -262,13 +262,13 @@ async def test_unstorable_values_are_fixed_before_queueing(nursery, tmp_path, ca
 # --- amendments, touches, folding ---------------------------------------------------------
 
 async def test_amend_updates_the_row_and_the_summaries(nursery, tmp_path, caplog):
-    """Exact counts replace the estimate of the latest row of that request; folded sums
-    follow; an unknown request id is logged; counts are clamped like rows'."""
+    """Exact counts replace the estimate of the latest row of that request (one written
+    before the start too); an unknown request id is logged; counts are clamped like rows'."""
     caplog.set_level(logging.WARNING)
     path = tmp_path / "l.db"
     db.connect(str(path)).close()
     conn = db.connect(str(path))
-    insert(conn, [record("old", time=5.0)], fold=True)  # before this writer: unknown to it
+    insert(conn, [record("old", time=5.0)], fold=True)  # before this writer started
     conn.close()
     writer = await start(nursery, path)
     with trio.fail_after(10):
@@ -281,11 +281,15 @@ async def test_amend_updates_the_row_and_the_summaries(nursery, tmp_path, caplog
         await writer.amend("b", 2**63, 1)
     assert query(path, "SELECT request_id, time, prompt_tokens, completion_tokens, estimated "
                        "FROM ledger ORDER BY id") == [
-        ("old", 5.0, 3, 4, 0), ("a", 1.0, 3, 4, 1), ("a", 2.0, 40, 8, 0),
+        ("old", 5.0, 1, 1, 0), ("a", 1.0, 3, 4, 1), ("a", 2.0, 40, 8, 0),
         ("b", 1.0, ledger.MAX_TOKENS, 1, 1)]
-    assert writer.stats()["amended"] == 2
+    conn = db.connect(str(path))
+    try:  # the summaries followed the amended folded row: reports still add up
+        assert reports.user_totals(conn)["alice"]["prompt_tokens"] == 1 + 3 + 40 + 10**9
+    finally:
+        conn.close()
+    assert writer.stats()["amended"] == 3
     assert "request nobody: exact counts came, but its ledger row is unknown" in caplog.text
-    assert "request old: exact counts came" in caplog.text
 
 
 async def test_amend_sees_a_row_of_the_same_batch(nursery, tmp_path):
