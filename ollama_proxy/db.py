@@ -1,8 +1,10 @@
-"""The SQLite file: connection settings, numbered migrations, transactions.
+"""The SQLite file: connection settings, numbered migrations (with the usage
+summaries' schema), transactions.
 
-Synchronous on purpose: the server calls it from one worker thread, the
-offline CLI calls it directly, and both may have the same file open at once
-(WAL lets the CLI write while the server reads).
+Synchronous on purpose: the server calls it from its worker threads (accounts,
+reports, the ledger writer: a connection each), the offline CLI calls it
+directly, and both may have the same file open at once (WAL lets the CLI
+write while the server reads).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ __all__ = ["Conflict", "StoreError", "connect", "transaction"]  # the errors liv
 # watermark ``meta.ledger_folded`` into them (in SQL, so rows written by
 # another process or restored from a backup count too); triggers keep folded
 # rows that are later changed or deleted in step. Reports read whole buckets
-# from here and the rest from the ledger (``ledger.usage``).
+# from here and the rest from the ledger (``reports.usage``).
 #
 # The output of these helpers is part of migration 2: never change it, add a
 # migration instead.
@@ -76,8 +78,8 @@ def fold_sql(table: str) -> str:
 def _take_out(table: str, extra: str = "") -> str:
     """Trigger statements: subtract the ``old`` row from ``table``, drop an emptied bucket."""
     length_s, dims = SUMMARIES[table]
-    where = (f"start = {bucket_sql('old.time', length_s)} AND ({_key(dims)}) = ({_key(dims, 'old.')})"
-             + extra)
+    where = (f"start = {bucket_sql('old.time', length_s)} "
+             f"AND ({_key(dims)}) = ({_key(dims, 'old.')}){extra}")
     return (f"UPDATE {table} SET requests = requests - 1, "
             f"prompt_tokens = prompt_tokens - old.prompt_tokens, "
             f"completion_tokens = completion_tokens - old.completion_tokens, "

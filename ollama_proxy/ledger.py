@@ -216,7 +216,8 @@ def fold(conn: sqlite3.Connection, max_rows: int) -> int:
 
 def token_sums(conn: sqlite3.Connection, after_id: int, upto_id: int,
                month_start: float) -> dict[str, tuple[int, int]]:
-    """Tokens per user of the rows ``after_id < id <= upto_id``: (in all, from ``month_start`` on)."""
+    """Tokens per user of the rows ``after_id < id <= upto_id``: (in all, from
+    ``month_start`` on)."""
     rows = conn.execute(
         "SELECT user, SUM(prompt_tokens + completion_tokens), "
         "SUM(CASE WHEN time >= ? THEN prompt_tokens + completion_tokens ELSE 0 END) "

@@ -307,7 +307,8 @@ class LedgerWriter:
 
         def insert() -> None:
             if rows:
-                written.ids.update(zip((r.request_id for r in rows), ledger.insert_rows(conn, rows)))
+                ids = ledger.insert_rows(conn, rows)
+                written.ids.update(zip((r.request_id for r in rows), ids))
                 written.rows += len(rows)
                 rows.clear()
 

@@ -179,8 +179,8 @@ EDGE = st.none() | TIME
 
 @settings(max_examples=300, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rows=st.lists(ROW, min_size=4, max_size=40), folded=st.integers(0, 40), group_by=st.sampled_from(
-    reports.GROUPS), user=USERS, model=MODELS, since=EDGE, until=EDGE)
+@given(rows=st.lists(ROW, min_size=4, max_size=40), folded=st.integers(0, 40),
+       group_by=st.sampled_from(reports.GROUPS), user=USERS, model=MODELS, since=EDGE, until=EDGE)
 def test_reports_equal_the_sums_of_the_ledger_rows(conn, rows, folded, group_by, user, model,
                                                    since, until):
     """Whatever the rows, how many are folded, the span and the filters: the report is
