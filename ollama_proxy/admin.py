@@ -1,9 +1,10 @@
 """The admin API (``/admin/api/*``, admin keys only) and the caller's own
 ``/v1/me`` and ``/v1/usage``, with the exact names of PRODUCT §8.
 
-Every call runs its SQLite work in the store's thread; after a change the
-key index is reloaded before the answer, so the change holds from the next
-request on.
+Account calls run in the accounts store's thread, usage reports in the
+reports store's (a long report never holds up an account change or a key
+revocation); ``/v1/me`` reads no SQL at all. After a change the key index is
+reloaded before the answer, so the change holds from the next request on.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qsl, unquote
 
-from . import accounts, keys, ledger
+from . import accounts, keys, reports
 from .accounts import KeyEntry
 from .auth import Forbidden, KeyIndex, authorize
 from .backends import Router
@@ -31,6 +32,9 @@ Handler = Callable[["AdminApi", Request, KeyEntry, dict[str, str]], Awaitable[tu
 # Re-reads the config file and applies what it can (the argument: who asked, for the
 # audit log); returns the answer of POST /admin/api/reload.
 Reload = Callable[[str], Awaitable[dict[str, Any]]]
+# Notes a key's use (prefix, unix time) without waiting: LedgerWriter.touch.
+Touch = Callable[[str, float], None]
+_NO_USAGE = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
 
 def is_admin_path(path: str) -> bool:
@@ -66,9 +70,11 @@ def _query(request: Request, allowed: set[str]) -> dict[str, str]:
 class AdminApi:
     """Handles the admin paths; ``handle`` is a server handler."""
 
-    def __init__(self, store: Store, index: KeyIndex, secret: bytes, router: Router,
-                 limiter: Limiter, reload: Reload) -> None:
+    def __init__(self, store: Store, reports: Store, touch: Touch, index: KeyIndex,
+                 secret: bytes, router: Router, limiter: Limiter, reload: Reload) -> None:
         self._store = store
+        self._reports = reports
+        self._touch = touch
         self._index = index
         self._secret = secret
         self._router = router
@@ -83,7 +89,7 @@ class AdminApi:
             expires_at = self._limiter.limits_for(entry).expires_at
             if expires_at is not None and self._limiter.clock() >= expires_at:
                 raise Forbidden("this user expired (expires_at)", code="user_expired")
-        await self._store.call(ledger.touch_key, entry.prefix, time.time())
+        self._touch(entry.prefix, time.time())
         await request.read_body()  # only now: a stranger's body is never read
         for method, pattern, handler in ROUTES:
             match = pattern.fullmatch(request.path)
@@ -109,10 +115,9 @@ class AdminApi:
         return f"{entry.user} ({entry.prefix})"
 
     async def _user_json(self, user: accounts.User, *, keys: bool) -> dict[str, Any]:
-        totals = await self._store.call(ledger.user_totals)
+        totals = await self._reports.call(reports.user_totals, user.name)
         out = user.to_json()
-        out["usage"] = totals.get(user.name, {"requests": 0, "prompt_tokens": 0,
-                                              "completion_tokens": 0})
+        out["usage"] = totals.get(user.name, _NO_USAGE)
         if keys:
             key_list = await self._store.call(accounts.list_keys, user.name)
             out["keys"] = [k.to_json() for k in key_list]
@@ -135,9 +140,9 @@ class AdminApi:
     async def list_users(self, request: Request, entry: KeyEntry,
                          params: dict[str, str]) -> tuple[int, Any]:
         users = await self._store.call(accounts.list_users)
-        totals = await self._store.call(ledger.user_totals)
-        zero = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
-        return 200, {"users": [{**u.to_json(), "usage": totals.get(u.name, zero)} for u in users]}
+        totals = await self._reports.call(reports.user_totals)
+        return 200, {"users": [{**u.to_json(), "usage": totals.get(u.name, _NO_USAGE)}
+                               for u in users]}
 
     async def get_user(self, request: Request, entry: KeyEntry,
                        params: dict[str, str]) -> tuple[int, Any]:
@@ -191,8 +196,8 @@ class AdminApi:
         q = _query(request, allowed)
         since = accounts.parse_time(q["since"], "since") if q.get("since") else None
         until = accounts.parse_time(q["until"], "until") if q.get("until") else None
-        rows = await self._store.call(
-            ledger.usage, user=user if user is not None else q.get("user") or None,
+        rows = await self._reports.call(
+            reports.usage, user=user if user is not None else q.get("user") or None,
             model=q.get("model") or None, since=since, until=until,
             group_by=q.get("group_by") or default_group)
         return 200, {"rows": rows}
@@ -210,8 +215,9 @@ class AdminApi:
     async def me(self, request: Request, entry: KeyEntry,
                  params: dict[str, str]) -> tuple[int, Any]:
         """The caller's effective limits (defaults and own overrides merged) and what is left."""
-        return 200, {"name": entry.user, "role": entry.role,
-                     "limits": self._limiter.limits_for(entry).to_dict(),
+        limits = self._limiter.limits_for(entry)
+        await self._limiter.quota_known(limits)
+        return 200, {"name": entry.user, "role": entry.role, "limits": limits.to_dict(),
                      "key": entry.prefix, "remaining": self._limiter.remaining(entry)}
 
     async def reload(self, request: Request, entry: KeyEntry,

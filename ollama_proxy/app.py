@@ -18,7 +18,7 @@ from .backends import Backend, Router
 from .clientip import AddressPolicy
 from .config import Config, ServerConfig, UpstreamConfig, settings
 from .errors import BadRequest, ConfigError, ProxyError
-from .limiting import Limiter, load_counters
+from .limiting import Backlog, Limiter, load_counters
 from .relay import Relay, UsageLog, UsageObserver
 from .server import HttpServer, Request, Responder, ServerSettings
 from .storage import LedgerWriter, Store
@@ -28,6 +28,7 @@ log = logging.getLogger("ollama_proxy.app")
 
 # Config sections a reload applies at once; a change anywhere else needs a restart.
 LIVE_SECTIONS = ("limits", "log")
+BACKLOG_RETRY_S = 5.0  # after a failed read of the ledger rows the quotas miss at start
 
 
 # File descriptors kept for what is not a connection: the database and its journal
@@ -117,7 +118,8 @@ class Gateway:
         self._loader = loader
         self.limiter = Limiter(config.limits)
         self.router = Router([make_backend(u) for u in config.upstreams])
-        self.store = Store(config.server.database)
+        self.store = Store(config.server.database)  # accounts: keys, users, audit
+        self.reports = Store(config.server.database)  # usage reports, never in the way of those
         self.ledger = LedgerWriter(config.server.database, wait=config.server.ledger_wait)
         self.usage_log = UsageLog()
         self.observers: list[UsageObserver] = [self.usage_log, *([observer] if observer else [])]
@@ -151,7 +153,8 @@ class Gateway:
         index = KeyIndex(self.store, secret)
         await index.reload()
         self.index = index
-        self.admin = AdminApi(self.store, index, secret, self.router, self.limiter, self.reload)
+        self.admin = AdminApi(self.store, self.reports, self.ledger.touch, index, secret,
+                              self.router, self.limiter, self.reload)
         return index
 
     async def reload(self, actor: str) -> dict[str, Any]:
@@ -191,14 +194,18 @@ class Gateway:
         cfg = self.config.server
         try:
             index = await self._open_accounts()
+            await self.reports.open()
             # Before the first request: a restart neither resets a window nor forgets a quota.
-            self.limiter.store = await self.store.call(load_counters, self.limiter.clock())
+            self.limiter.store, backlog = await self.reports.call(load_counters,
+                                                                  self.limiter.clock())
             self.relay = Relay(self.router, self.ledger, observers=self.observers, index=index,
                                steps=[self.limiter], on_usage=[self.limiter.settle],
                                while_waiting=[self.usage_log.flush],
                                max_response_bytes=cfg.max_response_bytes)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.ledger.run)
+                if backlog is not None:  # a long one is summed while the gateway serves
+                    await nursery.start(self._count_backlog, backlog)
                 nursery.start_soon(index.keep_fresh)
                 nursery.start_soon(self.router.run_health_checks)
                 nursery.start_soon(self.usage_log.run)
@@ -214,6 +221,27 @@ class Gateway:
             with trio.CancelScope(shield=True):
                 await self.router.aclose()
                 await self.store.aclose()
+                await self.reports.aclose()
+
+    async def _count_backlog(self, backlog: Backlog, *,
+                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
+        """Sum the ledger rows the quotas miss; meanwhile (from ``started`` on) requests
+        that a token quota counts wait."""
+        summed = trio.Event()
+        self.limiter.quota_pending = summed.wait
+        task_status.started()
+        while True:
+            try:
+                sums = await self.reports.call(backlog.sums)
+                break
+            except Exception:
+                log.exception("summing the ledger rows not yet in the usage summaries failed "
+                              "(requests with a token quota wait): retrying")
+                await trio.sleep(BACKLOG_RETRY_S)
+        self.limiter.add_backlog(backlog, sums)
+        self.limiter.quota_pending = None
+        summed.set()
 
     async def _drain_on_signals(self) -> None:
         """First signal: drain for ``drain_s``. A second one: stop now."""

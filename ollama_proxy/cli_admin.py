@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import accounts, db, ledger
+from . import accounts, db, reports
 from .accounts import User, get_user, parse_time
 from .config import load_config
 from .errors import BadRequest, ProxyError
@@ -194,7 +194,7 @@ def render_created_user(p: Payload) -> str:
 
 
 def users_list(ctx: Context, args: argparse.Namespace) -> Payload:
-    totals = ledger.user_totals(ctx.conn)
+    totals = reports.user_totals(ctx.conn)
     return {"users": [{**u.to_json(), "usage": {**_NO_USAGE, **totals.get(u.name, {})}}
                       for u in accounts.list_users(ctx.conn)]}
 
@@ -209,7 +209,7 @@ def render_users(p: Payload) -> str:
 
 def user_payload(conn: sqlite3.Connection, user: User, *, keys: bool) -> Payload:
     """One user as ``GET /admin/api/users/{name}`` answers it (``keys``), or as ``PATCH`` does."""
-    totals = ledger.user_totals(conn).get(user.name, {})
+    totals = reports.user_totals(conn, user.name).get(user.name, {})
     out = {**user.to_json(), "usage": {**_NO_USAGE, **totals}}
     if keys:
         out["keys"] = [k.to_json() for k in accounts.list_keys(conn, user.name)]
@@ -299,7 +299,7 @@ def keys_revoke(ctx: Context, args: argparse.Namespace) -> Payload:
 def usage(ctx: Context, args: argparse.Namespace) -> Payload:
     since = parse_time(args.since, "since") if args.since else None
     until = parse_time(args.until, "until") if args.until else None
-    rows = ledger.usage(ctx.conn, user=args.user, model=args.model, since=since, until=until,
+    rows = reports.usage(ctx.conn, user=args.user, model=args.model, since=since, until=until,
                         group_by=args.group_by)
     return {"group_by": args.group_by, "rows": rows}
 

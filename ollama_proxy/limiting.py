@@ -14,18 +14,20 @@ requests), so the next request sees the real usage and ``max_concurrent``
 always comes back down.
 
 No I/O here: the counters are in memory, rebuilt from the ledger at start
-(``load_counters``, run in the store's thread).
+(``load_counters``, run in the reports store's thread).
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
-from . import ledger
+from . import ledger, reports
 from .accounts import KeyEntry
+from .db import snapshot
 from .errors import LimitError, ProxyError
 from .limit_counters import Decision, LimitStore, UserCounters, rebuild
 from .limits import DAY_BUCKET_S, DAY_S, Limits, canonical_model, filter_listing, month_start
@@ -87,6 +89,9 @@ class Limiter:
         # estimate counts as 1). Added to the next estimates, so a reservation covers the
         # real prompt and concurrent requests cannot push a limit past its value with it.
         self._overhead: dict[tuple[str, str], int] = {}
+        # Set while a start's ledger backlog is summed (``Backlog``): requests that a token
+        # quota counts await it first.
+        self.quota_pending: Callable[[], Awaitable[None]] | None = None
 
     def set_defaults(self, defaults: Limits) -> None:
         """New ``[limits]`` defaults (config reload): they hold from the next request."""
@@ -124,9 +129,11 @@ class Limiter:
         if entry is None:  # a relay without keys
             return
         limits, tokens = self._resolve(entry)
+        route = ex.route
+        if self.quota_pending is not None and route.kind in METERED:
+            await self.quota_known(limits)
         counters = self.store.get(entry.user)
         now = self.clock()
-        route = ex.route
         if route.kind in METERED:
             obj = ex.body_obj
             assert obj is not None  # metered routes take a JSON body
@@ -166,6 +173,22 @@ class Limiter:
         """The ``x-ratelimit-*`` pairs of a user's counted limits, nothing counted now."""
         return () if limits.unbounded else counters.headers(limits, now)
 
+    async def quota_known(self, limits: Limits) -> None:
+        """Wait, if these limits count a token quota, until the start's backlog is summed."""
+        pending = self.quota_pending
+        if pending is not None and limits.token_quota is not None:
+            await pending()
+
+    def add_backlog(self, backlog: Backlog, sums: dict[str, tuple[int, int]]) -> None:
+        """Add the tokens of a ledger ``backlog`` (``Backlog.sums``) to the quotas."""
+        now = self.clock()
+        for user, (total, month) in sums.items():
+            quota = self.store.get(user).quota
+            quota.total += total
+            quota.used(now, "month")  # roll to now's month first
+            if month_start(now) == backlog.month_start:
+                quota.month_used += month
+
     def settle(self, ex: Exchange, record: UsageRecord) -> None:
         """Replace the exchange's reservation by the usage its record reports."""
         reservation = ex.reservation
@@ -196,14 +219,43 @@ def _metered_row(row: UsageRecord) -> bool:
     return route is not None and route.kind in METERED
 
 
-def load_counters(conn: sqlite3.Connection, now: float) -> LimitStore:
-    """Every user's counters from the ledger (in the store's thread, at start):
-    the last day's rows for the windows, this month's and all-time token sums
-    for the quotas."""
-    rows = ledger.rows_since(conn, now - DAY_S - DAY_BUCKET_S)
-    totals = {user: t["prompt_tokens"] + t["completion_tokens"]
-              for user, t in ledger.user_totals(conn).items()}
-    months = {r["key"]: r["prompt_tokens"] + r["completion_tokens"]
-              for r in ledger.usage(conn, since=month_start(now), group_by="user")
-              if r["key"] is not None}
-    return LimitStore(rebuild(rows, now, totals=totals, months=months, counts=_metered_row))
+# Above this many ledger rows not yet in the summaries (the first start on an older
+# file, rows added by hand), their quota sums are read after the start, not before:
+# the gateway answers at once, and only requests that a token quota counts wait.
+SYNC_BACKLOG_ROWS = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """Ledger rows ``after_id < id <= upto_id`` whose tokens the quotas miss yet."""
+
+    after_id: int
+    upto_id: int
+    month_start: float  # the month the counters were loaded in
+
+    def sums(self, conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+        """(all tokens, this month's) per user (in the reports store's thread)."""
+        return ledger.token_sums(conn, self.after_id, self.upto_id, self.month_start)
+
+
+def load_counters(conn: sqlite3.Connection, now: float) -> tuple[LimitStore, Backlog | None]:
+    """Every user's counters from the ledger (in the reports store's thread, at
+    start): the last day's rows for the windows, this month's and all-time token
+    sums for the quotas, from the summaries; and the rows not in them yet, unless
+    there are many (then returned as a ``Backlog``, for ``Limiter.add_backlog``)."""
+    month = month_start(now)
+    with snapshot(conn):
+        folded, top = ledger.fold_state(conn)
+        unfolded = top - folded <= SYNC_BACKLOG_ROWS
+        rows = ledger.rows_since(conn, now - DAY_S - DAY_BUCKET_S)
+        totals = {user: t["prompt_tokens"] + t["completion_tokens"]
+                  for user, t in reports.user_totals(conn, unfolded=unfolded).items()}
+        months = {r["key"]: r["prompt_tokens"] + r["completion_tokens"]
+                  for r in reports.usage(conn, since=month, group_by="user", unfolded=unfolded)
+                  if r["key"] is not None}
+    if not unfolded:  # the quotas count the summaries only, not the day's rows, until then
+        for name in {r.user for r in rows if r.user is not None}:
+            totals.setdefault(name, 0)
+            months.setdefault(name, 0)
+    store = LimitStore(rebuild(rows, now, totals=totals, months=months, counts=_metered_row))
+    return store, None if unfolded else Backlog(folded, top, month)

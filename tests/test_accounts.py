@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from ollama_proxy import accounts, db, keys, ledger
+from ledger_rows import insert as insert_rows
+from ollama_proxy import accounts, db, keys, reports
 from ollama_proxy.errors import BadRequest, NotFound
 from ollama_proxy.usage import UsageRecord
 
@@ -109,11 +110,11 @@ def test_delete_revokes_keys_and_keeps_ledger_rows(conn, secret):
     """A deleted user's keys leave the index, its ledger rows stay, its name is free again."""
     _, key = accounts.create_user(conn, secret, "alice", actor="root")
     prefix = keys.key_prefix(key)
-    ledger.insert_records(conn, [record("alice", prefix, time.time())])
+    insert_rows(conn, [record("alice", prefix, time.time())])
     accounts.delete_user(conn, "alice", actor="root")
     assert prefix not in accounts.key_index(conn, time.time())
     assert accounts.list_users(conn) == []
-    assert ledger.user_totals(conn)["alice"]["requests"] == 1
+    assert reports.user_totals(conn)["alice"]["requests"] == 1
     with pytest.raises(NotFound):
         accounts.delete_user(conn, "alice", actor="root")
     accounts.create_user(conn, secret, "alice", actor="root")  # a new alice may come

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from ollama_proxy import accounts, db, ledger
+from ledger_rows import insert as insert_rows
+from ollama_proxy import accounts, db
 from ollama_proxy.__main__ import main
 from ollama_proxy.cli_admin import STORE_IT, actor
 from ollama_proxy.keys import key_prefix
@@ -79,7 +80,7 @@ def _record(user: str | None, model: str, prompt: int, completion: int, *, statu
 def _fill_ledger(cli: Cli, records: list[UsageRecord]) -> None:
     conn = db.connect(str(cli.db))
     try:
-        ledger.insert_records(conn, records)
+        insert_rows(conn, records)
     finally:
         conn.close()
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ollama_proxy import db
+from ollama_proxy import db, ledger, reports
 
 
 def test_fresh_file_reaches_current_version_in_wal_mode(tmp_path):
@@ -129,3 +129,22 @@ def test_opening_a_current_file_needs_no_write_lock(tmp_path):
     assert time.monotonic() - started < 1.0
     assert db.user_version(reader) == db.SCHEMA_VERSION
     writer.execute("ROLLBACK")
+
+
+def test_an_older_file_gets_empty_summaries_and_its_rows_are_reported(tmp_path, monkeypatch):
+    """A file from before the summaries (version 1) with ledger rows: migrated, the sums
+    start empty below watermark 0, and reports count its rows all the same."""
+    path = str(tmp_path / "op.db")
+    monkeypatch.setattr(db, "MIGRATIONS", db.MIGRATIONS[:1])
+    old = db.connect(path)
+    old.execute("INSERT INTO ledger (time, user, endpoint, status, outcome, prompt_tokens, "
+                "completion_tokens, estimated, stream) VALUES (0, 'ann', '/api/chat', 200, 'ok', "
+                "5, 6, 0, 0)")
+    old.close()
+    monkeypatch.undo()
+    conn = db.connect(path)
+    assert db.user_version(conn) == db.SCHEMA_VERSION
+    assert ledger.fold_state(conn) == (0, 1)
+    assert conn.execute("SELECT COUNT(*) FROM usage_day").fetchone() == (0,)
+    assert reports.user_totals(conn) == {
+        "ann": {"requests": 1, "prompt_tokens": 5, "completion_tokens": 6}}

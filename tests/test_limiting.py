@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
-from ollama_proxy import db, ledger
+from ledger_rows import insert as insert_rows
+from ollama_proxy import db, limiting
 from ollama_proxy.accounts import KeyEntry
 from ollama_proxy.errors import ApiFamily, LimitError, render
 from ollama_proxy.limiting import Limiter, load_counters
@@ -373,7 +375,7 @@ def test_load_counters_from_the_ledger(tmp_path):
     now = utc(2025, 3, 1, 0, 10, 0)
     conn = db.connect(str(tmp_path / "op.db"))
     try:
-        ledger.insert_records(conn, [
+        insert_rows(conn, [
             row(utc(2024, 12, 5, 0, 0, 0), prompt=1000, completion=0),
             row(now - 3600),                                      # February, within the day
             row(now - 30, "/v1/embeddings", prompt=7, completion=0),
@@ -381,10 +383,64 @@ def test_load_counters_from_the_ledger(tmp_path):
             row(now - 10, outcome="refused", prompt=0, completion=0),
             row(now - 5, user="bob", completion=1),
         ])
-        store = load_counters(conn, now)
+        store, backlog = load_counters(conn, now)
     finally:
         conn.close()
     assert store.get("ann").snapshot(now) == {
         "requests_minute": 1, "requests_day": 2, "tokens_minute": 7, "tokens_day": 37,
         "tokens_total": 1037, "tokens_month": 7, "in_flight": 0}
     assert store.get("bob").snapshot(now)["tokens_minute"] == 11
+    assert backlog is None
+
+
+LEDGER_ROWS_2025 = [
+    row(utc(2024, 12, 5, 0, 0, 0), prompt=1000, completion=0),
+    row(utc(2025, 2, 28, 23, 0, 0)),
+    row(utc(2025, 3, 1, 0, 5, 0), user="bob", completion=1),
+]
+
+
+@pytest.mark.parametrize("folded", [0, 1, 3])
+def test_a_long_backlog_is_summed_after_the_start(tmp_path, monkeypatch, folded):
+    """Past SYNC_BACKLOG_ROWS unfolded rows, load_counters leaves their quota sums out and
+    names them; added later, the counters are those of a start without a backlog."""
+    now = utc(2025, 3, 1, 0, 10, 0)
+    conn = db.connect(str(tmp_path / "op.db"))
+    try:
+        insert_rows(conn, LEDGER_ROWS_2025[:folded], fold=True)
+        insert_rows(conn, LEDGER_ROWS_2025[folded:])
+        whole, none = load_counters(conn, now)
+        monkeypatch.setattr(limiting, "SYNC_BACKLOG_ROWS", 0)
+        store, backlog = load_counters(conn, now)
+        assert none is None and (backlog is None) == (folded == 3)
+        lim = Limiter(Limits(), store=store, clock=lambda: now)
+        if backlog is not None:
+            assert backlog.upto_id == 3 and backlog.after_id == folded
+            lim.add_backlog(backlog, backlog.sums(conn))
+    finally:
+        conn.close()
+    for user in ("ann", "bob"):
+        assert store.get(user).snapshot(now) == whole.get(user).snapshot(now)
+    assert store.get("ann").snapshot(now)["tokens_total"] == 1030
+
+
+async def test_quota_counted_requests_wait_for_the_backlog():
+    """While a start's backlog is summed, a request a token quota counts waits; others go."""
+    lim = limiter()
+    summed = trio.Event()
+    lim.quota_pending = summed.wait
+    admitted: list[str] = []
+
+    async def go(user: str, limits: dict[str, Any]) -> None:
+        await lim(exchange("/api/chat", CHAT, key(limits, user=user, prefix=user)))
+        admitted.append(user)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(go, "quota", {"token_quota": 1000})
+            nursery.start_soon(go, "free", {"tokens_per_day": 1000})
+            await trio.testing.wait_all_tasks_blocked()
+            assert admitted == ["free"]
+            lim.quota_pending = None
+            summed.set()
+    assert admitted == ["free", "quota"]
