@@ -154,7 +154,7 @@ class _Meter:
             outcome=outcome,
             prompt_tokens=tally.prompt_tokens,
             completion_tokens=tally.completion_tokens,
-            estimated=not tally.exact,
+            estimated=not tally.exact or tally.clamped,
             stream=ex.stream,
             duration_s=round(time.perf_counter() - self.started, 6),
             ttfb_s=self.ttfb_s,
