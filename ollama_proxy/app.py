@@ -18,6 +18,7 @@ from .backends import Backend, Router
 from .config import Config, ServerConfig, UpstreamConfig, settings
 from .errors import BadRequest, ConfigError, ProxyError
 from .limiting import Limiter, load_counters
+from .prompt_overhead import PromptOverheads
 from .relay import Relay, UsageLog, UsageObserver
 from .server import HttpServer, Request, Responder, ServerSettings
 from .storage import LedgerWriter, Store
@@ -70,7 +71,10 @@ class Gateway:
                  loader: Callable[[], Config] | None = None) -> None:
         self.config = config
         self._loader = loader
-        self.limiter = Limiter(config.limits)
+        # What templates add to prompts, learned from exact counts: the limits' reservations
+        # and the estimated usage rows both add it to the text.
+        self.overheads = PromptOverheads()
+        self.limiter = Limiter(config.limits, overheads=self.overheads)
         self.router = Router([make_backend(u) for u in config.upstreams])
         self.store = Store(config.server.database)
         self.ledger = LedgerWriter(config.server.database, wait=config.server.ledger_wait)
@@ -149,9 +153,11 @@ class Gateway:
             # Before the first request: a restart neither resets a window nor forgets a quota.
             self.limiter.store = await self.store.call(load_counters, self.limiter.clock())
             self.relay = Relay(self.router, self.ledger, observers=self.observers, index=index,
-                               steps=[self.limiter], on_usage=[self.limiter.settle],
+                               steps=[self.limiter],
+                               on_usage=[self.limiter.settle, self.overheads.observe],
                                while_waiting=[self.usage_log.flush],
-                               max_response_bytes=cfg.max_response_bytes)
+                               max_response_bytes=cfg.max_response_bytes,
+                               estimate_prompt=self.overheads.estimate)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.ledger.run)
                 nursery.start_soon(index.keep_fresh)

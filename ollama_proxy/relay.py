@@ -139,11 +139,11 @@ class _Meter:
         self.record: UsageRecord | None = None
         self.started = time.perf_counter()
 
-    def build(self, outcome: str) -> UsageRecord:
+    def build(self, outcome: str, estimate_prompt: Callable[[Exchange], int]) -> UsageRecord:
         ex = self.exchange
         tally = self.tally
         if not tally.exact:  # walking the request body only when it is needed
-            tally.estimate(estimate_prompt_tokens(ex.body_obj))
+            tally.estimate(estimate_prompt(ex))
         return UsageRecord(
             request_id=ex.request_id.decode(),
             time=ex.started_at,
@@ -197,6 +197,8 @@ class Relay:
         while_waiting: Sequence[Callable[[], None]] = (),
         max_response_bytes: int = 256 * 1024 * 1024,
         max_frame_bytes: int = 1 << 20,
+        estimate_prompt: Callable[[Exchange], int] = lambda ex: estimate_prompt_tokens(
+            ex.body_obj),
     ) -> None:
         self._router = router
         self._sink = sink
@@ -209,6 +211,8 @@ class Relay:
         self._while_waiting = tuple(while_waiting)
         self._max_response_bytes = max_response_bytes
         self._max_frame_bytes = max_frame_bytes
+        # The prompt count of a row the backend did not count (text + learned overhead).
+        self._estimate_prompt = estimate_prompt
         self._started = time.time()
 
     async def handle(self, request: Request, responder: Responder) -> None:
@@ -406,7 +410,7 @@ class Relay:
         if meter.recorded:
             return
         meter.recorded = True
-        record = meter.record = meter.build(outcome)
+        record = meter.record = meter.build(outcome, self._estimate_prompt)
         for hook in self._on_usage:
             hook(meter.exchange, record)
         # A bare scope: move_on_after's generator costs more, once per request.
