@@ -36,6 +36,13 @@ def _row(r: UsageRecord) -> tuple[Any, ...]:
             r.ttfb_s, r.request_id, r.client)
 
 
+# The newest estimated row of a request id (ids may come from clients, so not unique);
+# scanning ids backwards finds a fresh row at once without an index on request_id.
+_AMEND = ("UPDATE ledger SET prompt_tokens = ?, completion_tokens = ?, estimated = 0 "
+          "WHERE id = (SELECT id FROM ledger WHERE request_id = ? AND estimated = 1 "
+          "ORDER BY id DESC LIMIT 1)")
+
+
 # MAX: batches may commit out of order; last_used_at never goes back.
 _TOUCH = "UPDATE keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE prefix = ?"
 
@@ -53,6 +60,14 @@ def insert_records(conn: sqlite3.Connection, records: Sequence[UsageRecord],
     with transaction(conn):
         conn.executemany(_INSERT, [_row(r) for r in records])
         conn.executemany(_TOUCH, [(t, p) for p, t in last_used.items()])
+
+
+def amend_rows(conn: sqlite3.Connection, amends: Sequence[tuple[str, int, int]]) -> None:
+    """Exact ``(request_id, prompt_tokens, completion_tokens)`` for rows that were
+    estimated, in one transaction. Minimal, until the store's own amend replaces it."""
+    if amends:
+        with transaction(conn):
+            conn.executemany(_AMEND, [(p, c, rid) for rid, p, c in amends])
 
 
 def touch_key(conn: sqlite3.Connection, prefix: str, when: float) -> None:

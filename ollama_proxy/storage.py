@@ -25,6 +25,8 @@ from .usage import UsageRecord
 log = logging.getLogger("ollama_proxy.storage")
 
 T = TypeVar("T")
+Amend = tuple[str, int, int]  # (request_id, prompt_tokens, completion_tokens)
+Job = tuple[int, "UsageRecord | Amend", "Callable[[], None] | None"]
 # After a failed commit, wait this long before trying the same rows again.
 RETRY_DELAY_S = 1.0
 # A key's last_used_at is refreshed at most this often (the admin page shows it, nobody needs ms).
@@ -73,8 +75,7 @@ class LedgerWriter:
     def __init__(self, path: str, *, wait: bool = True) -> None:
         self._path = path
         self._wait = wait  # False: record() returns before the commit (no crash durability)
-        self._jobs: queue.SimpleQueue[
-            tuple[int, UsageRecord, Callable[[], None] | None] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._queued = 0  # number of the last row queued (trio thread)
         self._done = 0  # number of the last row committed (or dropped); set by the thread
         self._thread_rows = 0
@@ -95,6 +96,13 @@ class LedgerWriter:
         self._jobs.put((self._queued, record, then if self._wait else None))
         if self._wait:
             await self._until(self._queued)
+
+    async def amend(self, request_id: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """Exact counts for an estimated row, queued behind the rows recorded before;
+        returns once committed. (Minimal: the store's own, with summaries, replaces it.)"""
+        self._queued += 1
+        self._jobs.put((self._queued, (request_id, prompt_tokens, completion_tokens), None))
+        await self._until(self._queued)
 
     async def flush(self) -> None:
         """Return once every row recorded so far is committed (at shutdown, or without wait)."""
@@ -141,8 +149,7 @@ class LedgerWriter:
                 self._wake_r.close()
                 self._wake_w.close()
 
-    def _next_batch(self) -> tuple[list[tuple[int, UsageRecord, Callable[[], None] | None]],
-                                   bool]:
+    def _next_batch(self) -> tuple[list[Job], bool]:
         """The rows queued now (waiting for the first); True when told to stop after them."""
         first = self._jobs.get()
         if first is None:
@@ -172,13 +179,18 @@ class LedgerWriter:
         while True:
             batch, stop = self._next_batch()
             if batch:
-                records = [record for _, record, _then in batch]
+                records = [job for _, job, _then in batch if isinstance(job, UsageRecord)]
+                amends = [job for _, job, _then in batch if not isinstance(job, UsageRecord)]
                 now = time.monotonic()
                 while True:
                     try:
-                        ledger.insert_records(conn, records, lambda prefix: touch_due(prefix, now))
-                        self._thread_rows += len(records)
-                        self._thread_commits += 1
+                        if records:
+                            ledger.insert_records(conn, records,
+                                                  lambda prefix: touch_due(prefix, now))
+                            self._thread_rows += len(records)
+                            self._thread_commits += 1
+                            records = []  # committed: a retry redoes only the amends
+                        ledger.amend_rows(conn, amends)
                         break
                     except sqlite3.Error as exc:  # locked, disk full...: the rows wait, never dropped
                         log.error("ledger commit of %d rows failed (will retry): %s", len(batch), exc)

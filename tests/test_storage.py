@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import trio
@@ -150,3 +151,27 @@ async def test_a_cancelled_watcher_hands_the_watch_on(nursery, tmp_path, monkeyp
             await trio.testing.wait_all_tasks_blocked()  # "b" watches now
             go.set()
     assert outcomes == ["a gave up", "b"] and rows(path) == ["a", "b"]
+
+
+async def test_amend_corrects_the_newest_estimated_row_of_a_request_id(nursery, tmp_path):
+    """amend() is queued behind the rows before it and returns once committed: the
+    newest estimated row of that id gets the counts and estimated = 0; an exact row or
+    an older row with the same (client-chosen) id is left alone."""
+    path = tmp_path / "l.db"
+    writer = LedgerWriter(str(path), wait=False)
+    await nursery.start(writer.run)
+    estimated = dataclasses.replace(record("dup"), estimated=True, prompt_tokens=3,
+                                    completion_tokens=10)
+    with trio.fail_after(10):
+        await writer.record(estimated)
+        await writer.record(record("dup"))  # exact, same id
+        await writer.record(estimated)
+        await writer.record(dataclasses.replace(estimated, request_id="other"))
+        await writer.amend("dup", 40, 8)  # without waiting for the rows: behind them
+        conn = db.connect(str(path))
+        try:
+            got = conn.execute("SELECT request_id, prompt_tokens, completion_tokens, estimated "
+                               "FROM ledger ORDER BY id").fetchall()
+        finally:
+            conn.close()
+    assert got == [("dup", 3, 10, 1), ("dup", 3, 4, 0), ("dup", 40, 8, 0), ("other", 3, 10, 1)]
