@@ -19,6 +19,7 @@ from .config import Config, ServerConfig, UpstreamConfig, settings
 from .errors import BadRequest, ConfigError, ProxyError
 from .limiting import Limiter, load_counters
 from .prompt_overhead import PromptOverheads
+from .recount import Recounter
 from .relay import Relay, UsageLog, UsageObserver
 from .server import HttpServer, Request, Responder, ServerSettings
 from .storage import LedgerWriter, Store
@@ -78,6 +79,10 @@ class Gateway:
         self.router = Router([make_backend(u) for u in config.upstreams])
         self.store = Store(config.server.database)
         self.ledger = LedgerWriter(config.server.database, wait=config.server.ledger_wait)
+        # Streams whose backend reports no usage, counted with its tokenizer afterwards.
+        self.recounter = Recounter(
+            self.router.backends, [u.name for u in config.upstreams if u.tokenize == "auto"],
+            self.overheads, self.ledger.amend, on_exact=[self.limiter.amend])
         self.usage_log = UsageLog()
         self.observers: list[UsageObserver] = [self.usage_log, *([observer] if observer else [])]
         self._admin_key = admin_key
@@ -154,12 +159,14 @@ class Gateway:
             self.limiter.store = await self.store.call(load_counters, self.limiter.clock())
             self.relay = Relay(self.router, self.ledger, observers=self.observers, index=index,
                                steps=[self.limiter],
-                               on_usage=[self.limiter.settle, self.overheads.observe],
+                               on_usage=[self.limiter.settle, self.overheads.observe,
+                                         self.recounter.observe],
                                while_waiting=[self.usage_log.flush],
                                max_response_bytes=cfg.max_response_bytes,
-                               estimate_prompt=self.overheads.estimate)
+                               estimate_prompt=self.overheads.estimate, counter=self.recounter)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.ledger.run)
+                await nursery.start(self.recounter.run)
                 nursery.start_soon(index.keep_fresh)
                 nursery.start_soon(self.router.run_health_checks)
                 nursery.start_soon(self.usage_log.run)

@@ -91,7 +91,7 @@ class PromptOverheads:
               overhead: int) -> None:
         """Remember an exact count's overhead for the shape and as the model's latest."""
         name = canonical_model(model)
-        keys = [(basis, route, name, None)]
+        keys: list[tuple[str, str, str, Shape | None]] = [(basis, route, name, None)]
         if shape is not None:
             keys.append((basis, route, name, shape))
         for key in keys:

@@ -71,6 +71,19 @@ class UsageObserver(Protocol):
     def observe(self, record: UsageRecord) -> None: ...
 
 
+class StreamCounter(Protocol):
+    """Counts streams their backend did not count, after they ended (``recount``)."""
+
+    def capture_bytes(self, backend: Backend, ex: Exchange) -> int:
+        """How many bytes of this stream to keep for that (0: none)."""
+        ...
+
+    def stream_ended(self, ex: Exchange, backend: Backend, record: UsageRecord,
+                     scanner: StreamScanner) -> None:
+        """The stream is over, its record committed; must not block."""
+        ...
+
+
 # Told of each usage record the moment it is built, before the sink and before the
 # response's last bytes (the limits settle their reservation here). Must not block.
 UsageHook = Callable[[Exchange, UsageRecord], None]
@@ -199,6 +212,7 @@ class Relay:
         max_frame_bytes: int = 1 << 20,
         estimate_prompt: Callable[[Exchange], int] = lambda ex: estimate_prompt_tokens(
             ex.body_obj),
+        counter: StreamCounter | None = None,
     ) -> None:
         self._router = router
         self._sink = sink
@@ -213,6 +227,7 @@ class Relay:
         self._max_frame_bytes = max_frame_bytes
         # The prompt count of a row the backend did not count (text + learned overhead).
         self._estimate_prompt = estimate_prompt
+        self._counter = counter
         self._started = time.time()
 
     async def handle(self, request: Request, responder: Responder) -> None:
@@ -366,8 +381,10 @@ class Relay:
                                   length=int(length) if length and length.isdigit() else 0)
             await responder.end()
             return
+        assert meter.backend is not None
+        capture = self._counter.capture_bytes(meter.backend, ex) if self._counter else 0
         scanner = StreamScanner(kind, drop_usage_chunk=ex.usage_injected,
-                                max_frame_bytes=self._max_frame_bytes)
+                                max_frame_bytes=self._max_frame_bytes, capture_bytes=capture)
         meter.tally = scanner.tally
         await responder.start(upstream.status, headers)
         failure: str | None = None
@@ -403,6 +420,8 @@ class Relay:
             await responder.write(error_frame(kind, failure))
         await self._record(meter, outcome())
         await responder.end()
+        if self._counter is not None and meter.record is not None:
+            self._counter.stream_ended(ex, meter.backend, meter.record, scanner)
 
     async def _record(self, meter: _Meter, outcome: str,
                       then: Callable[[], None] | None = None) -> None:
