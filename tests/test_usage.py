@@ -5,6 +5,8 @@ pieces of every size."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ollama_proxy.framing import FrameKind
 from ollama_proxy.usage import (
@@ -259,3 +261,31 @@ def test_estimate_prompt_tokens():
                                                 {"role": "user", "content": [{"type": "text", "text": "y" * 4}]}]}) == 3
     assert estimate_prompt_tokens({"input": ["abcd", "efgh"]}) == 2
     assert estimate_prompt_tokens(None) == 0
+
+
+# Frames of every dialect, with how many tokens each carries.
+_SSE_FRAMES = [
+    (OPENAI_CHUNK % b"Hi", 1), (OPENAI_FINISH, 0), (OPENAI_USAGE, 0), (MENTION, 1),
+    (PY_CHAT.split(b"\r\n\r\n")[0] + b"\r\n\r\n", 0),  # role-only
+    (PY_CHAT.split(b"\r\n\r\n")[1] + b"\r\n\r\n", 1),
+    (b": keep-alive\n\n", 0), (b'data: {"error":{"message":"x"}}\n\n', 0),
+]
+_NDJSON_FRAMES = [(line + b"\n", int(b'"done":true' not in line))
+                  for line in NATIVE_CHAT.splitlines() + NATIVE_THINKING.splitlines()]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_any_cut_of_any_stream_forwards_it_and_counts_its_tokens(data):
+    """Property: whatever the frames and wherever the pieces are cut, the bytes go
+    through unchanged and the estimate is the number of frames that carry text."""
+    kind, pool = data.draw(st.sampled_from([(FrameKind.SSE, _SSE_FRAMES),
+                                            (FrameKind.NDJSON, _NDJSON_FRAMES)]))
+    frames = data.draw(st.lists(st.sampled_from(pool), max_size=12))
+    stream = b"".join(frame for frame, _ in frames) + (DONE if kind is FrameKind.SSE else b"")
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    scanner = StreamScanner(kind)
+    out = b"".join(scanner.feed(stream[a:b]) for a, b in zip([0, *cuts], [*cuts, len(stream)]))
+    out += scanner.finish()
+    assert out == stream
+    assert scanner.tally.frames == sum(tokens for _, tokens in frames)
