@@ -9,10 +9,10 @@ or one backend's tokenizer), route, model and message structure
 The limits' reservations and the estimated usage rows both add it to their
 text estimate, so "estimated" means text + what this model's template adds.
 
-An overhead seen twice in a row for one structure is *confirmed*: a template
-whose cost depends on the structure only (not on the words) gave the same
-number for two different prompts, which is what lets a text-only tokenizer's
-count plus the overhead stand for the backend's own count.
+An overhead seen twice in a row for one structure, from texts of different
+sizes, is *confirmed*: the template's cost depended on the structure only, not
+on the words, which is what lets a text-only tokenizer's count plus the
+overhead stand for the backend's own count.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ Shape = tuple[str, ...]
 TEXT = "text"  # the basis of the 4-characters-a-token estimate
 # Learned (basis, route, model, shape) entries: few in a process; still bounded.
 MAX_ENTRIES = 1_000
-CONFIRMED = 2  # the same overhead this many times in a row
+CONFIRMED = 2  # the same overhead this many times in a row, each from a text of another size
 # Request fields a template renders besides the messages' text: no fixed cost per shape.
 _RENDERED_EXTRAS = frozenset({"tools", "functions", "tool_choice", "chat_template_kwargs",
                               "images"})
@@ -72,8 +72,8 @@ class PromptOverheads:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.max_entries = max_entries
         # (basis, route, model, shape or None: the model's latest, any shape) ->
-        # (overhead, times in a row it was seen)
-        self._learned: dict[tuple[str, str, str, Shape | None], tuple[int, int]] = {}
+        # (overhead, times in a row it was seen, the size of the text it was last seen with)
+        self._learned: dict[tuple[str, str, str, Shape | None], tuple[int, int, int]] = {}
 
     def overhead(self, basis: str, route: str, model: str,
                  shape: Shape | None) -> tuple[int, bool]:
@@ -87,19 +87,23 @@ class PromptOverheads:
         hit = self._learned.get((basis, route, name, None))
         return (hit[0], False) if hit is not None else (0, False)
 
-    def learn(self, basis: str, route: str, model: str, shape: Shape | None,
-              overhead: int) -> None:
-        """Remember an exact count's overhead for the shape and as the model's latest."""
+    def learn(self, basis: str, route: str, model: str, shape: Shape | None, overhead: int,
+              text: int) -> None:
+        """Remember an exact count's overhead (over a text of ``text`` tokens) for the
+        shape and as the model's latest. The same text size again confirms nothing."""
         name = canonical_model(model)
         keys: list[tuple[str, str, str, Shape | None]] = [(basis, route, name, None)]
         if shape is not None:
             keys.append((basis, route, name, shape))
         for key in keys:
             old = self._learned.get(key)
-            seen = old[1] + 1 if old is not None and old[0] == overhead else 1
+            if old is None or old[0] != overhead:
+                seen = 1
+            else:
+                seen = old[1] + (old[2] != text)
             if len(self._learned) >= self.max_entries and key not in self._learned:
                 self._learned = {}
-            self._learned[key] = (overhead, seen)
+            self._learned[key] = (overhead, seen, text)
 
     def text_estimate(self, route: str, model: str | None, body: Any) -> tuple[int, int]:
         """``(text estimate, overhead to add)`` of a request body: what a reservation
@@ -123,4 +127,4 @@ class PromptOverheads:
         reserved = ex.reservation.text_estimate if ex.reservation is not None else None
         text = reserved if reserved is not None else estimate_prompt_tokens(ex.body_obj)
         self.learn(TEXT, ex.route.name, ex.model, prompt_shape(ex.body_obj),
-                   record.prompt_tokens - text)
+                   record.prompt_tokens - text, text)

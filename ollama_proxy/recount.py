@@ -201,8 +201,8 @@ class Recounter:
         self.amended += 1
         for hook in self._on_exact:
             hook(ex, record, prompt, completion)
-        self._overheads.learn(TEXT, route, model, prompt_shape(body),
-                              prompt - estimate_prompt_tokens(body))
+        text = estimate_prompt_tokens(body)
+        self._overheads.learn(TEXT, route, model, prompt_shape(body), prompt - text, text)
         log.info("%s: exact counts from %s's tokenizer: prompt %d (estimated %d), "
                  "completion %d (estimated %d)", record.request_id, state.backend.name,
                  prompt, record.prompt_tokens, completion, record.completion_tokens)
@@ -214,11 +214,12 @@ class Recounter:
         tok = await self._tokenizer(state, model)
         if tok is None or tok.dialect is not Dialect.LLAMA_CPP_PYTHON:
             return
-        added = await self._drive(state, template_overhead(tok, model, ex.body_obj,
-                                                           record.prompt_tokens))
-        if added is not None:
+        learned = await self._drive(state, template_overhead(tok, model, ex.body_obj,
+                                                             record.prompt_tokens))
+        if learned is not None:
+            added, text = learned
             self._overheads.learn(state.basis, ex.route.name, model,
-                                  prompt_shape(ex.body_obj), added)
+                                  prompt_shape(ex.body_obj), added, text)
 
     async def _drive(self, state: _BackendState, job: Counting) -> Any:
         """Run a pure job, making each call it yields."""

@@ -272,9 +272,11 @@ def stream_counts(tok: Tokenizer, model: str, route: str, body: Any, frames: lis
 
 
 def template_overhead(tok: Tokenizer, model: str, body: Any, prompt_tokens: int) -> Counting:
-    """What the template added to a chat prompt the backend counted
-    (``prompt_tokens``) beyond its messages' own tokens; None if not a text chat."""
+    """``(overhead, text tokens)``: what the template added to a chat prompt the
+    backend counted (``prompt_tokens``) beyond its messages' own tokens; None if it is
+    not a text chat."""
     contents = chat_contents(body)
     if contents is None:
         return None
-    return prompt_tokens - (yield from contents_tokens(tok, model, contents))
+    text = yield from contents_tokens(tok, model, contents)
+    return prompt_tokens - text, text

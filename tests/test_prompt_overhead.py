@@ -44,8 +44,8 @@ def test_overhead_per_shape_with_the_model_latest_as_fallback():
     confirmed), else nothing; routes, bases and models are apart; names are canonical."""
     o = PromptOverheads()
     assert o.overhead(TEXT, "openai_chat", "tiny", ("user",)) == (0, False)
-    o.learn(TEXT, "openai_chat", "tiny", ("user",), 37)
-    o.learn(TEXT, "openai_chat", "tiny", ("system", "user", "assistant", "user"), 68)
+    o.learn(TEXT, "openai_chat", "tiny", ("user",), 37, 3)
+    o.learn(TEXT, "openai_chat", "tiny", ("system", "user", "assistant", "user"), 68, 9)
     assert o.overhead(TEXT, "openai_chat", "TINY:latest", ("user",)) == (37, False)
     assert o.overhead(TEXT, "openai_chat", "tiny", ("user", "user")) == (68, False)
     assert o.overhead(TEXT, "openai_chat", "tiny", None) == (68, False)
@@ -55,14 +55,17 @@ def test_overhead_per_shape_with_the_model_latest_as_fallback():
 
 
 def test_an_overhead_seen_twice_in_a_row_is_confirmed():
-    """Confirmed: the same overhead from two counts in a row; a different one starts over."""
+    """Confirmed: the same overhead from two counts in a row over texts of different
+    sizes (the same prompt twice proves nothing); a different one starts over."""
     o = PromptOverheads()
     shape = ("user",)
-    o.learn("tokenizer:b", "openai_chat", "tiny", shape, 30)
+    o.learn("tokenizer:b", "openai_chat", "tiny", shape, 30, 10)
     assert o.overhead("tokenizer:b", "openai_chat", "tiny", shape) == (30, False)
-    o.learn("tokenizer:b", "openai_chat", "tiny", shape, 30)
+    o.learn("tokenizer:b", "openai_chat", "tiny", shape, 30, 10)
+    assert o.overhead("tokenizer:b", "openai_chat", "tiny", shape) == (30, False)
+    o.learn("tokenizer:b", "openai_chat", "tiny", shape, 30, 16)
     assert o.overhead("tokenizer:b", "openai_chat", "tiny", shape) == (30, True)
-    o.learn("tokenizer:b", "openai_chat", "tiny", shape, 31)
+    o.learn("tokenizer:b", "openai_chat", "tiny", shape, 31, 12)
     assert o.overhead("tokenizer:b", "openai_chat", "tiny", shape) == (31, False)
 
 
@@ -70,7 +73,7 @@ def test_learned_entries_are_bounded():
     """Past the bound the table starts afresh instead of growing."""
     o = PromptOverheads(max_entries=4)
     for n in range(10):
-        o.learn(TEXT, "chat", f"m{n}", ("user",), n)
+        o.learn(TEXT, "chat", f"m{n}", ("user",), n, 1)
         assert len(o._learned) <= 4
     assert o.overhead(TEXT, "chat", "m9", ("user",)) == (9, False)
 
@@ -80,10 +83,10 @@ def test_text_estimate_adds_only_a_positive_overhead():
     o = PromptOverheads()
     body = {"model": "tiny", "messages": [USER]}
     assert o.text_estimate("openai_chat", "tiny", body) == (3, 0)
-    o.learn(TEXT, "openai_chat", "tiny", ("user",), 37)
+    o.learn(TEXT, "openai_chat", "tiny", ("user",), 37, 3)
     assert o.text_estimate("openai_chat", "tiny", body) == (3, 37)
     assert o.text_estimate("openai_chat", None, body) == (3, 0)
-    o.learn(TEXT, "openai_chat", "tiny", ("user",), -2)
+    o.learn(TEXT, "openai_chat", "tiny", ("user",), -2, 3)
     assert o.text_estimate("openai_chat", "tiny", body) == (3, 0)
 
 

@@ -77,16 +77,24 @@ async def test_a_completion_stream_is_estimated_then_counted_exactly(nursery):
 
 async def test_a_chat_prompt_is_exact_once_its_template_overhead_is_confirmed(nursery):
     """llama-cpp-python's tokenizer counts text only: a chat stream keeps its estimated
-    prompt until two chats counted by the backend gave its shape the same template
-    overhead; meanwhile the estimate is the text plus the learned overhead."""
+    prompt until two chats of other sizes counted by the backend gave its shape the same
+    template overhead (the same chat twice proves nothing); meanwhile the estimate is
+    the text plus the learned overhead."""
     with trio.fail_after(10):
         stack = await start(nursery)
         first = await stack.post("/v1/chat/completions", SAY_HELLO)
         assert await stack.settled(first) == (3, 8, 1)  # 8 tokens, not 10 chunks
-        for text in ("Say hello.", "Tell me a story."):
+
+        async def counted(text: str) -> None:
             body = {**SAY_HELLO, "stream": False,
                     "messages": [{"role": "user", "content": text}]}
             assert (await stack.settled(await stack.post("/v1/chat/completions", body)))[2] == 0
+
+        await counted("Say hello.")
+        await counted("Say hello.")
+        unconfirmed = await stack.post("/v1/chat/completions", SAY_HELLO)
+        assert await stack.settled(unconfirmed) == (3 + 37, 8, 1)  # text + learned overhead
+        await counted("Tell me a story.")
         again = await stack.post("/v1/chat/completions", SAY_HELLO)
         record = await stack.sink.record_of(again)
         # text 3 + this shape's latest overhead: "Tell me a story." counted 46, 4 by its text
