@@ -19,6 +19,8 @@ from .clientip import AddressPolicy
 from .config import Config, ServerConfig, UpstreamConfig, settings
 from .errors import BadRequest, ConfigError, ProxyError
 from .limiting import Backlog, Limiter, load_counters
+from .prompt_overhead import PromptOverheads
+from .recount import Recounter
 from .relay import Relay, UsageLog, UsageObserver
 from .server import HttpServer, Request, Responder, ServerSettings
 from .storage import LedgerWriter, Store
@@ -116,11 +118,18 @@ class Gateway:
                  loader: Callable[[], Config] | None = None) -> None:
         self.config = config
         self._loader = loader
-        self.limiter = Limiter(config.limits)
+        # What templates add to prompts, learned from exact counts: the limits' reservations
+        # and the estimated usage rows both add it to the text.
+        self.overheads = PromptOverheads()
+        self.limiter = Limiter(config.limits, overheads=self.overheads)
         self.router = Router([make_backend(u) for u in config.upstreams])
         self.store = Store(config.server.database)  # accounts: keys, users, audit
         self.reports = Store(config.server.database)  # usage reports, never in the way of those
         self.ledger = LedgerWriter(config.server.database, wait=config.server.ledger_wait)
+        # Streams whose backend reports no usage, counted with its tokenizer afterwards.
+        self.recounter = Recounter(
+            self.router.backends, [u.name for u in config.upstreams if u.tokenize == "auto"],
+            self.overheads, self.ledger.amend, on_exact=[self.limiter.amend])
         self.usage_log = UsageLog()
         self.observers: list[UsageObserver] = [self.usage_log, *([observer] if observer else [])]
         self._admin_key = admin_key
@@ -199,13 +208,17 @@ class Gateway:
             self.limiter.store, backlog = await self.reports.call(load_counters,
                                                                   self.limiter.clock())
             self.relay = Relay(self.router, self.ledger, observers=self.observers, index=index,
-                               steps=[self.limiter], on_usage=[self.limiter.settle],
+                               steps=[self.limiter],
+                               on_usage=[self.limiter.settle, self.overheads.observe,
+                                         self.recounter.observe],
                                while_waiting=[self.usage_log.flush],
-                               max_response_bytes=cfg.max_response_bytes)
+                               max_response_bytes=cfg.max_response_bytes,
+                               estimate_prompt=self.overheads.estimate, counter=self.recounter)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.ledger.run)
                 if backlog is not None:  # a long one is summed while the gateway serves
                     await nursery.start(self._count_backlog, backlog)
+                await nursery.start(self.recounter.run)
                 nursery.start_soon(index.keep_fresh)
                 nursery.start_soon(self.router.run_health_checks)
                 nursery.start_soon(self.usage_log.run)

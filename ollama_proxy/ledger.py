@@ -171,21 +171,22 @@ def touch_keys(conn: sqlite3.Connection, last_used: dict[str, float]) -> None:
 
 
 def find_row(conn: sqlite3.Connection, request_id: str, within: int) -> int | None:
-    """The id of the newest row of ``request_id`` among the last ``within`` ids, if any
-    (no index on request ids: the scan is bounded)."""
+    """The id of the newest estimated row of ``request_id`` among the last ``within``
+    ids, if any (no index on request ids: the scan is bounded)."""
     row = conn.execute("SELECT id FROM ledger WHERE id > (SELECT ifnull(MAX(id), 0) "
-                       "FROM ledger) - ? AND request_id = ? ORDER BY id DESC LIMIT 1",
-                       (within, request_id)).fetchone()
+                       "FROM ledger) - ? AND request_id = ? AND estimated = 1 "
+                       "ORDER BY id DESC LIMIT 1", (within, request_id)).fetchone()
     return None if row is None else int(row[0])
 
 
 def amend_row(conn: sqlite3.Connection, row_id: int, request_id: str, prompt_tokens: int,
               completion_tokens: int, *, estimated: bool = False) -> bool:
-    """Replace a row's token counts (the summaries follow by trigger); False when
-    row ``row_id`` is not that request's."""
+    """Replace an estimated row's token counts (the summaries follow by trigger); False
+    when row ``row_id`` is not that request's, or not estimated (request ids come from
+    clients and may repeat: a later exact row of the same id is not the one meant)."""
     return conn.execute(
         "UPDATE ledger SET prompt_tokens = ?, completion_tokens = ?, estimated = ? "
-        "WHERE id = ? AND request_id = ?",
+        "WHERE id = ? AND request_id = ? AND estimated = 1",
         (prompt_tokens, completion_tokens, int(estimated), row_id, request_id)).rowcount > 0
 
 

@@ -2,9 +2,10 @@
 
 ``UserCounters.admit`` checks a request against every limit that applies and
 reserves what it may use; ``settle`` replaces the reservation by the real
-usage; ``rebuild`` recreates the counters from ledger rows at start, so a
-restart neither resets a window nor forgets a quota. See ``limits.py`` for
-the theory of operation (windows, reserve-then-settle, caps, headers).
+usage (``correct`` changes that when exact counts come later); ``rebuild``
+recreates the counters from ledger rows at start, so a restart neither resets
+a window nor forgets a quota. See ``limits.py`` for the theory of operation
+(windows, reserve-then-settle, caps, headers).
 """
 
 from __future__ import annotations
@@ -307,15 +308,19 @@ class UserCounters:
         if reservation.settled:
             return
         reservation.settled = True
-        now = self._now(now)
-        delta = max(0, prompt_tokens) + max(0, completion_tokens) - reservation.tokens
-        at = reservation.time
-        if delta:
-            self.tpm.adjust(now, delta, at)
-            self.tpd.adjust(now, delta, at)
-            self.quota.settle(now, delta, at)
+        self.correct(reservation, now,
+                     max(0, prompt_tokens) + max(0, completion_tokens) - reservation.tokens)
         self.in_flight = max(0, self.in_flight - 1)
         self.held = max(0, self.held - reservation.tokens)
+
+    def correct(self, reservation: Reservation, now: float, delta: int) -> None:
+        """Change a settled request's tokens by ``delta`` (its exact counts came after
+        ``settle``), in the bucket it was reserved in, as ``settle`` did."""
+        now = self._now(now)
+        if delta:
+            self.tpm.adjust(now, delta, reservation.time)
+            self.tpd.adjust(now, delta, reservation.time)
+            self.quota.settle(now, delta, reservation.time)
 
     def record(self, at: float, tokens: int, now: float) -> None:
         """Count a finished request from the ledger (``rebuild``)."""

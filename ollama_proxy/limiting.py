@@ -5,13 +5,14 @@ In the relay it runs after auth, the body checks and the OpenAI rules (so it
 sees ``max_tokens`` only, never ``max_completion_tokens``) and before any
 backend is asked. Generations and embeddings reserve: they count one request,
 hold ``prompt estimate + cap`` tokens and send that cap upstream; the prompt
-estimate is the text's (4 characters a token) plus what the model's last exact
-count on that route had beyond it (the chat template), so reservations cover
-real prompts. Every other route is only checked for the user's expiry and its
+estimate is the text's (4 characters a token) plus what exact counts of that
+model on that route had beyond it (the chat template, ``prompt_overhead``), so
+reservations cover real prompts. Every other route is only checked for the user's expiry and its
 model, and gets the headers. ``settle`` runs the moment the usage record is
 built (before the response's last bytes; also for failed and cancelled
 requests), so the next request sees the real usage and ``max_concurrent``
-always comes back down.
+always comes back down. ``amend`` corrects a settled request whose exact counts
+came later (a stream counted with the backend's tokenizer).
 
 No I/O here: the counters are in memory, rebuilt from the ledger at start
 (``load_counters``, run in the reports store's thread).
@@ -30,18 +31,17 @@ from .accounts import KeyEntry
 from .db import snapshot
 from .errors import LimitError, ProxyError
 from .limit_counters import Decision, LimitStore, UserCounters, rebuild
-from .limits import DAY_BUCKET_S, DAY_S, Limits, canonical_model, filter_listing, month_start
+from .limits import DAY_BUCKET_S, DAY_S, Limits, filter_listing, month_start
 from .policy import Exchange, requested_cap, set_cap
+from .prompt_overhead import PromptOverheads
 from .routes import Route, RouteKind, match_route
-from .usage import UsageRecord, estimate_prompt_tokens
+from .usage import UsageRecord
 
 METERED = (RouteKind.GENERATION, RouteKind.EMBEDDING)
 LISTINGS = frozenset({"tags", "ps", "openai_models"})  # route names of the model lists
 TOKEN_LIMITS = frozenset({"tokens_per_minute", "tokens_per_day", "token_quota"})
 # Merged limits are cached per key; a process sees few keys, but never let it grow unbounded.
 CACHE_MAX = 10_000
-# (route, model) pairs whose prompt overhead is remembered (few in a process; still bounded).
-OVERHEAD_MAX = 1_000
 
 Clock = Callable[[], float]
 
@@ -75,20 +75,20 @@ class Limiter:
     """The policy step (``await limiter(ex)``) and its settle hook (``settle``).
 
     ``clock`` gives Unix seconds (tests inject one driven by trio's clock).
+    ``overheads``: the learned prompt overheads (shared with the usage records'
+    estimates; something else feeds them, e.g. ``PromptOverheads.observe``), added
+    to the text estimate so a reservation covers the real prompt and concurrent
+    requests cannot push a limit past its value with the template's tokens.
     """
 
     def __init__(self, defaults: Limits, *, store: LimitStore | None = None,
-                 clock: Clock = time.time) -> None:
+                 clock: Clock = time.time, overheads: PromptOverheads | None = None) -> None:
         self.defaults = defaults
         self.store = store if store is not None else LimitStore()
         self.clock = clock
+        self.overheads = overheads if overheads is not None else PromptOverheads()
         # key prefix -> (the entry's stored overrides, merged limits, any token limit set)
         self._merged: dict[str, tuple[dict[str, Any], Limits, bool]] = {}
-        # (route, model) -> prompt tokens its last exact count had beyond the text estimate:
-        # the chat template and the like (it adds tens of tokens to a "hi" that the text
-        # estimate counts as 1). Added to the next estimates, so a reservation covers the
-        # real prompt and concurrent requests cannot push a limit past its value with it.
-        self._overhead: dict[tuple[str, str], int] = {}
         # Set while a start's ledger backlog is summed (``Backlog``): requests that a token
         # quota counts await it first.
         self.quota_pending: Callable[[], Awaitable[None]] | None = None
@@ -138,9 +138,8 @@ class Limiter:
             obj = ex.body_obj
             assert obj is not None  # metered routes take a JSON body
             completion = route.kind is RouteKind.GENERATION
-            text = estimate_prompt_tokens(obj) if tokens else 0
-            overhead = self._overhead.get((route.name, canonical_model(ex.model)), 0) if (
-                tokens and self._overhead and ex.model) else 0
+            text, overhead = (self.overheads.text_estimate(route.name, ex.model, obj)
+                              if tokens else (0, 0))
             # The client's own cap matters only where a count applies; elsewhere the
             # backend judges it, as without the gateway.
             requested = requested_cap(route, obj) if completion and not limits.unbounded else None
@@ -195,20 +194,16 @@ class Limiter:
         if reservation is not None and ex.principal is not None:
             self.store.get(ex.principal.user).settle(
                 reservation, self.clock(), record.prompt_tokens, record.completion_tokens)
-            if (reservation.text_estimate is not None and not record.estimated
-                    and record.prompt_tokens > 0 and ex.model):
-                self._learn(ex.route.name, ex.model,
-                            record.prompt_tokens - reservation.text_estimate)
 
-    def _learn(self, route: str, model: str, overhead: int) -> None:
-        """Remember the prompt overhead of ``model`` on ``route`` (its latest exact count's)."""
-        name = (route, canonical_model(model))
-        if overhead > 0:
-            if len(self._overhead) >= OVERHEAD_MAX and name not in self._overhead:
-                self._overhead = {}
-            self._overhead[name] = overhead
-        else:
-            self._overhead.pop(name, None)
+    def amend(self, ex: Exchange, record: UsageRecord, prompt_tokens: int,
+              completion_tokens: int) -> None:
+        """Exact counts of a settled request that its ``record`` had estimated: the
+        difference goes where the reservation was counted."""
+        reservation = ex.reservation
+        if reservation is not None and ex.principal is not None:
+            delta = (prompt_tokens + completion_tokens
+                     - record.prompt_tokens - record.completion_tokens)
+            self.store.get(ex.principal.user).correct(reservation, self.clock(), delta)
 
 
 def _metered_row(row: UsageRecord) -> bool:

@@ -76,6 +76,19 @@ class UsageObserver(Protocol):
     def observe(self, record: UsageRecord) -> None: ...
 
 
+class StreamCounter(Protocol):
+    """Counts streams their backend did not count, after they ended (``recount``)."""
+
+    def capture_bytes(self, backend: Backend, ex: Exchange) -> int:
+        """How many bytes of this stream to keep for that (0: none)."""
+        ...
+
+    def stream_ended(self, ex: Exchange, backend: Backend, record: UsageRecord,
+                     scanner: StreamScanner) -> None:
+        """The stream is over, its record committed; must not block."""
+        ...
+
+
 # Told of each usage record the moment it is built, before the sink and before the
 # response's last bytes (the limits settle their reservation here). Must not block.
 UsageHook = Callable[[Exchange, UsageRecord], None]
@@ -146,11 +159,11 @@ class _Meter:
         self.record: UsageRecord | None = None
         self.started = time.perf_counter()
 
-    def build(self, outcome: str) -> UsageRecord:
+    def build(self, outcome: str, estimate_prompt: Callable[[Exchange], int]) -> UsageRecord:
         ex = self.exchange
         tally = self.tally
         if not tally.exact:  # walking the request body only when it is needed
-            tally.estimate(estimate_prompt_tokens(ex.body_obj))
+            tally.estimate(estimate_prompt(ex))
         return UsageRecord(
             request_id=ex.request_id.decode(),
             time=ex.started_at,
@@ -161,7 +174,7 @@ class _Meter:
             outcome=outcome,
             prompt_tokens=tally.prompt_tokens,
             completion_tokens=tally.completion_tokens,
-            estimated=not tally.exact,
+            estimated=not tally.exact or tally.clamped,
             stream=ex.stream,
             duration_s=round(time.perf_counter() - self.started, 6),
             ttfb_s=self.ttfb_s,
@@ -204,6 +217,9 @@ class Relay:
         while_waiting: Sequence[Callable[[], None]] = (),
         max_response_bytes: int = 256 * 1024 * 1024,
         max_frame_bytes: int = 1 << 20,
+        estimate_prompt: Callable[[Exchange], int] = lambda ex: estimate_prompt_tokens(
+            ex.body_obj),
+        counter: StreamCounter | None = None,
     ) -> None:
         self._router = router
         self._sink = sink
@@ -216,6 +232,9 @@ class Relay:
         self._while_waiting = tuple(while_waiting)
         self._max_response_bytes = max_response_bytes
         self._max_frame_bytes = max_frame_bytes
+        # The prompt count of a row the backend did not count (text + learned overhead).
+        self._estimate_prompt = estimate_prompt
+        self._counter = counter
         self._started = time.time()
 
     async def handle(self, request: Request, responder: Responder) -> None:
@@ -397,8 +416,10 @@ class Relay:
                             responder: Responder, meter: _Meter, kind: FrameKind) -> None:
         """A stream: frames go out as they come; a broken or cut stream ends with an
         error frame, so the client always sees a well-formed end."""
+        assert meter.backend is not None
+        capture = self._counter.capture_bytes(meter.backend, ex) if self._counter else 0
         scanner = StreamScanner(kind, drop_usage_chunk=ex.usage_injected,
-                                max_frame_bytes=self._max_frame_bytes)
+                                max_frame_bytes=self._max_frame_bytes, capture_bytes=capture)
         tally = meter.tally = scanner.tally
         await responder.start(upstream.status, self._response_headers(ex, upstream, True))
         failure: str | None = None
@@ -440,6 +461,8 @@ class Relay:
             await responder.write(error_frame(kind, failure))
         await self._record(meter, outcome())
         await responder.end()
+        if self._counter is not None and meter.record is not None:
+            self._counter.stream_ended(ex, meter.backend, meter.record, scanner)
 
     async def _record(self, meter: _Meter, outcome: str,
                       then: Callable[[], None] | None = None) -> None:
@@ -447,7 +470,7 @@ class Relay:
         if meter.recorded:
             return
         meter.recorded = True
-        record = meter.record = meter.build(outcome)
+        record = meter.record = meter.build(outcome, self._estimate_prompt)
         for hook in self._on_usage:
             hook(meter.exchange, record)
         # A bare scope: move_on_after's generator costs more, once per request.

@@ -391,14 +391,16 @@ class LedgerWriter:
         if clamped:
             log.warning("request %s: exact counts out of range (%r, %r), clamped", job.request_id,
                         job.prompt_tokens, job.completion_tokens)
-        row_id = (written.ids.get(job.request_id) or self._recent.get(job.request_id)
-                  or ledger.find_row(conn, job.request_id, RECENT_ROWS))
-        if row_id is None or not ledger.amend_row(conn, row_id, job.request_id, prompt,
-                                                  completion, estimated=clamped):
-            log.warning("request %s: exact counts came, but its ledger row is unknown "
-                        "(never written, or too long ago): not recorded", job.request_id)
-            return
-        written.amended += 1
+        remembered = written.ids.get(job.request_id) or self._recent.get(job.request_id)
+        for row_id in (remembered, -1):
+            if row_id == -1:  # not the remembered row (an id used again): look for it
+                row_id = ledger.find_row(conn, job.request_id, RECENT_ROWS)
+            if row_id is not None and ledger.amend_row(conn, row_id, job.request_id, prompt,
+                                                       completion, estimated=clamped):
+                written.amended += 1
+                return
+        log.warning("request %s: exact counts came, but its estimated ledger row is unknown "
+                    "(never written, or too long ago): not recorded", job.request_id)
 
     def _settle(self, written: _Written) -> None:
         """A batch (or one job) committed: count it, remember its row ids."""

@@ -4,17 +4,29 @@
 bytes to forward: the same bytes, cut only at frame ends, minus the
 usage-only SSE chunk when the proxy itself asked for it. On the way it keeps
 a ``UsageTally``. The fast path (no usage, no error in a piece) costs a few
-substring searches in C; frames are parsed only when they may hold counts.
+substring searches and one regex pass in C; frames are parsed only when they
+may hold counts.
+
+Counts a backend reports are believed up to ``MAX_REPORTED_TOKENS`` a
+request: a broken or hostile backend's 2**63 must not reach the ledger
+(SQLite refuses it) nor a user's quota.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, fields
 from typing import Any
 
 from .framing import FrameBuffer, FrameKind, ndjson_lines, sse_data, sse_events
+
+log = logging.getLogger("ollama_proxy.tally")  # "ollama_proxy.usage" is the access log
+
+# No request uses a billion tokens (the largest context windows are ~10 M): a count
+# beyond this is a broken or hostile backend's, clamped here and flagged estimated.
+MAX_REPORTED_TOKENS = 10**9
 
 
 @dataclass(slots=True)
@@ -24,7 +36,8 @@ class UsageTally:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     exact: bool = False  # counts came from the backend, not an estimate
-    frames: int = 0  # content frames relayed (the estimate when counts never come)
+    clamped: bool = False  # the backend's counts were out of range, cut to the bound
+    frames: int = 0  # content-bearing frames relayed (the estimate when counts never come)
     finished: bool = False  # the backend's end marker (done:true / [DONE]) was seen
     error: str | None = None  # an in-band error the backend sent
 
@@ -35,8 +48,17 @@ class UsageTally:
             self.completion_tokens = self.frames
 
 
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+def _int(value: Any, tally: UsageTally) -> int:
+    """A count as the backend gave it: 0 unless a positive whole number, at most
+    ``MAX_REPORTED_TOKENS`` (beyond it the tally is marked ``clamped``)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        return 0
+    if value > MAX_REPORTED_TOKENS:
+        log.warning("a backend reported %d tokens for one request; counted as %d (estimated)",
+                    value, MAX_REPORTED_TOKENS)
+        tally.clamped = True
+        return MAX_REPORTED_TOKENS
+    return value
 
 
 def apply_usage_object(tally: UsageTally, obj: Any) -> bool:
@@ -50,7 +72,8 @@ def apply_usage_object(tally: UsageTally, obj: Any) -> bool:
         return False
     usage = obj.get("usage")
     if isinstance(usage, dict):
-        prompt, completion = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+        prompt = _int(usage.get("prompt_tokens"), tally)
+        completion = _int(usage.get("completion_tokens"), tally)
         if not prompt and not completion:
             return False  # /v1/completions' placeholder on every chunk, not a count
         tally.prompt_tokens = prompt
@@ -58,8 +81,8 @@ def apply_usage_object(tally: UsageTally, obj: Any) -> bool:
         tally.exact = True
         return True
     if obj.get("done") is True or "prompt_eval_count" in obj or "eval_count" in obj:
-        tally.prompt_tokens = _int(obj.get("prompt_eval_count"))
-        tally.completion_tokens = _int(obj.get("eval_count"))
+        tally.prompt_tokens = _int(obj.get("prompt_eval_count"), tally)
+        tally.completion_tokens = _int(obj.get("eval_count"), tally)
         tally.exact = True
         return True
     return False
@@ -82,6 +105,14 @@ def _loads(raw: bytes) -> Any:
 
 
 _NATIVE_FINAL = (b'"done":true', b'"done": true')
+# A generated token shows as a non-empty text field of a frame, in any dialect: the
+# native "response"/"thinking"/message "content", OpenAI chat "content"/"reasoning"
+# (+ "_content")/tool-call "arguments", completions "text". Role-only deltas, finish
+# chunks, usage-only chunks, done frames and error lines have none. Inside a JSON
+# string every quote is escaped, so text that merely mentions such a field never
+# matches.
+_CONTENT = re.compile(
+    rb'"(?:content|text|response|thinking|reasoning|reasoning_content|arguments)"\s*:\s*"[^"]')
 
 
 class StreamScanner:
@@ -89,66 +120,73 @@ class StreamScanner:
 
     ``drop_usage_chunk``: the client did not ask for usage, the proxy did, so
     the usage-only chunk (``choices: []``) is removed before the client sees it.
+    ``capture_bytes``: keep up to that many bytes of the frames as they came
+    (``captured``), for counting the streamed text after the stream; past the
+    bound the capture is given up (``captured`` None).
     """
 
-    __slots__ = ("kind", "tally", "_frames", "_drop_usage_chunk")
+    __slots__ = ("kind", "tally", "captured", "_frames", "_drop_usage_chunk", "_capture_left")
 
     def __init__(self, kind: FrameKind, *, drop_usage_chunk: bool = False,
-                 max_frame_bytes: int = 1 << 20) -> None:
+                 max_frame_bytes: int = 1 << 20, capture_bytes: int = 0) -> None:
         self.kind = kind
         self.tally = UsageTally()
         self._frames = FrameBuffer(kind, max_frame_bytes)
         self._drop_usage_chunk = drop_usage_chunk
+        self.captured: list[bytes] | None = [] if capture_bytes > 0 else None
+        self._capture_left = capture_bytes
 
     def feed(self, data: bytes) -> bytes:
         """Take an upstream piece; return the bytes that can go to the client now."""
-        region = self._frames.feed(data)
+        return self._scan(self._frames.feed(data))
+
+    def finish(self) -> bytes:
+        """End of the upstream body: the last (unterminated) frame, scanned too."""
+        return self._scan(self._frames.flush())
+
+    def _scan(self, region: bytes) -> bytes:
         if not region:
             return region
+        self.tally.frames += len(_CONTENT.findall(region))
+        if self.captured is not None:
+            self._capture(self.captured, region)
         if self.kind is FrameKind.NDJSON:
             self._scan_ndjson(region)
             return region
         return self._scan_sse(region)
 
-    def finish(self) -> bytes:
-        """End of the upstream body: the last (unterminated) frame, scanned too."""
-        rest = self._frames.flush()
-        if not rest:
-            return rest
-        if self.kind is FrameKind.NDJSON:
-            self._scan_ndjson(rest)
-            return rest
-        return self._scan_sse(rest)
+    def _capture(self, captured: list[bytes], region: bytes) -> None:
+        self._capture_left -= len(region)
+        if self._capture_left < 0:
+            self.captured = None  # too long to count afterwards: the estimate stays
+        else:
+            captured.append(region)
 
     def _scan_ndjson(self, region: bytes) -> None:
-        tally = self.tally
-        tally.frames += region.count(b"\n")
         if (b'"error"' not in region and _NATIVE_FINAL[0] not in region
                 and _NATIVE_FINAL[1] not in region):
             return
+        tally = self.tally
         for line in ndjson_lines(region):
             if b'"error"' not in line and b'"done"' not in line:
                 continue
             obj = _loads(line)
             message = _error_message(obj)
             if message is not None:
-                tally.frames -= 1  # an error line is not a token
                 tally.error = message
             elif isinstance(obj, dict) and obj.get("done") is True:
-                tally.frames -= 1  # the final frame carries stats, not a token
                 tally.finished = True
                 apply_usage_object(tally, obj)
 
     def _scan_sse(self, region: bytes) -> bytes:
-        tally = self.tally
         if b'"usage"' not in region and b'"error"' not in region and b"[DONE]" not in region:
-            tally.frames += region.count(b"data:")
             return region
         return b"".join(self._inspect_sse_event(region[start:end])
                         for start, end in sse_events(region))
 
     def _inspect_sse_event(self, event: bytes) -> bytes:
-        """Tally one SSE event; return what of it goes to the client."""
+        """Take the counts, error or end marker of one SSE event; return what of it
+        goes to the client."""
         tally = self.tally
         data = sse_data(event)
         if data is None:
@@ -162,16 +200,12 @@ class StreamScanner:
             tally.error = message
             return event
         if not isinstance(obj, dict):
-            tally.frames += 1
             return event
-        choices = obj.get("choices")
-        if choices:
-            tally.frames += 1
         has_usage = isinstance(obj.get("usage"), dict)
         apply_usage_object(tally, obj)
         if not has_usage or not self._drop_usage_chunk:
             return event
-        if choices == []:
+        if obj.get("choices") == []:
             return b""  # the usage-only chunk the client never asked for
         # /v1/completions repeats zero usage on every chunk once usage is asked
         # for; the client did not ask, so those bytes go as if it had not.

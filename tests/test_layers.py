@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "ollama_proxy"
 # Pure core: no trio at runtime (imports under TYPE_CHECKING do not count).
 PURE = ["errors", "config", "framing", "usage", "routes", "headers", "policy", "limits", "isotime",
         "limit_counters", "limiting", "bodies", "keys", "db", "accounts", "ledger", "jsonbody",
-        "reports"]
+        "reports", "prompt_overhead", "tokenizer_api"]
 # module -> project modules it must never import.
 FORBIDDEN = {
     "server": {"relay", "app", "backends", "upstream", "policy", "usage", "simulator"},

@@ -145,17 +145,23 @@ async def test_month_quota_rolls_over_on_the_first(autojump_clock):
     await refused(total, exchange("/api/chat", CHAT))
 
 
+def settled(lim: Limiter, ex: Exchange, record: UsageRecord) -> None:
+    """The relay's usage hooks as the gateway wires them: settle, then learn the overhead."""
+    lim.settle(ex, record)
+    lim.overheads.observe(ex, record)
+
+
 async def test_reservations_learn_the_prompt_overhead_of_a_model():
     """The backend counts more prompt than the text (the chat template): after one exact
     count the next reservations of that model on that route hold the difference too, so
     requests at once stay within the quota; estimated counts teach nothing; a model
-    counted at or below its text forgets it."""
+    counted at or below its text adds nothing."""
     lim = limiter(token_quota=300)
     hi = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}  # 1 token
     first = exchange("/api/chat", hi)
     await lim(first)
     assert first.body_obj["options"]["num_predict"] == 299
-    lim.settle(first, usage(first, 21, 5))  # 20 tokens of template
+    settled(lim, first, usage(first, 21, 5))  # 20 tokens of template
     assert lim.store.get("ann").quota.total == 26
     burst = [exchange("/api/chat", {**hi, "model": "LLAMA3.2:latest",
                                     "options": {"num_predict": 9}}) for _ in range(20)]
@@ -169,22 +175,52 @@ async def test_reservations_learn_the_prompt_overhead_of_a_model():
         admitted.append(ex)
     assert len(admitted) == (300 - 26) // 30
     for ex in admitted:  # every one uses all it was allowed
-        lim.settle(ex, usage(ex, 21, 9))
+        settled(lim, ex, usage(ex, 21, 9))
     assert lim.store.get("ann").quota.total <= 300
     lim.store.get("ann").quota.total = 0  # room for the rest
     other = exchange("/v1/chat/completions", {**hi, "max_tokens": 3})  # its own route
     await lim(other)
     assert other.reservation.tokens == 1 + 3
-    lim.settle(other, usage(other, 1, 3))
+    settled(lim, other, usage(other, 1, 3))
     estimated = exchange("/api/chat", {**hi, "model": "qwen3", "options": {"num_predict": 3}})
     await lim(estimated)
-    lim.settle(estimated, dataclasses.replace(usage(estimated, 50, 0), estimated=True))
-    assert lim._overhead == {("chat", "llama3.2:latest"): 20}
+    settled(lim, estimated, dataclasses.replace(usage(estimated, 50, 0), estimated=True))
+    qwen = exchange("/api/chat", {**hi, "model": "qwen3", "options": {"num_predict": 1}})
+    await lim(qwen)
+    assert qwen.reservation.tokens == 1 + 1
     again = exchange("/api/chat", {**hi, "options": {"num_predict": 1}})
     await lim(again)
     assert again.reservation.tokens == 1 + 20 + 1
-    lim.settle(again, usage(again, 1, 1))
-    assert lim._overhead == {}
+    settled(lim, again, usage(again, 1, 1))
+    last = exchange("/api/chat", {**hi, "options": {"num_predict": 1}})
+    await lim(last)
+    assert last.reservation.tokens == 1 + 1
+
+
+async def test_amend_moves_the_difference_into_the_reserved_bucket(autojump_clock):
+    """Exact counts that come after settle change the windows and the quota where the
+    request was counted: a minute later the minute window has forgotten it, the day
+    window and the quota have not."""
+    lim = limiter(tokens_per_minute=1000, tokens_per_day=1000, token_quota=1000)
+    ex = exchange("/v1/chat/completions", {**CHAT, "max_tokens": 8, "stream": True})
+    await lim(ex)
+    record = dataclasses.replace(usage(ex, 13, 10), estimated=True)
+    lim.settle(ex, record)
+    counters = lim.store.get("ann")
+    assert counters.snapshot(BASE + trio.current_time())["tokens_minute"] == 23
+    lim.amend(ex, record, 40, 8)
+    now = BASE + trio.current_time()
+    assert (counters.snapshot(now)["tokens_minute"], counters.snapshot(now)["tokens_day"],
+            counters.quota.total) == (48, 48, 48)
+    await trio.sleep(61)
+    lim.amend(ex, dataclasses.replace(record, prompt_tokens=40, completion_tokens=8), 41, 8)
+    now = BASE + trio.current_time()
+    assert (counters.snapshot(now)["tokens_minute"], counters.snapshot(now)["tokens_day"],
+            counters.quota.total) == (0, 49, 49)
+    assert counters.in_flight == 0
+    keyless = exchange("/v1/chat/completions", CHAT)
+    keyless.principal = None
+    lim.amend(keyless, record, 40, 8)  # nothing reserved: nothing to correct
 
 
 async def test_max_concurrent_comes_back_after_settle():

@@ -356,6 +356,8 @@ async def test_usage_log_lines_are_written_while_the_next_request_waits(stack, c
     written = [json.loads(r.getMessage())["request_id"] for r in caplog.records
                if r.name == "ollama_proxy.usage"]
     assert first.headers["x-request-id"] in written
+    # observers hear of a record after its response went out: the log's turn comes first
+    await stack.sink.record_of(second.headers["x-request-id"])
     stack.gateway.usage_log.flush()  # what its timer does within a second
     written = [json.loads(r.getMessage())["request_id"] for r in caplog.records
                if r.name == "ollama_proxy.usage"]

@@ -262,13 +262,14 @@ async def test_unstorable_values_are_fixed_before_queueing(nursery, tmp_path, ca
 # --- amendments, touches, folding ---------------------------------------------------------
 
 async def test_amend_updates_the_row_and_the_summaries(nursery, tmp_path, caplog):
-    """Exact counts replace the estimate of the latest row of that request (one written
-    before the start too); an unknown request id is logged; counts are clamped like rows'."""
+    """Exact counts replace the estimate of the latest estimated row of that request (one
+    written before the start too); an unknown request id is logged; counts are clamped
+    like rows'."""
     caplog.set_level(logging.WARNING)
     path = tmp_path / "l.db"
     db.connect(str(path)).close()
     conn = db.connect(str(path))
-    insert(conn, [record("old", time=5.0)], fold=True)  # before this writer started
+    insert(conn, [record("old", time=5.0, estimated=True)], fold=True)  # before this start
     conn.close()
     writer = await start(nursery, path)
     with trio.fail_after(10):
@@ -289,7 +290,8 @@ async def test_amend_updates_the_row_and_the_summaries(nursery, tmp_path, caplog
     finally:
         conn.close()
     assert writer.stats()["amended"] == 3
-    assert "request nobody: exact counts came, but its ledger row is unknown" in caplog.text
+    assert "request nobody: exact counts came, but its estimated ledger row is unknown" \
+        in caplog.text
 
 
 async def test_amend_sees_a_row_of_the_same_batch(nursery, tmp_path):
@@ -300,7 +302,7 @@ async def test_amend_sees_a_row_of_the_same_batch(nursery, tmp_path):
     with trio.fail_after(10):
         await gate.close(writer)
         async with trio.open_nursery() as inner:
-            inner.start_soon(writer.record, record("a"))
+            inner.start_soon(writer.record, record("a", estimated=True))
             await trio.testing.wait_all_tasks_blocked()
             inner.start_soon(writer.amend, "a", 9, 9)
             await trio.testing.wait_all_tasks_blocked()
@@ -337,3 +339,23 @@ async def test_rows_are_folded_mine_and_others(tmp_path):
     assert query(path, "SELECT user, requests, prompt_tokens FROM usage_day ORDER BY user") == [
         ("alice", 1, 3), ("carol", 1, 100)]
     assert writer.stats()["unfolded"] == 0
+
+
+async def test_amend_corrects_the_newest_estimated_row_of_a_request_id(nursery, tmp_path):
+    """amend() is queued behind the rows before it and returns once committed: the
+    newest estimated row of that id gets the counts and estimated = 0; an exact row or
+    an older row with the same (client-chosen) id is left alone."""
+    path = tmp_path / "l.db"
+    writer = LedgerWriter(str(path), wait=False)
+    await nursery.start(writer.run)
+    estimated = dataclasses.replace(record("dup"), estimated=True, prompt_tokens=3,
+                                    completion_tokens=10)
+    with trio.fail_after(10):
+        await writer.record(estimated)
+        await writer.record(estimated)
+        await writer.record(record("dup"))  # exact, same id, the newest
+        await writer.record(dataclasses.replace(estimated, request_id="other"))
+        await writer.amend("dup", 40, 8)  # without waiting for the rows: behind them
+    assert query(path, "SELECT request_id, prompt_tokens, completion_tokens, estimated "
+                       "FROM ledger ORDER BY id") == [
+        ("dup", 3, 10, 1), ("dup", 40, 8, 0), ("dup", 3, 4, 0), ("other", 3, 10, 1)]

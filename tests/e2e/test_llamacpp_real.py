@@ -1,0 +1,84 @@
+"""The real llama-cpp-python server (0.3.36, a tiny random model) behind the in-process
+gateway: streams it leaves uncounted are estimated from their tokens, then counted
+exactly with its /extras/tokenize; a chat prompt once its template overhead is
+confirmed by two chats it counted itself.
+
+Needs the server from ``../shared/realup`` (``setup.sh VENV MODEL``): set
+``OLLAMA_PROXY_LLAMA_VENV`` and ``OLLAMA_PROXY_LLAMA_MODEL``, or leave it where
+realup's README puts it (``/tmp/llama-venv``, ``/tmp/tiny.gguf``). Skipped otherwise
+(a fresh clone has neither).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+import trio
+
+from child_process import Child
+from gateway_stack import gateway_config, start_gateway
+
+VENV = Path(os.environ.get("OLLAMA_PROXY_LLAMA_VENV", "/tmp/llama-venv"))
+MODEL = Path(os.environ.get("OLLAMA_PROXY_LLAMA_MODEL", "/tmp/tiny.gguf"))
+PYTHON = VENV / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+STARTUP_S = 60.0  # the model loads in ~2.5 s; a loaded machine takes longer
+LISTENING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+SAY_HELLO = {"model": "tiny", "messages": [{"role": "user", "content": "Say hello."}],
+             "max_tokens": 8, "temperature": 0, "stream": True}
+ONCE = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0,
+        "stream": True}
+
+
+@pytest.fixture(scope="module")
+def llama_url() -> Iterator[str]:
+    """The real server on an OS-chosen port, for this module; reaped after."""
+    if not PYTHON.exists() or not MODEL.exists():
+        pytest.skip(f"no llama-cpp-python server: {PYTHON} or {MODEL} is missing (set it up "
+                    "with ../shared/realup/setup.sh VENV MODEL and point "
+                    "OLLAMA_PROXY_LLAMA_VENV / OLLAMA_PROXY_LLAMA_MODEL at them)")
+    argv = [str(PYTHON), "-m", "llama_cpp.server", "--model", str(MODEL), "--model_alias",
+            "tiny", "--host", "127.0.0.1", "--port", "0", "--n_ctx", "2048", "--n_threads", "1"]
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
+    with Child(argv, cwd=Path("/tmp"), env=env) as child:
+        port = child.wait_match("stderr", LISTENING, STARTUP_S).group(1)
+        yield f"http://127.0.0.1:{port}"
+
+
+async def test_real_llama_cpp_python_streams_end_up_exact(nursery, llama_url):
+    """Completion stream: estimated (4, 8) at once, exact (17, 8) after; chat stream:
+    estimated (3, 8) and left so until two counted chats confirm the template overhead,
+    then exact (40, 8) like the server's own count."""
+    config = gateway_config([llama_url], kind="openai")
+    gateway, url, sink, key = await start_gateway(nursery, config)
+
+    async def row(body: dict, path: str = "/v1/chat/completions") -> tuple[int, int, int]:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"},
+                                     timeout=30) as client:
+            reply = await client.post(url + path, json=body)
+        assert reply.status_code == 200, reply.text
+        rid = reply.headers["x-request-id"]
+        await sink.record_of(rid)
+        await gateway.recounter.idle()
+        conn = sqlite3.connect(config.server.database)
+        try:
+            return conn.execute("SELECT prompt_tokens, completion_tokens, estimated FROM ledger "
+                                "WHERE request_id = ?", (rid,)).fetchone()
+        finally:
+            conn.close()
+
+    with trio.fail_after(120):
+        assert await row(ONCE, "/v1/completions") == (17, 8, 0)
+        assert await row(SAY_HELLO) == (3, 8, 1)
+        counted = [await row({**SAY_HELLO, "stream": False,
+                              "messages": [{"role": "user", "content": text}]})
+                   for text in ("Say hello.", "Tell me a story.")]
+        assert counted == [(40, 8, 0), (46, 8, 0)]
+        assert await row(SAY_HELLO) == (40, 8, 0)
+        assert gateway.recounter.failed == 0
