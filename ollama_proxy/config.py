@@ -368,7 +368,7 @@ SCHEMA: tuple[Key, ...] = (
     Key(UPSTREAM, "tokenize", _choice("auto", "off"), "auto",
         "Exact counts for streams whose backend reports no usage (llama.cpp servers): auto asks\n"
         "the backend's tokenize endpoint (vLLM and llama-server POST /tokenize,\n"
-        "llama-cpp-python POST /extras/tokenize) after the stream, off the latency path;\n"
+        "llama-cpp-python POST /extras/tokenize/count) after the stream, off the latency path;\n"
         "off keeps the estimate.", "tokenize"),
 )
 

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import trio
 
@@ -50,6 +50,11 @@ log = logging.getLogger("ollama_proxy.relay")
 
 JSON_TYPE = b"application/json; charset=utf-8"
 METERED = (RouteKind.GENERATION, RouteKind.EMBEDDING)
+# A JSON body this big is decoded in a worker thread: a hostile one (millions of tiny
+# nested arrays) costs seconds of CPU, which must not stall every other request; at most
+# BIG_PARSES of them at once.
+PARSE_IN_THREAD_BYTES = 1 << 20
+BIG_PARSES = 2
 # A reply cut for its size is counted by its bytes (its usage was at its end).
 BYTES_PER_TOKEN = 4
 
@@ -236,6 +241,7 @@ class Relay:
         self._estimate_prompt = estimate_prompt
         self._counter = counter
         self._started = time.time()
+        self._big_parses = trio.CapacityLimiter(BIG_PARSES)
 
     async def handle(self, request: Request, responder: Responder) -> None:
         path = request.path
@@ -284,7 +290,7 @@ class Relay:
                     authorize(ex.principal, admin=ex.route.admin_only)
                 # Only now: a stranger's body is never read (its connection closes).
                 await ex.request.read_body()
-                ex.body_obj = parse_body(ex.route, ex.request.body)
+                ex.body_obj = await self._parse(ex)
                 ex.stream = wants_stream(ex.route, ex.body_obj)
                 if ex.body_obj is not None:  # first: the steps see max_tokens, never its alias
                     ex.body_dirty, ex.usage_injected = apply_openai_rules(
@@ -325,6 +331,13 @@ class Relay:
             if meter.record is not None:
                 for observer in self._observers:
                     observer.observe(meter.record)
+
+    async def _parse(self, ex: Exchange) -> dict[str, Any] | None:
+        body = ex.request.body
+        if len(body) < PARSE_IN_THREAD_BYTES:
+            return parse_body(ex.route, body)
+        return await trio.to_thread.run_sync(parse_body, ex.route, body,
+                                             limiter=self._big_parses)
 
     async def _open_upstream(self, ex: Exchange, meter: _Meter) -> UpstreamResponse:
         """Send to the first backend that takes the connection."""

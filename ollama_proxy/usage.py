@@ -266,7 +266,9 @@ class UsageRecord:
     model: str | None
     backend: str | None
     status: int
-    outcome: str  # ok | client_closed | upstream_error | unreachable | timeout | refused | cancelled
+    # ok | client_closed | client_stalled | upstream_error | unreachable | timeout | refused
+    # | cancelled (shutdown) | error (a bug: status 500) | unrecorded (the ledger's minimal row)
+    outcome: str
     prompt_tokens: int
     completion_tokens: int
     estimated: bool

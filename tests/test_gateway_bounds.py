@@ -135,3 +135,20 @@ async def test_a_bug_is_a_500_with_its_own_ledger_row(stack, caplog):
     assert (record.status, record.outcome) == (500, "error")
     failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(failures) == 1 and "a bug" in (failures[0].exc_text or "")
+
+
+async def test_a_big_body_is_decoded_off_the_event_loop(stack):
+    """A body past PARSE_IN_THREAD_BYTES is decoded in a worker thread with the same
+    verdicts: a big honest chat is relayed, a big over-deep one refused with 400."""
+    from ollama_proxy.relay import PARSE_IN_THREAD_BYTES
+
+    big = "x" * PARSE_IN_THREAD_BYTES
+    deep = json.dumps({"model": "llama3.2", "pad": big, "messages": []})[:-1] + ', "x": ' \
+        + "[" * 100 + "]" * 100 + "}"
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(headers=stack.headers) as client:
+            ok = await client.post(stack.url + "/api/chat", json={
+                **CHAT, "stream": False, "messages": [{"role": "user", "content": big}]})
+            refused = await client.post(stack.url + "/api/chat", content=deep)
+    assert ok.status_code == 200 and "message" in ok.json()
+    assert refused.status_code == 400 and "deep" in refused.json()["error"]
