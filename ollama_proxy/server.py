@@ -290,11 +290,9 @@ class _Connection:
         self.eof = False
         # Set at accept when this address may not connect: its requests get this answer.
         self.refusal: ProxyError | None = None
-        # Waiting for a request since (trio time), None while one is in flight: the
-        # longest-idle connection makes room when the connection cap is reached.
-        self.idle_since: float | None = trio.current_time()
+        self.idle = True  # waiting for a request (no request in flight): may be evicted
         self.evicted = False
-        self._accepted_at = self.idle_since
+        self._accepted_at = trio.current_time()
         self._served = 0
         self._wait_scope: trio.CancelScope | None = None  # the wait for the next head
         self._head_begun = False  # bytes of the next head arrived (a drain lets it finish)
@@ -423,7 +421,7 @@ class _Connection:
             data = await sockio.recv(self.raw, RECEIVE_SIZE, wait_first=idle)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
-        if self.idle_since is not None and len(self._head_peek) < HEAD_PEEK_BYTES:
+        if self.idle and len(self._head_peek) < HEAD_PEEK_BYTES:
             self._head_peek += data[:HEAD_PEEK_BYTES]  # a head is on its way
         self.h11.receive_data(data)
         if not data:
@@ -456,8 +454,8 @@ class _Connection:
         """
         settings = self.server.settings
         first = self._served == 0
-        if self.idle_since is None:  # a new connection is idle since it was accepted
-            self.idle_since = trio.current_time()
+        if not self.idle:  # a new connection is idle since it was accepted
+            self.server.idles(self)
         pending = self.h11.trailing_data[0]
         self._head_peek = pending[:HEAD_PEEK_BYTES]
         self._head_begun = bool(pending)
@@ -620,7 +618,7 @@ class _Connection:
                 head = await self._next_request()
                 if head is None:
                     return
-                self.idle_since = None  # a request is in flight
+                self.server.busy(self)  # a request is in flight
                 path = head.target.partition(b"?")[0].decode("ascii", "replace")
                 if _head_size(head) > self.server.settings.max_header_bytes:
                     # h11 caps only heads still incomplete; one read can bring a whole big one
@@ -718,6 +716,10 @@ class HttpServer:
         self._accept_scope = trio.CancelScope()
         self._connections: set[_Connection] = set()
         self._per_address: dict[str, int] = {}
+        # The connections with no request in flight, in the order they became idle (dicts
+        # keep it), in all and per address: the first is the one to evict.
+        self._idle: dict[_Connection, None] = {}
+        self._idle_at: dict[str, dict[_Connection, None]] = {}
         self._conn_nursery: trio.Nursery | None = None
         self._stop_at = math.inf  # the drain's grace ends here
         self._stoppable: set[trio.CancelScope] = set()
@@ -796,21 +798,41 @@ class HttpServer:
             return None
         self._connections.add(conn)
         self._per_address[peer] = self._per_address.get(peer, 0) + 1
+        self.idles(conn)
         return conn
 
+    def idles(self, conn: _Connection) -> None:
+        """``conn`` waits for a request from now on: the newest of the idle."""
+        if conn not in self._connections:  # evicted, or on its way out
+            return
+        conn.idle = True
+        self._idle[conn] = None
+        self._idle_at.setdefault(conn.client, {})[conn] = None
+
+    def busy(self, conn: _Connection) -> None:
+        """``conn`` has a request in flight: it may not be evicted."""
+        conn.idle = False
+        self._idle.pop(conn, None)
+        at = self._idle_at.get(conn.client)
+        if at is not None:
+            at.pop(conn, None)
+            if not at:
+                del self._idle_at[conn.client]
+
     def _make_room(self, peer: str | None) -> bool:
-        """Evict the longest-idle connection (of ``peer``, when given)."""
-        idle = [c for c in self._connections
-                if c.idle_since is not None and (peer is None or c.client == peer)]
-        if not idle:
+        """Evict the longest-idle connection (of ``peer``, when given). The idle
+        connections are kept in the order they became idle: no scan at the cap."""
+        idle = self._idle if peer is None else self._idle_at.get(peer, {})
+        victim = next(iter(idle), None)
+        if victim is None:
             return False
-        victim = min(idle, key=lambda c: c.idle_since or 0.0)
         self._release(victim)
         victim.evict()
         self.evicted += 1
         return True
 
     def _release(self, conn: _Connection) -> None:
+        self.busy(conn)
         if conn in self._connections:
             self._connections.discard(conn)
             left = self._per_address[conn.client] - 1

@@ -196,17 +196,23 @@ async def wait_for_eof(stream: trio.SocketStream) -> None:
 
 
 async def test_at_the_connection_cap_the_longest_idle_makes_room():
-    """max_connections idle connections and one more: the oldest is closed, the new
-    one is served."""
+    """max_connections idle connections and more: the oldest idle is closed each time
+    (a connection that just served a request is the newest idle), the new one served."""
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             server, _, port = await serve(nursery, max_connections=3)
             idle = await open_idle(port, 3)
+            await idle[0].send_all(b"GET /x HTTP/1.1\r\nHost: x\r\nAuthorization: k\r\n\r\n")
+            assert (await idle[0].receive_some(4096)).startswith(b"HTTP/1.1 200")
             fresh = await trio.open_tcp_stream("127.0.0.1", port)
-            await wait_for_eof(idle[0])
+            await wait_for_eof(idle[1])  # idle[0] served a request since: it is not the oldest
             await fresh.send_all(b"GET /x HTTP/1.1\r\nHost: x\r\nAuthorization: k\r\n\r\n")
             assert (await fresh.receive_some(4096)).startswith(b"HTTP/1.1 200")
-            assert server.evicted == 1
+            later = await trio.open_tcp_stream("127.0.0.1", port)
+            await wait_for_eof(idle[2])
+            assert server.evicted == 2 and set(server._idle) <= server._connections
+            for stream in (idle[0], fresh, later):
+                await stream.aclose()
             nursery.cancel_scope.cancel()
 
 
