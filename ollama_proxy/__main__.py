@@ -68,6 +68,7 @@ def cmd_systemd_unit(args: argparse.Namespace) -> int:
 
     config = _load(args)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command: tuple[str, ...]
     if os.path.isfile(package_root):  # running from the .pyz
         command, pythonpath = (sys.executable, package_root), None
     else:  # a source checkout

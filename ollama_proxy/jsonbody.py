@@ -84,7 +84,7 @@ def quoted(key: str, limit: int = 60) -> str:
     return json.dumps(key if len(key) <= limit else key[:limit] + "…")
 
 
-def decode_object(raw: bytes) -> dict[str, Any]:
+def decode_object(raw: bytes | bytearray) -> dict[str, Any]:
     """The JSON object in ``raw``, exactly as ``json.loads`` reads it, or a
     ``BadRequest`` saying why the backend could read it differently."""
     if _too_deep(raw):
@@ -151,7 +151,7 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _too_deep(raw: bytes) -> bool:
+def _too_deep(raw: bytes | bytearray) -> bool:
     """Whether ``raw`` nests containers deeper than ``MAX_DEPTH`` (valid JSON:
     exactly; invalid JSON: enough to keep the decoder's recursion bounded).
     C-speed byte operations only, so honest bodies of any size stay cheap."""
@@ -180,7 +180,7 @@ def _too_deep(raw: bytes) -> bool:
     return b"[]" in text or text.count(b"[") > MAX_DEPTH
 
 
-def _openers(raw: bytes) -> int:
+def _openers(raw: bytes | bytearray) -> int:
     """How many "[" and "{" bytes ``raw`` holds, counting no further than MAX_DEPTH + 1
     (memchr skips the long strings a large body is made of)."""
     count = 0

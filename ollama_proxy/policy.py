@@ -60,7 +60,7 @@ class Exchange:
             model = obj.get("name")
         return model if isinstance(model, str) else None
 
-    def body(self) -> bytes:
+    def body(self) -> bytes | bytearray:
         """The body to send upstream: as received unless a step changed it.
 
         A changed body is re-encoded as UTF-8; a lone surrogate (only a
@@ -107,7 +107,7 @@ _INNER_FIELDS = {"options": _by_fold("num_predict"), "stream_options": _by_fold(
 _MESSAGE_FIELDS = _by_fold("content")
 
 
-def parse_body(route: Route, raw: bytes) -> dict[str, Any] | None:
+def parse_body(route: Route, raw: bytes | bytearray) -> dict[str, Any] | None:
     """The JSON object of a JSON route's body, checked (400 when it is not one,
     or when the backend could read it differently from the gateway)."""
     if not route.json_body:

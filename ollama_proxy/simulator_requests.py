@@ -120,7 +120,7 @@ class Body:
         return value is not False if self.api is Api.NATIVE else value is True
 
 
-def decode(raw: bytes, api: Api, go_type: str) -> tuple[Any, Body]:
+def decode(raw: bytes | bytearray, api: Api, go_type: str) -> tuple[Any, Body]:
     """The parsed JSON and the body as ``ShouldBindJSON`` reads it into ``go_type``."""
     try:
         data = go_decode(raw)

@@ -170,7 +170,7 @@ def _reject_constant(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
-def go_decode(body: bytes) -> Any:
+def go_decode(body: bytes | bytearray) -> Any:
     """One JSON value as ``json.Decoder.Decode`` reads it (trailing bytes ignored).
 
     Raises ``GoJsonError`` with Go's message; an empty body is ``EOF``.

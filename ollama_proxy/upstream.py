@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import select
-from typing import Callable
+from typing import Callable, cast
 from dataclasses import dataclass
 
 import h11
@@ -100,7 +100,7 @@ class UpstreamPool:
         method: str,
         target: str,
         headers: list[tuple[bytes, bytes]],
-        body: bytes,
+        body: bytes | bytearray,
         on_sent: Callable[[], None] | None = None,
     ) -> UpstreamResponse:
         """Send a request and wait for the response head (first-byte timeout);
@@ -125,7 +125,7 @@ class UpstreamPool:
         self._slots.release()
 
     async def _request(self, method: str, target: str, headers: list[tuple[bytes, bytes]],
-                       body: bytes, on_sent: Callable[[], None] | None) -> UpstreamResponse:
+                       body: bytes | bytearray, on_sent: Callable[[], None] | None) -> UpstreamResponse:
         conn, stale = checkout(self._idle, trio.current_time(), self.settings.idle_expiry_s)
         for old in stale:
             await old.aclose()
@@ -154,14 +154,16 @@ class UpstreamPool:
         return _Conn(stream)
 
     async def _exchange(self, conn: _Conn, method: str, target: str,
-                        headers: list[tuple[bytes, bytes]], body: bytes,
+                        headers: list[tuple[bytes, bytes]], body: bytes | bytearray,
                         on_sent: Callable[[], None] | None) -> UpstreamResponse:
         """Send on ``conn`` and read the head; ``conn`` is closed on any failure."""
         try:
             parts = [conn.h11.send(h11.Request(method=method, target=target, headers=headers))]
             if body:
-                # the body object itself, not a copy (bodies reach max_body_mb)
-                parts.extend(conn.h11.send_with_data_passthrough(h11.Data(data=body)))
+                # the body object itself, not a copy (bodies reach max_body_mb); h11 takes
+                # any bytes-like object, its annotation says bytes
+                data = h11.Data(data=cast(bytes, body))
+                parts.extend(conn.h11.send_with_data_passthrough(data) or ())
             parts.append(conn.h11.send(h11.EndOfMessage()))
             # One deadline for sending (a backend that stops reading a big body) and for
             # the response head. A bare scope: fail_after's generator costs more.
