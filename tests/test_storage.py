@@ -44,9 +44,17 @@ class Gate:
 
     def __init__(self) -> None:
         self._open = threading.Event()
+        self._holding = threading.Event()
+
+    def _hold(self) -> None:
+        self._holding.set()
+        self._open.wait(10)
 
     async def close(self, writer: LedgerWriter) -> None:
-        writer._jobs.put(storage._Row(0, record("gate"), lambda: self._open.wait(10)))
+        """Returns once the writer thread is held (else rows queued meanwhile could join
+        the gate's own batch)."""
+        writer._jobs.put(storage._Row(0, record("gate"), self._hold))
+        await trio.to_thread.run_sync(self._holding.wait, 10)
 
     def open(self) -> None:
         self._open.set()
