@@ -49,7 +49,7 @@ log = logging.getLogger("ollama_proxy.recount")
 ROUTES = frozenset({"openai_chat", "openai_completions"})  # where usage may be missing
 CAPTURE_BYTES = 4 << 20  # a stream longer than this keeps its estimate
 MAX_IN_FLIGHT = 2  # jobs talking to one backend at once
-MAX_QUEUED = 64  # jobs waiting for one backend; more are dropped (estimate kept)
+MAX_QUEUED = 64  # jobs queued or running for one backend; more are dropped (estimate kept)
 JOB_TIMEOUT_S = 10.0  # a busy llama-cpp-python answers behind its running generation
 RETRY_DISCOVERY_S = 60.0  # after a failed discovery (not a 404), ask again this much later
 MAX_ANSWER_BYTES = 1 << 20  # /extras/tokenize lists every token of a long text
@@ -143,8 +143,8 @@ class Recounter:
     def _start(self, state: _BackendState, ex: Exchange, job: Coroutine[Any, Any, None]) -> None:
         if self._nursery is None or state.jobs >= MAX_QUEUED:
             job.close()
-            log.debug("%s: no room to count with %s's tokenizer; estimate kept",
-                      ex.request_id.decode(), state.backend.name)
+            log.warning("%s: no room to count with %s's tokenizer (%d jobs); estimate kept",
+                        ex.request_id.decode(), state.backend.name, state.jobs)
             return
         state.jobs += 1
         self._jobs += 1
@@ -164,6 +164,10 @@ class Recounter:
                 err, trio.TooSlowError) else getattr(err, "message", None) or str(err)
             log.warning("%s: counting with %s's tokenizer failed, estimate kept: %s",
                         ex.request_id.decode(), state.backend.name, why)
+        except Exception:  # a bug, or a backend answer nobody foresaw: never the gateway's end
+            self.failed += 1
+            log.exception("%s: counting with %s's tokenizer failed, estimate kept",
+                          ex.request_id.decode(), state.backend.name)
         finally:
             job.close()  # cancelled before it began: no "never awaited" warning
             state.jobs -= 1

@@ -195,9 +195,10 @@ def streamed_text(frames: list[bytes]) -> list[str] | None:
             return None
         for choice in chunk.get("choices") or ():
             piece = _choice_text(choice)
-            if piece is None:
+            index = choice.get("index", 0) if isinstance(choice, dict) else None
+            if piece is None or type(index) is not int:  # a backend's frame is not trusted
                 return None
-            texts.setdefault(choice.get("index", 0), []).append(piece)
+            texts.setdefault(index, []).append(piece)
     return ["".join(pieces) for _, pieces in sorted(texts.items())]
 
 

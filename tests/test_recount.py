@@ -185,6 +185,23 @@ async def test_a_hung_tokenizer_gives_up_and_never_holds_shutdown(monkeypatch):
             inner.cancel_scope.cancel()
 
 
+async def test_a_job_that_breaks_unforeseen_never_stops_the_gateway(nursery, monkeypatch,
+                                                                     caplog):
+    """Whatever a counting job raises (a bug, an answer nobody foresaw) is logged and
+    counted; the estimate stays and the gateway serves on."""
+    def broken(*args: object, **kwargs: object) -> None:
+        raise TypeError("'<' not supported between instances of 'NoneType' and 'int'")
+
+    monkeypatch.setattr(recount, "stream_counts", broken)
+    with trio.fail_after(10):
+        stack = await start(nursery)
+        rid = await stack.post("/v1/completions", ONCE)
+        assert await stack.settled(rid) == (4, 8, 1)
+        assert stack.gateway.recounter.failed == 1 and "NoneType" in caplog.text
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(stack.url + "/health")).status_code == 200
+
+
 @pytest.mark.parametrize("queued", [0])
 async def test_no_room_no_job(nursery, monkeypatch, queued):
     """Past the bound of waiting jobs a stream keeps its estimate (nothing asked)."""

@@ -102,7 +102,7 @@ def sse(*chunks: dict[str, Any]) -> list[bytes]:
     return [data[:7], data[7:100], data[100:]]
 
 
-def delta(d: dict[str, Any], finish: str | None = None, index: int = 0) -> dict[str, Any]:
+def delta(d: dict[str, Any], finish: str | None = None, index: Any = 0) -> dict[str, Any]:
     return {"object": "chat.completion.chunk",
             "choices": [{"index": index, "delta": d, "finish_reason": finish}]}
 
@@ -197,6 +197,9 @@ def test_unusable_answers_raise(backend, tok):
     (sse(delta({"content": 5})), None),
     ([b"data: {not json\r\n\r\n"], None),
     ([b"data: [1]\r\n\r\n"], None),
+    (sse(delta({"content": "a"}), delta({"content": "b"}, index=None)), None),  # hostile
+    (sse(delta({"content": "a"}, index=[0])), None),
+    (sse(delta({"content": "a"}, index=True)), None),
 ])
 def test_streamed_text(frames, texts):
     """Each choice's text; None where a text count cannot stand for the tokens."""
