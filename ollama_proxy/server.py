@@ -493,36 +493,34 @@ class _Connection:
         return parts[1].decode("latin-1").partition("?")[0]
 
     async def _receive_body(self) -> bytearray:
-        """The request body (``Request.read_body``): into one buffer of the announced
-        length, or one growing buffer for a chunked body, within ``body_timeout_s``."""
+        """The request body (``Request.read_body``), within ``body_timeout_s``: into one
+        buffer that grows as bytes arrive (never a list of pieces to join; never the
+        announced length up front, which would let a client that sends one byte of a
+        64 MiB body pin 64 MiB)."""
         settings = self.server.settings
         limit, length = settings.max_body_bytes, self._body_length
         if length is not None and length > limit:
             raise PayloadTooLarge(f"request body is larger than {limit} bytes")
         if self.h11.client_is_waiting_for_100_continue:
             await self.send(h11.InformationalResponse(status_code=100, headers=[]))
-        body = bytearray(length or 0)
-        size = 0
+        body = bytearray()
         ends = trio.current_time() + settings.body_timeout_s
         try:
             while True:
                 event = await self._next_event(
                     min(ends, trio.current_time() + settings.header_timeout_s))
                 if isinstance(event, h11.Data):
-                    if length is None:
-                        if size + len(event.data) > limit:
-                            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-                        body += event.data
-                    else:  # h11 never gives more than Content-Length
-                        body[size:size + len(event.data)] = event.data
-                    size += len(event.data)
+                    # h11 never gives more than a Content-Length; a chunked body may
+                    if len(body) + len(event.data) > limit:
+                        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+                    body += event.data
                 elif isinstance(event, h11.EndOfMessage):
                     if self._handler_scope is not None:
                         self._arm_watch()
                     return body
                 elif event is None:
                     raise RequestTimeout(
-                        f"timed out reading the request body ({size} bytes in; it must arrive "
+                        f"timed out reading the request body ({len(body)} bytes in; it must arrive "
                         f"within {settings.body_timeout_s:g} s, with no pause of "
                         f"{settings.header_timeout_s:g} s)")
                 else:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+import tracemalloc
 
 import pytest
 import trio
+import trio.testing
 
 from ollama_proxy.clientip import AddressPolicy
 from ollama_proxy.server import ClientStalled, HttpServer, Request, Responder, ServerSettings
@@ -80,6 +82,33 @@ async def test_a_stranger_is_answered_before_sending_its_body():
             assert head.startswith(b"HTTP/1.1 401") and b"connection: close" in head.lower()
             assert body == {"error": "no key"} and gate.read == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_a_body_takes_memory_as_it_arrives_not_as_announced():
+    """A member announcing 64 MiB and sending one byte holds one byte, not 64 MiB (a
+    buffer of the announced length let 16 connections pin a gigabyte)."""
+    started = trio.Event()
+
+    async def reader(request: Request, responder: Responder) -> None:
+        started.set()
+        await request.read_body()
+
+    tracemalloc.start()
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                server = HttpServer(reader, ServerSettings())
+                _, port = await nursery.start(server.serve, "127.0.0.1", 0)
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                await stream.send_all(b"POST /api/chat HTTP/1.1\r\nHost: x\r\n"
+                                      b"Content-Length: 67108864\r\n\r\n{")
+                await started.wait()
+                await trio.testing.wait_all_tasks_blocked()  # the server waits for more
+                assert tracemalloc.get_traced_memory()[1] < 8 * 1024 * 1024
+                await stream.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        tracemalloc.stop()
 
 
 async def test_expect_continue_is_not_granted_to_a_stranger():
