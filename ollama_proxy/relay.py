@@ -444,30 +444,34 @@ class Relay:
             bad = failure is not None or tally.error is not None or upstream.status >= 500
             return "upstream_error" if bad else "ok"
 
-        with responder.stop_scope() as stop:  # a drain's grace ends the stream here
-            try:
-                while True:
-                    data = await upstream.receive()
-                    if not data:
-                        break
-                    out = scanner.feed(data)
-                    if out:
-                        if tally.finished or tally.error is not None:
-                            # the backend's end marker (or its error, which ends a stream) is
-                            # in this piece: commit the usage first, so a client that stops
-                            # reading there (the ollama client raises on the error line) is
-                            # counted as is
-                            await self._record(meter, outcome())
-                        await responder.write(out)
-                out = scanner.finish()
+        # A drain's grace ends the stream by closing its backend connection: a write to a
+        # slow client is never cut in the middle.
+        responder.on_stop(upstream.stop)
+        try:
+            while True:
+                data = await upstream.receive()
+                if not data:
+                    break
+                out = scanner.feed(data)
                 if out:
+                    if tally.finished or tally.error is not None:
+                        # the backend's end marker (or its error, which ends a stream) is
+                        # in this piece: commit the usage first, so a client that stops
+                        # reading there (the ollama client raises on the error line) is
+                        # counted as is
+                        await self._record(meter, outcome())
                     await responder.write(out)
-            except (UpstreamTimeout, UpstreamProtocolError) as err:
+            out = scanner.finish()
+            if out:
+                await responder.write(out)
+        except (UpstreamTimeout, UpstreamProtocolError) as err:
+            if upstream.stopped:  # by the drain, not the backend
+                failure, cut = "the gateway is shutting down", True
+            else:
                 failure = err.message
-                log.warning("%s: backend broke mid-stream: %s", ex.request_id.decode(), err.message)
-        if stop.cancelled_caught:
-            failure, cut = "the gateway is shutting down", True
-        elif failure is None and ex.route.kind in METERED and upstream.status < 400 \
+                log.warning("%s: backend broke mid-stream: %s", ex.request_id.decode(),
+                            err.message)
+        if failure is None and ex.route.kind in METERED and upstream.status < 400 \
                 and not tally.finished and tally.error is None:
             failure = "the backend ended the stream before it was complete"
         if failure is not None:

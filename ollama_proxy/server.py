@@ -189,14 +189,21 @@ class Responder:
         self.ended = False
         self.client_gone = False
         self.status = 0
-        self._stops: list[trio.CancelScope] = []
+        self._stops: list[Callable[[], None]] = []
+
+    def on_stop(self, callback: Callable[[], None]) -> None:
+        """Have ``callback`` called when a drain's grace runs out (at once if it has): it
+        should make the handler's work end (e.g. close its backend connection), and the
+        handler then has ``FINISH_S`` to end its response well."""
+        self._stops.append(callback)
+        self._conn.server.on_stop(callback)
 
     def stop_scope(self) -> trio.CancelScope:
-        """A cancel scope the server's drain cancels when its grace runs out (enter it
-        once). Work inside it (waiting for a backend, relaying a stream) stops there,
-        and the handler still has ``FINISH_S`` to end its response well."""
-        scope = self._conn.server.stoppable()
-        self._stops.append(scope)
+        """A cancel scope that a drain's grace running out cancels (enter it once).
+        Never write to the client inside it: a cancelled write spoils the response;
+        waiting for a backend is what it is for."""
+        scope = trio.CancelScope()
+        self.on_stop(scope.cancel)
         return scope
 
     def _closing_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
@@ -651,10 +658,11 @@ class _Connection:
                 return
             self.h11.start_next_cycle()
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, linger: bool = True) -> None:
         with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
             scope.shield = True
-            if self.h11.their_state is h11.SEND_BODY and not self.eof and not self.aborted:
+            if linger and self.h11.their_state is h11.SEND_BODY and not self.eof \
+                    and not self.aborted:
                 await self._linger()
             await self.stream.aclose()
 
@@ -719,20 +727,33 @@ class HttpServer:
         self._idle: dict[_Connection, None] = {}
         self._idle_at: dict[str, dict[_Connection, None]] = {}
         self._conn_nursery: trio.Nursery | None = None
-        self._stop_at = math.inf  # the drain's grace ends here
-        self._stoppable: set[trio.CancelScope] = set()
+        self._grace = trio.CancelScope()  # a drain sets its deadline: the grace's end
+        self._stopping = False  # the grace ran out
+        self._emptied = trio.Event()  # draining, the last connection closed
+        self._on_stop: set[Callable[[], None]] = set()
         self.evicted = 0  # idle connections closed to make room (stats, tests)
         self.refused = 0  # connections refused at a cap
 
-    def stoppable(self) -> trio.CancelScope:
-        """A cancel scope that the drain's deadline reaches (``Responder.stop_scope``)."""
-        scope = trio.CancelScope(deadline=self._stop_at)
-        self._stoppable.add(scope)
-        return scope
+    def on_stop(self, callback: Callable[[], None]) -> None:
+        """``Responder.on_stop``: ``callback`` runs when the drain's grace runs out."""
+        if self._stopping:
+            callback()
+        else:
+            self._on_stop.add(callback)
 
-    def forget(self, scopes: list[trio.CancelScope]) -> None:
-        for scope in scopes:
-            self._stoppable.discard(scope)
+    def forget(self, callbacks: list[Callable[[], None]]) -> None:
+        for callback in callbacks:
+            self._on_stop.discard(callback)
+
+    async def _stop_when_the_grace_ends(self) -> None:
+        with self._grace:
+            await self._emptied.wait()  # all done in time: nothing to stop
+        if self._emptied.is_set():
+            return
+        self._stopping = True
+        callbacks, self._on_stop = self._on_stop, set()
+        for callback in callbacks:
+            callback()
 
     async def serve(
         self,
@@ -850,22 +871,31 @@ class HttpServer:
         except Exception:  # contained: one bad connection never stops the server
             log.exception("connection from %s failed", conn.client)
         finally:
+            # Counted until closed (a lingering socket is a file descriptor too); no
+            # linger once half the connections are taken: then refusals close at once.
+            await conn.aclose(linger=len(self._connections) < self.settings.max_connections // 2)
             self._release(conn)
-            await conn.aclose()
+            if self.draining and not self._connections:
+                self._emptied.set()
 
     def drain(self, grace_s: float) -> None:
         """Stop accepting and close idle connections. In-flight responses get
-        ``grace_s``; then their stop scopes are cancelled (a stream ends with an error
-        frame), and whatever still runs ``FINISH_S`` later is cancelled outright."""
+        ``grace_s``; then their ``on_stop`` callbacks run (a stream's backend
+        connection is closed, so it ends with an error frame), and whatever still runs
+        ``FINISH_S`` later is cancelled outright. A second drain can only shorten it."""
         self.draining = True
         self._accept_scope.cancel()
         for conn in list(self._connections):
             conn.stop_waiting()
-        self._stop_at = trio.current_time() + grace_s
-        for scope in self._stoppable:
-            scope.deadline = min(scope.deadline, self._stop_at)
+        if not self._connections:
+            self._emptied.set()
+        first = self._grace.deadline == math.inf
+        stop_at = min(self._grace.deadline, trio.current_time() + grace_s)
+        self._grace.deadline = stop_at
         if self._conn_nursery is not None:
-            self._conn_nursery.cancel_scope.deadline = self._stop_at + FINISH_S
+            if first:
+                self._conn_nursery.start_soon(self._stop_when_the_grace_ends)
+            self._conn_nursery.cancel_scope.deadline = stop_at + FINISH_S
 
 
 async def _refuse(stream: trio.SocketStream) -> None:

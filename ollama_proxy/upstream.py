@@ -245,7 +245,7 @@ class UpstreamResponse:
     """A response whose head has arrived; read the body with ``receive``, then ``aclose``."""
 
     __slots__ = ("_pool", "_conn", "status", "headers", "_body", "_leftover", "_keep_alive",
-                 "_closed")
+                 "_closed", "stopped")
 
     def __init__(self, pool: UpstreamPool, conn: _Conn, head: h11.Response, method: str) -> None:
         self._pool = pool
@@ -258,6 +258,17 @@ class UpstreamResponse:
         self._keep_alive = head.http_version == b"1.1" and not any(
             name == b"connection" and b"close" in value.lower() for name, value in self.headers)
         self._closed = False
+        self.stopped = False  # ``stop``ped: the body ended because we cut it
+
+    def stop(self) -> None:
+        """Cut the body short from outside (a drain): the connection closes under the
+        reader, whose ``receive`` then raises ``UpstreamProtocolError``; what it was
+        doing meanwhile (writing to its client) is never interrupted."""
+        self.stopped = True
+        raw = self._conn.raw
+        if raw.fileno() != -1:
+            trio.lowlevel.notify_closing(raw)
+            raw.close()
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:

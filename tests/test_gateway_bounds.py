@@ -13,6 +13,7 @@ import socket
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from ollama_proxy.simulator import Simulator, run_simulator
 
@@ -115,6 +116,34 @@ async def test_a_drain_ends_streams_like_a_backend_death(stack, path, last_frame
         assert record.outcome == "cancelled" and record.estimated
         await stack.sim.wait_for(lambda sim: any(
             r.path == path and r.outcome == "cancelled" for r in sim.records))
+
+
+async def test_a_drain_never_cuts_a_write_to_a_slow_client(stack, caplog):
+    """A stream whose client reads nothing when the grace ends: the write under way is
+    not cut; once the client reads, the stream ends with the error line and a clean
+    last chunk, and nothing is logged as a failure."""
+    body = json.dumps({**CHAT, "messages": [
+        {"role": "user", "content": "[[sim:tokens=200000]]"}]}).encode()
+    with trio.fail_after(30):
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", port_of(stack)))
+        await sock.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                        + stack.key.encode() + b"\r\nContent-Length: %d\r\n\r\n%b"
+                        % (len(body), body))
+        await trio.testing.wait_all_tasks_blocked(0.05)  # every buffer on the way is full
+        stack.gateway.drain(0)
+        await trio.testing.wait_all_tasks_blocked()  # the grace ended while the write waits
+        data = b""
+        while chunk := await sock.recv(1 << 20):
+            data += chunk
+        sock.close()
+    assert data.endswith(b"\r\n0\r\n\r\n")
+    last = data.rsplit(b"\r\n", 4)[-4]  # the last chunk's payload
+    assert b"shutting down" in last
+    await stack.sink.wait_for(lambda records: bool(records))
+    assert stack.sink.records[0].outcome == "cancelled"
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_a_bug_is_a_500_with_its_own_ledger_row(stack, caplog):

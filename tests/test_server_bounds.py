@@ -111,6 +111,30 @@ async def test_a_body_takes_memory_as_it_arrives_not_as_announced():
         tracemalloc.stop()
 
 
+async def test_a_lingering_refusal_counts_until_closed_and_only_while_there_is_room():
+    """A refused upload's socket lingers (so the client reads its answer) and counts
+    against the cap meanwhile; with half the connections taken it closes at once."""
+    head = b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server, _, port = await serve(nursery, max_connections=4)
+            refused = await trio.open_tcp_stream("127.0.0.1", port)
+            await refused.send_all(head)
+            assert (await refused.receive_some(4096)).startswith(b"HTTP/1.1 401")
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(server._connections) == 1  # lingering, counted
+            await refused.aclose()
+            others = await open_idle(port, 2)  # half the cap is taken
+            refused = await trio.open_tcp_stream("127.0.0.1", port)
+            await refused.send_all(head)
+            assert (await read_until_close(refused)).startswith(b"HTTP/1.1 401")
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(server._connections) == 2  # closed without a linger
+            for stream in others:
+                await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
 async def test_expect_continue_is_not_granted_to_a_stranger():
     """A client waiting for 100 Continue gets the refusal instead, never the 100."""
     with trio.fail_after(10):
