@@ -14,7 +14,7 @@ import math
 import re
 import sqlite3
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from .db import SUMMARIES, WATERMARK, fold_sql
 from .usage import UsageRecord
@@ -170,24 +170,36 @@ def touch_keys(conn: sqlite3.Connection, last_used: dict[str, float]) -> None:
     conn.executemany(_TOUCH, [(t, prefix) for prefix, t in last_used.items()])
 
 
-def find_row(conn: sqlite3.Connection, request_id: str, within: int) -> int | None:
-    """The id of the newest estimated row of ``request_id`` among the last ``within``
-    ids, if any (no index on request ids: the scan is bounded)."""
+class RowKey(NamedTuple):
+    """Which ledger row a later correction is for. Request ids come from clients and may
+    repeat (another user, a later request): the row is the estimated one of that id,
+    user and start time."""
+
+    request_id: str
+    user: str | None
+    time: float
+
+
+_OF_KEY = "request_id = ? AND user IS ? AND time = ? AND estimated = 1"
+
+
+def find_row(conn: sqlite3.Connection, key: RowKey, within: int) -> int | None:
+    """The id of the newest row ``key`` names among the last ``within`` ids, if any
+    (no index on request ids: the scan is bounded)."""
     row = conn.execute("SELECT id FROM ledger WHERE id > (SELECT ifnull(MAX(id), 0) "
-                       "FROM ledger) - ? AND request_id = ? AND estimated = 1 "
-                       "ORDER BY id DESC LIMIT 1", (within, request_id)).fetchone()
+                       f"FROM ledger) - ? AND {_OF_KEY} ORDER BY id DESC LIMIT 1",
+                       (within, *key)).fetchone()
     return None if row is None else int(row[0])
 
 
-def amend_row(conn: sqlite3.Connection, row_id: int, request_id: str, prompt_tokens: int,
+def amend_row(conn: sqlite3.Connection, row_id: int, key: RowKey, prompt_tokens: int,
               completion_tokens: int, *, estimated: bool = False) -> bool:
-    """Replace an estimated row's token counts (the summaries follow by trigger); False
-    when row ``row_id`` is not that request's, or not estimated (request ids come from
-    clients and may repeat: a later exact row of the same id is not the one meant)."""
+    """Replace the token counts of row ``row_id`` (the summaries follow by trigger);
+    False when that row is not the one ``key`` names."""
     return conn.execute(
         "UPDATE ledger SET prompt_tokens = ?, completion_tokens = ?, estimated = ? "
-        "WHERE id = ? AND request_id = ? AND estimated = 1",
-        (prompt_tokens, completion_tokens, int(estimated), row_id, request_id)).rowcount > 0
+        f"WHERE id = ? AND {_OF_KEY}",
+        (prompt_tokens, completion_tokens, int(estimated), row_id, *key)).rowcount > 0
 
 
 # --- folding into the summaries -----------------------------------------------------

@@ -54,7 +54,7 @@ JOB_TIMEOUT_S = 10.0  # a busy llama-cpp-python answers behind its running gener
 RETRY_DISCOVERY_S = 60.0  # after a failed discovery (not a 404), ask again this much later
 MAX_ANSWER_BYTES = 1 << 20  # /extras/tokenize lists every token of a long text
 
-Amend = Callable[[str, int, int], Awaitable[None]]
+Amend = Callable[[UsageRecord, int, int], Awaitable[None]]
 ExactHook = Callable[[Exchange, UsageRecord, int, int], None]
 _UNKNOWN = object()  # the backend's tokenizer was not looked for yet
 
@@ -201,7 +201,7 @@ class Recounter:
         if counts is None:
             return
         prompt, completion = counts
-        await self._amend(record.request_id, prompt, completion)
+        await self._amend(record, prompt, completion)
         self.amended += 1
         for hook in self._on_exact:
             hook(ex, record, prompt, completion)

@@ -83,7 +83,7 @@ class _Row(NamedTuple):
 
 class _Amend(NamedTuple):
     seq: int
-    request_id: str
+    row: ledger.RowKey
     prompt_tokens: int
     completion_tokens: int
 
@@ -163,13 +163,14 @@ class LedgerWriter:
         if self._wait:
             await self._until(self._queued)
 
-    async def amend(self, request_id: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """Exact counts found after the row was committed: that row (the latest
-        recorded with ``request_id``) gets them, and ``estimated`` false; the
-        summaries follow in the same transaction. Returns once committed; an
-        unknown request id is logged."""
+    async def amend(self, record: UsageRecord, prompt_tokens: int,
+                    completion_tokens: int) -> None:
+        """Exact counts found after ``record``'s estimated row was committed: that row
+        gets them, and ``estimated`` false; the summaries follow in the same
+        transaction. Returns once committed; a row not found is logged."""
         self._queued += 1
-        self._jobs.put(_Amend(self._queued, request_id, prompt_tokens, completion_tokens))
+        key = ledger.RowKey(record.request_id, record.user, record.time)
+        self._jobs.put(_Amend(self._queued, key, prompt_tokens, completion_tokens))
         await self._until(self._queued)
 
     def touch(self, prefix: str, when: float) -> None:
@@ -388,19 +389,20 @@ class LedgerWriter:
         prompt, prompt_changed = ledger.storable_count(job.prompt_tokens)
         completion, completion_changed = ledger.storable_count(job.completion_tokens)
         clamped = prompt_changed or completion_changed
+        request_id = job.row.request_id
         if clamped:
-            log.warning("request %s: exact counts out of range (%r, %r), clamped", job.request_id,
+            log.warning("request %s: exact counts out of range (%r, %r), clamped", request_id,
                         job.prompt_tokens, job.completion_tokens)
-        remembered = written.ids.get(job.request_id) or self._recent.get(job.request_id)
+        remembered = written.ids.get(request_id) or self._recent.get(request_id)
         for row_id in (remembered, -1):
             if row_id == -1:  # not the remembered row (an id used again): look for it
-                row_id = ledger.find_row(conn, job.request_id, RECENT_ROWS)
-            if row_id is not None and ledger.amend_row(conn, row_id, job.request_id, prompt,
+                row_id = ledger.find_row(conn, job.row, RECENT_ROWS)
+            if row_id is not None and ledger.amend_row(conn, row_id, job.row, prompt,
                                                        completion, estimated=clamped):
                 written.amended += 1
                 return
         log.warning("request %s: exact counts came, but its estimated ledger row is unknown "
-                    "(never written, or too long ago): not recorded", job.request_id)
+                    "(never written, or too long ago): not recorded", request_id)
 
     def _settle(self, written: _Written) -> None:
         """A batch (or one job) committed: count it, remember its row ids."""

@@ -270,9 +270,8 @@ async def test_unstorable_values_are_fixed_before_queueing(nursery, tmp_path, ca
 # --- amendments, touches, folding ---------------------------------------------------------
 
 async def test_amend_updates_the_row_and_the_summaries(nursery, tmp_path, caplog):
-    """Exact counts replace the estimate of the latest estimated row of that request (one
-    written before the start too); an unknown request id is logged; counts are clamped
-    like rows'."""
+    """Exact counts replace the estimate of the row recorded (one written before the
+    start too); an unknown row is logged; counts are clamped like rows'."""
     caplog.set_level(logging.WARNING)
     path = tmp_path / "l.db"
     db.connect(str(path)).close()
@@ -283,11 +282,11 @@ async def test_amend_updates_the_row_and_the_summaries(nursery, tmp_path, caplog
     with trio.fail_after(10):
         await writer.record(record("a", estimated=True))
         await writer.record(record("a", estimated=True, time=2.0))
-        await writer.amend("a", 40, 8)
-        await writer.amend("old", 1, 1)
-        await writer.amend("nobody", 1, 1)
+        await writer.amend(record("a", time=2.0), 40, 8)
+        await writer.amend(record("old", time=5.0), 1, 1)
+        await writer.amend(record("nobody"), 1, 1)
         await writer.record(record("b", estimated=True))
-        await writer.amend("b", 2**63, 1)
+        await writer.amend(record("b"), 2**63, 1)
     assert query(path, "SELECT request_id, time, prompt_tokens, completion_tokens, estimated "
                        "FROM ledger ORDER BY id") == [
         ("old", 5.0, 1, 1, 0), ("a", 1.0, 3, 4, 1), ("a", 2.0, 40, 8, 0),
@@ -312,7 +311,7 @@ async def test_amend_sees_a_row_of_the_same_batch(nursery, tmp_path):
         async with trio.open_nursery() as inner:
             inner.start_soon(writer.record, record("a", estimated=True))
             await trio.testing.wait_all_tasks_blocked()
-            inner.start_soon(writer.amend, "a", 9, 9)
+            inner.start_soon(writer.amend, record("a"), 9, 9)
             await trio.testing.wait_all_tasks_blocked()
             gate.open()
     assert query(path, "SELECT prompt_tokens FROM ledger WHERE request_id = 'a'") == [(9,)]
@@ -363,7 +362,22 @@ async def test_amend_corrects_the_newest_estimated_row_of_a_request_id(nursery, 
         await writer.record(estimated)
         await writer.record(record("dup"))  # exact, same id, the newest
         await writer.record(dataclasses.replace(estimated, request_id="other"))
-        await writer.amend("dup", 40, 8)  # without waiting for the rows: behind them
+        await writer.amend(estimated, 40, 8)  # without waiting for the rows: behind them
     assert query(path, "SELECT request_id, prompt_tokens, completion_tokens, estimated "
                        "FROM ledger ORDER BY id") == [
         ("dup", 3, 10, 1), ("dup", 40, 8, 0), ("dup", 3, 4, 0), ("other", 3, 10, 1)]
+
+
+async def test_amend_never_corrects_another_users_row_of_the_same_request_id(nursery,
+                                                                            tmp_path):
+    """Two users sent the same X-Request-Id: the counts of alice's stream go to alice's
+    row, whichever row came last (found in review: they went to bob's)."""
+    path = tmp_path / "l.db"
+    writer = await start(nursery, path)
+    alice = record("same", estimated=True, time=1.0)
+    with trio.fail_after(10):
+        await writer.record(alice)
+        await writer.record(record("same", estimated=True, user="bob", time=1.5))
+        await writer.amend(alice, 40, 8)
+    assert query(path, "SELECT user, prompt_tokens, completion_tokens, estimated "
+                       "FROM ledger ORDER BY id") == [("alice", 40, 8, 0), ("bob", 3, 4, 1)]
