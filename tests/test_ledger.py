@@ -189,10 +189,13 @@ def test_null_and_empty_names_stay_apart(conn):
 
 def test_amend_updates_a_folded_row_and_its_summaries(conn):
     """Exact counts replace a row's estimate; a folded row's summaries follow by trigger."""
-    row_id, = insert(conn, [dataclasses.replace(rec(request_id="r1"), estimated=True)], fold=True)
+    row = dataclasses.replace(rec(request_id="r1"), estimated=True)
+    row_id, = insert(conn, [row], fold=True)
+    key = ledger.RowKey(row.request_id, row.user, row.time)
     with db.transaction(conn):
-        assert ledger.amend_row(conn, row_id, "r1", 40, 8)
-        assert not ledger.amend_row(conn, row_id, "other", 1, 1)  # not that request's row
+        assert not ledger.amend_row(conn, row_id, key._replace(user="bob"), 1, 1)  # not its row
+        assert ledger.amend_row(conn, row_id, key, 40, 8)
+        assert not ledger.amend_row(conn, row_id, key, 1, 1)  # exact now: nothing to correct
     assert conn.execute("SELECT prompt_tokens, completion_tokens, estimated FROM ledger"
                         ).fetchall() == [(40, 8, 0)]
     for table in db.SUMMARIES:
