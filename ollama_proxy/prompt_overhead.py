@@ -13,11 +13,18 @@ An overhead seen twice in a row for one structure, from texts of different
 sizes, is *confirmed*: the template's cost depended on the structure only, not
 on the words, which is what lets a text-only tokenizer's count plus the
 overhead stand for the backend's own count.
+
+On the ``TEXT`` basis the difference also holds the estimate's error, which
+the words decide (8,000 characters of Chinese are 2,000 tokens to the estimate
+and 8,000 to the model), and any user's request teaches it: there the overhead
+is the least of the last ``FLOOR_OF`` seen, and never more than
+``MAX_TEXT_OVERHEAD``, so one user's unusual prompt cannot inflate everyone's
+reservations and estimates.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .limits import canonical_model
 from .routes import RouteKind
@@ -31,6 +38,8 @@ TEXT = "text"  # the basis of the 4-characters-a-token estimate
 # Learned (basis, route, model, shape) entries: few in a process; still bounded.
 MAX_ENTRIES = 1_000
 CONFIRMED = 2  # the same overhead this many times in a row, each from a text of another size
+FLOOR_OF = 8  # TEXT basis: the overhead is the least of this many latest
+MAX_TEXT_OVERHEAD = 1024  # TEXT basis: a template costs less (tool lists have no shape)
 # Request fields a template renders besides the messages' text: no fixed cost per shape.
 _RENDERED_EXTRAS = frozenset({"tools", "functions", "tool_choice", "chat_template_kwargs",
                               "images"})
@@ -66,44 +75,55 @@ def prompt_shape(body: Any) -> Shape | None:
     return tuple(part for part in _PROMPT_PARTS if body.get(part))
 
 
+class _Learned(NamedTuple):
+    overhead: int  # the one to use: the latest, or on the TEXT basis the least of ``latest``
+    seen: int  # times in a row the same overhead came, each from a text of another size
+    text: int  # the size of the text it last came with
+    last: int  # the latest overhead that came
+    latest: tuple[int, ...]  # the last FLOOR_OF that came
+
+
 class PromptOverheads:
     """The learned overheads; ``observe`` is a usage hook that learns the ``TEXT`` one."""
 
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.max_entries = max_entries
-        # (basis, route, model, shape or None: the model's latest, any shape) ->
-        # (overhead, times in a row it was seen, the size of the text it was last seen with)
-        self._learned: dict[tuple[str, str, str, Shape | None], tuple[int, int, int]] = {}
+        # (basis, route, model, shape or None: the model's, any shape) -> what was learned
+        self._learned: dict[tuple[str, str, str, Shape | None], _Learned] = {}
 
     def overhead(self, basis: str, route: str, model: str,
                  shape: Shape | None) -> tuple[int, bool]:
         """``(overhead, confirmed for this shape)``: this shape's when known, else the
-        model's latest on that route (never confirmed), else ``(0, False)``."""
+        model's on that route (never confirmed), else ``(0, False)``."""
         name = canonical_model(model)
         if shape is not None:
             hit = self._learned.get((basis, route, name, shape))
             if hit is not None:
-                return hit[0], hit[1] >= CONFIRMED
+                return hit.overhead, hit.seen >= CONFIRMED
         hit = self._learned.get((basis, route, name, None))
-        return (hit[0], False) if hit is not None else (0, False)
+        return (hit.overhead, False) if hit is not None else (0, False)
 
     def learn(self, basis: str, route: str, model: str, shape: Shape | None, overhead: int,
               text: int) -> None:
         """Remember an exact count's overhead (over a text of ``text`` tokens) for the
-        shape and as the model's latest. The same text size again confirms nothing."""
+        shape and for the model. The same text size again confirms nothing."""
         name = canonical_model(model)
         keys: list[tuple[str, str, str, Shape | None]] = [(basis, route, name, None)]
         if shape is not None:
             keys.append((basis, route, name, shape))
+        if basis == TEXT:
+            overhead = min(overhead, MAX_TEXT_OVERHEAD)
         for key in keys:
             old = self._learned.get(key)
-            if old is None or old[0] != overhead:
+            if old is None or old.last != overhead:
                 seen = 1
             else:
-                seen = old[1] + (old[2] != text)
+                seen = old.seen + (old.text != text)
+            latest = (*(old.latest[1 - FLOOR_OF:] if old else ()), overhead)
+            value = min(latest) if basis == TEXT else overhead
             if len(self._learned) >= self.max_entries and key not in self._learned:
                 self._learned = {}
-            self._learned[key] = (overhead, seen, text)
+            self._learned[key] = _Learned(value, seen, text, overhead, latest)
 
     def text_estimate(self, route: str, model: str | None, body: Any) -> tuple[int, int]:
         """``(text estimate, overhead to add)`` of a request body: what a reservation

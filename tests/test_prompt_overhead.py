@@ -8,7 +8,13 @@ import dataclasses
 import pytest
 
 from ollama_proxy.policy import Exchange, parse_body
-from ollama_proxy.prompt_overhead import TEXT, PromptOverheads, prompt_shape
+from ollama_proxy.prompt_overhead import (
+    FLOOR_OF,
+    MAX_TEXT_OVERHEAD,
+    TEXT,
+    PromptOverheads,
+    prompt_shape,
+)
 from ollama_proxy.routes import match_route
 from ollama_proxy.server import Request
 from ollama_proxy.usage import UsageRecord
@@ -40,18 +46,39 @@ def test_prompt_shape(body, shape):
 
 
 def test_overhead_per_shape_with_the_model_latest_as_fallback():
-    """A shape's own overhead when learned, else the model's latest on that route (not
-    confirmed), else nothing; routes, bases and models are apart; names are canonical."""
+    """A shape's own overhead when learned, else the model's on that route (not
+    confirmed; on the TEXT basis the least seen), else nothing; routes, bases and models
+    are apart; names are canonical."""
     o = PromptOverheads()
     assert o.overhead(TEXT, "openai_chat", "tiny", ("user",)) == (0, False)
     o.learn(TEXT, "openai_chat", "tiny", ("user",), 37, 3)
     o.learn(TEXT, "openai_chat", "tiny", ("system", "user", "assistant", "user"), 68, 9)
     assert o.overhead(TEXT, "openai_chat", "TINY:latest", ("user",)) == (37, False)
-    assert o.overhead(TEXT, "openai_chat", "tiny", ("user", "user")) == (68, False)
-    assert o.overhead(TEXT, "openai_chat", "tiny", None) == (68, False)
+    assert o.overhead(TEXT, "openai_chat", "tiny", ("user", "user")) == (37, False)
+    assert o.overhead(TEXT, "openai_chat", "tiny", None) == (37, False)
     assert o.overhead(TEXT, "openai_completions", "tiny", ("user",)) == (0, False)
     assert o.overhead("tokenizer:b", "openai_chat", "tiny", ("user",)) == (0, False)
     assert o.overhead(TEXT, "openai_chat", "other", ("user",)) == (0, False)
+    o.learn("tokenizer:b", "openai_chat", "tiny", ("user",), 30, 3)
+    o.learn("tokenizer:b", "openai_chat", "tiny", ("user", "user"), 50, 9)
+    assert o.overhead("tokenizer:b", "openai_chat", "tiny", None) == (50, False)  # latest
+
+
+def test_one_users_prompt_cannot_inflate_everyones_text_overhead():
+    """TEXT basis: the overhead is the least of the latest seen, never above
+    MAX_TEXT_OVERHEAD: 8,000 characters of Chinese counted 8,030 tokens (an 'overhead'
+    of 6,030 to the 4-characters estimate) leave the next 'hi' at 1 + 37 (found in review)."""
+    o = PromptOverheads()
+    shape = ("user",)
+    o.learn(TEXT, "openai_chat", "tiny", shape, 37, 3)
+    o.learn(TEXT, "openai_chat", "tiny", shape, 6030, 2000)
+    assert o.overhead(TEXT, "openai_chat", "tiny", shape) == (37, False)
+    fresh = PromptOverheads()
+    fresh.learn(TEXT, "openai_chat", "tiny", shape, 6030, 2000)
+    assert fresh.overhead(TEXT, "openai_chat", "tiny", shape)[0] == MAX_TEXT_OVERHEAD
+    for _ in range(FLOOR_OF):  # the template really changed: the floor follows, in time
+        o.learn(TEXT, "openai_chat", "tiny", shape, 50, 3)
+    assert o.overhead(TEXT, "openai_chat", "tiny", shape)[0] == 50
 
 
 def test_an_overhead_seen_twice_in_a_row_is_confirmed():
