@@ -50,10 +50,12 @@ log = logging.getLogger("ollama_proxy.relay")
 
 JSON_TYPE = b"application/json; charset=utf-8"
 METERED = (RouteKind.GENERATION, RouteKind.EMBEDDING)
-# A JSON body this big is decoded in a worker thread: a hostile one (millions of tiny
-# nested arrays) costs seconds of CPU, which must not stall every other request; at most
-# BIG_PARSES of them at once.
-PARSE_IN_THREAD_BYTES = 1 << 20
+# A JSON body this big, or with this many objects and arrays, is decoded in a worker
+# thread: a hostile one (a megabyte of tiny objects) costs tens of milliseconds to
+# seconds of CPU, which must not stall every other request; at most BIG_PARSES at once.
+# Honest chats are smaller (a 100-message chat is ~25 KB with ~200 containers).
+PARSE_IN_THREAD_BYTES = 64 * 1024
+PARSE_IN_THREAD_CONTAINERS = 1000
 BIG_PARSES = 2
 # A reply cut for its size is counted by its bytes (its usage was at its end).
 BYTES_PER_TOKEN = 4
@@ -334,8 +336,9 @@ class Relay:
 
     async def _parse(self, ex: Exchange) -> dict[str, Any] | None:
         body = ex.request.body
-        if len(body) < PARSE_IN_THREAD_BYTES:
-            return parse_body(ex.route, body)
+        if len(body) < PARSE_IN_THREAD_BYTES and (
+                body.count(b"{") + body.count(b"[") < PARSE_IN_THREAD_CONTAINERS):
+            return parse_body(ex.route, body)  # a few microseconds: not worth a thread
         return await trio.to_thread.run_sync(parse_body, ex.route, body,
                                              limiter=self._big_parses)
 

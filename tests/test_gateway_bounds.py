@@ -167,8 +167,9 @@ async def test_a_bug_is_a_500_with_its_own_ledger_row(stack, caplog):
 
 
 async def test_a_big_body_is_decoded_off_the_event_loop(stack):
-    """A body past PARSE_IN_THREAD_BYTES is decoded in a worker thread with the same
-    verdicts: a big honest chat is relayed, a big over-deep one refused with 400."""
+    """A body past PARSE_IN_THREAD_BYTES (or with many containers) is decoded in a
+    worker thread with the same verdicts: a big honest chat is relayed, a big over-deep
+    one refused with 400, a small one of many objects answered."""
     from ollama_proxy.relay import PARSE_IN_THREAD_BYTES
 
     big = "x" * PARSE_IN_THREAD_BYTES
@@ -181,3 +182,7 @@ async def test_a_big_body_is_decoded_off_the_event_loop(stack):
             refused = await client.post(stack.url + "/api/chat", content=deep)
     assert ok.status_code == 200 and "message" in ok.json()
     assert refused.status_code == 400 and "deep" in refused.json()["error"]
+    many = {**CHAT, "stream": False, "messages": [{"role": "user", "content": "hi"}] * 1100}
+    async with httpx.AsyncClient(headers=stack.headers) as client:
+        reply = await client.post(stack.url + "/api/chat", json=many)
+    assert reply.status_code == 200 and "message" in reply.json()
