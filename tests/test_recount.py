@@ -186,6 +186,23 @@ async def test_a_hung_tokenizer_gives_up_and_never_holds_shutdown(monkeypatch):
             inner.cancel_scope.cancel()
 
 
+async def test_a_confirmed_template_overhead_costs_no_more_tokenize_calls(nursery):
+    """Once two non-streamed chats of a shape confirmed its template's cost, further chats
+    of that shape ask the tokenizer nothing (each asked two calls for ever: found in
+    review)."""
+    with trio.fail_after(20):
+        stack = await start(nursery)
+        await stack.settled(await stack.post("/v1/chat/completions", SAY_HELLO))
+        calls = []
+        for i in range(5):
+            body = {**SAY_HELLO, "stream": False, "messages": [
+                {"role": "system", "content": "Be brief." * (i + 1)},
+                {"role": "user", "content": f"Say hello, number {i}."}]}
+            await stack.settled(await stack.post("/v1/chat/completions", body))
+            calls.append(len(stack.tokenize_calls()))
+        assert calls[2:] == [calls[1]] * 3
+
+
 async def test_a_job_that_breaks_unforeseen_never_stops_the_gateway(nursery, monkeypatch,
                                                                      caplog):
     """Whatever a counting job raises (a bug, an answer nobody foresaw) is logged and
