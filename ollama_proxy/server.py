@@ -31,6 +31,7 @@ import trio
 
 from . import sockio
 from .clientip import AddressPolicy
+from .connections import ConnectionTable
 from .errors import (
     ApiFamily,
     BadRequest,
@@ -297,13 +298,13 @@ class _Connection:
         self.eof = False
         # Set at accept when this address may not connect: its requests get this answer.
         self.refusal: ProxyError | None = None
-        self.idle = True  # waiting for a request (no request in flight): may be evicted
         self.evicted = False
         self._accepted_at = trio.current_time()
         self._served = 0
         self._wait_scope: trio.CancelScope | None = None  # the wait for the next head
         self._head_begun = False  # bytes of the next head arrived (a drain lets it finish)
         self._head_peek = b""
+        self._reading_head = True  # until a head is complete (its bytes are peeked)
         self._close_after = False  # this request's framing is ambiguous: close after it
         self._body_length: int | None = None  # the request's Content-Length (None: chunked)
         self._handler_scope: trio.CancelScope | None = None
@@ -369,8 +370,8 @@ class _Connection:
         while True:
             await self._busy.wait()
             await trio.sleep(WATCH_AFTER_S)
-            if self._handler_scope is None:
-                continue  # between requests; the next one sets _busy again
+            if self._handler_scope is None or self._handler_began < 0:
+                continue  # between requests, or a body still arriving: armed later
             began = self._handler_began
             await trio.sleep_until(began + WATCH_AFTER_S)
             if self._handler_scope is not None and self._handler_began == began \
@@ -428,7 +429,7 @@ class _Connection:
             data = await sockio.recv(self.raw, RECEIVE_SIZE, wait_first=idle)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
-        if self.idle and len(self._head_peek) < HEAD_PEEK_BYTES:
+        if self._reading_head and len(self._head_peek) < HEAD_PEEK_BYTES:
             self._head_peek += data[:HEAD_PEEK_BYTES]  # a head is on its way
         self.h11.receive_data(data)
         if not data:
@@ -461,8 +462,8 @@ class _Connection:
         """
         settings = self.server.settings
         first = self._served == 0
-        if not self.idle:  # a new connection is idle since it was accepted
-            self.server.idles(self)
+        self._reading_head = True
+        self.server.table.idle(self)  # a new connection is already: since its accept
         pending = self.h11.trailing_data[0]
         self._head_peek = pending[:HEAD_PEEK_BYTES]
         self._head_begun = bool(pending)
@@ -486,6 +487,7 @@ class _Connection:
             finally:
                 self._wait_scope = None
             if event is None:
+                self.server.table.busy(self)  # answering: not one to evict meanwhile
                 await self.error(408, "timed out reading the request head", self._sniffed_path())
                 return None
             return event if isinstance(event, h11.Request) else None  # else ConnectionClosed
@@ -560,8 +562,12 @@ class _Connection:
             self._handler_scope, self._responder = scope, responder
             if self.eof:  # gone already, before its answer began
                 self._client_left()
-            if request._unread is None:  # else once its body is in
+            if request._unread is None:
                 self._arm_watch()
+            else:  # once its body is in: the watch would take body bytes for a next request
+                self._handler_began = -1.0
+                if self._busy.is_set():
+                    self._busy = trio.Event()
             try:
                 await self.server.handler(request, responder)
             except ClientGone:
@@ -623,7 +629,8 @@ class _Connection:
                 head = await self._next_request()
                 if head is None:
                     return
-                self.server.busy(self)  # a request is in flight
+                self._reading_head = False
+                self.server.table.busy(self)  # a request is in flight
                 path = head.target.partition(b"?")[0].decode("ascii", "replace")
                 if _head_size(head) > self.server.settings.max_header_bytes:
                     # h11 caps only heads still incomplete; one read can bring a whole big one
@@ -720,12 +727,9 @@ class HttpServer:
         self.settings = settings or ServerSettings()
         self.draining = False
         self._accept_scope = trio.CancelScope()
-        self._connections: set[_Connection] = set()
-        self._per_address: dict[str, int] = {}
-        # The connections with no request in flight, in the order they became idle (dicts
-        # keep it), in all and per address: the first is the one to evict.
-        self._idle: dict[_Connection, None] = {}
-        self._idle_at: dict[str, dict[_Connection, None]] = {}
+        self.table: ConnectionTable[_Connection] = ConnectionTable(
+            self.settings.max_connections, self.settings.max_connections_per_ip,
+            exempt=self.settings.addresses.is_trusted_proxy)
         self._conn_nursery: trio.Nursery | None = None
         self._grace = trio.CancelScope()  # a drain sets its deadline: the grace's end
         self._stopping = False  # the grace ran out
@@ -804,61 +808,15 @@ class HttpServer:
             peer = str(stream.socket.getpeername()[0])
         except OSError:
             peer = "?"
-        settings = self.settings
         conn = _Connection(self, stream, peer)
-        addresses = settings.addresses
-        if not addresses.is_trusted_proxy(peer):  # behind a proxy: checked per request
-            if not addresses.admits(peer):
-                conn.refusal = address_refused()
-            if self._per_address.get(peer, 0) >= settings.max_connections_per_ip \
-                    and not self._make_room(peer):
-                return None
-        if len(self._connections) >= settings.max_connections and not self._make_room(None):
-            return None
-        self._connections.add(conn)
-        self._per_address[peer] = self._per_address.get(peer, 0) + 1
-        self.idles(conn)
-        return conn
-
-    def idles(self, conn: _Connection) -> None:
-        """``conn`` waits for a request from now on: the newest of the idle."""
-        if conn not in self._connections:  # evicted, or on its way out
-            return
-        conn.idle = True
-        self._idle[conn] = None
-        self._idle_at.setdefault(conn.client, {})[conn] = None
-
-    def busy(self, conn: _Connection) -> None:
-        """``conn`` has a request in flight: it may not be evicted."""
-        conn.idle = False
-        self._idle.pop(conn, None)
-        at = self._idle_at.get(conn.client)
-        if at is not None:
-            at.pop(conn, None)
-            if not at:
-                del self._idle_at[conn.client]
-
-    def _make_room(self, peer: str | None) -> bool:
-        """Evict the longest-idle connection (of ``peer``, when given). The idle
-        connections are kept in the order they became idle: no scan at the cap."""
-        idle = self._idle if peer is None else self._idle_at.get(peer, {})
-        victim = next(iter(idle), None)
-        if victim is None:
-            return False
-        self._release(victim)
-        victim.evict()
-        self.evicted += 1
-        return True
-
-    def _release(self, conn: _Connection) -> None:
-        self.busy(conn)
-        if conn in self._connections:
-            self._connections.discard(conn)
-            left = self._per_address[conn.client] - 1
-            if left:
-                self._per_address[conn.client] = left
-            else:
-                del self._per_address[conn.client]
+        addresses = self.settings.addresses
+        if not addresses.is_trusted_proxy(peer) and not addresses.admits(peer):
+            conn.refusal = address_refused()  # behind a proxy: checked per request
+        admitted, evict = self.table.admit(conn, peer)
+        for victim in evict:
+            victim.evict()
+        self.evicted += len(evict)
+        return conn if admitted else None
 
     async def _handle(self, conn: _Connection) -> None:
         try:
@@ -873,9 +831,9 @@ class HttpServer:
         finally:
             # Counted until closed (a lingering socket is a file descriptor too); no
             # linger once half the connections are taken: then refusals close at once.
-            await conn.aclose(linger=len(self._connections) < self.settings.max_connections // 2)
-            self._release(conn)
-            if self.draining and not self._connections:
+            await conn.aclose(linger=len(self.table) < self.settings.max_connections // 2)
+            self.table.remove(conn)
+            if self.draining and not self.table:
                 self._emptied.set()
 
     def drain(self, grace_s: float) -> None:
@@ -885,9 +843,9 @@ class HttpServer:
         ``FINISH_S`` later is cancelled outright. A second drain can only shorten it."""
         self.draining = True
         self._accept_scope.cancel()
-        for conn in list(self._connections):
+        for conn in list(self.table):
             conn.stop_waiting()
-        if not self._connections:
+        if not self.table:
             self._emptied.set()
         first = self._grace.deadline == math.inf
         stop_at = min(self._grace.deadline, trio.current_time() + grace_s)

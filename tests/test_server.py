@@ -369,3 +369,35 @@ async def test_no_watch_after_abort(autojump_clock, caplog):
             await trio.sleep(2)  # the handler's end (virtual time)
             nursery.cancel_scope.cancel()
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+
+
+async def test_a_pipelined_request_whose_body_trickles_is_still_watched(autojump_clock):
+    """A pipelined request's body that arrives slowly: its bytes are not taken for a
+    next request's, and once it is in, the client leaving cancels the handler (the
+    watch armed on the previous request's time used to sleep on those bytes)."""
+    cancelled = trio.Event()
+
+    async def handler(request: Request, responder: Responder) -> None:
+        await request.read_body()
+        if request.path == "/a":
+            await responder.respond(200, [], b"ok")
+            return
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.set()
+            raise
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            _, _, port = await start(nursery, handler=handler)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+                                  b"POST /wait HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+            assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 200")
+            await trio.sleep(1)  # the body's second half comes late
+            await stream.send_all(b"67890")
+            await trio.sleep(1)  # the handler waits, watched
+            await stream.aclose()
+            await cancelled.wait()
+            nursery.cancel_scope.cancel()

@@ -122,14 +122,14 @@ async def test_a_lingering_refusal_counts_until_closed_and_only_while_there_is_r
             await refused.send_all(head)
             assert (await refused.receive_some(4096)).startswith(b"HTTP/1.1 401")
             await trio.testing.wait_all_tasks_blocked()
-            assert len(server._connections) == 1  # lingering, counted
+            assert len(server.table) == 1  # lingering, counted
             await refused.aclose()
             others = await open_idle(port, 2)  # half the cap is taken
             refused = await trio.open_tcp_stream("127.0.0.1", port)
             await refused.send_all(head)
             assert (await read_until_close(refused)).startswith(b"HTTP/1.1 401")
             await trio.testing.wait_all_tasks_blocked()
-            assert len(server._connections) == 2  # closed without a linger
+            assert len(server.table) == 2  # closed without a linger
             for stream in others:
                 await stream.aclose()
             nursery.cancel_scope.cancel()
@@ -263,7 +263,7 @@ async def test_at_the_connection_cap_the_longest_idle_makes_room():
             assert (await fresh.receive_some(4096)).startswith(b"HTTP/1.1 200")
             later = await trio.open_tcp_stream("127.0.0.1", port)
             await wait_for_eof(idle[2])
-            assert server.evicted == 2 and set(server._idle) <= server._connections
+            assert server.evicted == 2 and all(c in server.table for c in server.table._idle)
             for stream in (idle[0], fresh, later):
                 await stream.aclose()
             nursery.cancel_scope.cancel()
@@ -297,7 +297,7 @@ async def test_one_address_may_hold_only_its_share():
             idle = await open_idle(port, 2)
             newcomer = await trio.open_tcp_stream("127.0.0.1", port)
             await wait_for_eof(idle[0])
-            assert server.evicted == 1 and len(server._connections) == 2
+            assert server.evicted == 1 and len(server.table) == 2
             await newcomer.aclose()
             nursery.cancel_scope.cancel()
 
