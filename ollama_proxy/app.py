@@ -36,9 +36,12 @@ BACKLOG_RETRY_S = 5.0  # after a failed read of the ledger rows the quotas miss 
 # File descriptors kept for what is not a connection: the database and its journal
 # files, listeners, the ledger's wake-up sockets, the event loop, logs.
 RESERVED_FDS = 64
-# Without resource limits to read (not Unix), or below this, the cap is this.
+# Without resource limits to read (not Unix), the cap is this; it is never below
+# MIN_CONNECTIONS, and by default never above MAX_DEFAULT_CONNECTIONS (each connection is
+# memory too: where the open-file limit is a million, it alone would bound nothing).
 FALLBACK_CONNECTIONS = 1024
 MIN_CONNECTIONS = 16
+MAX_DEFAULT_CONNECTIONS = 16384
 
 
 def open_file_limit() -> int | None:
@@ -65,7 +68,8 @@ def connection_cap(nofile: int | None, pool_connections: int) -> int:
     if nofile is None:
         return FALLBACK_CONNECTIONS
     budget = nofile - RESERVED_FDS
-    return max(MIN_CONNECTIONS, budget - min(pool_connections, budget // 2))
+    return max(MIN_CONNECTIONS,
+               min(MAX_DEFAULT_CONNECTIONS, budget - min(pool_connections, budget // 2)))
 
 
 def server_settings(cfg: ServerConfig, upstreams: tuple[UpstreamConfig, ...] = ()) -> ServerSettings:

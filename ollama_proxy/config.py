@@ -290,10 +290,12 @@ SCHEMA: tuple[Key, ...] = (
         "max_response_bytes", _MIB),
     Key("server", "max_connections", _auto_whole, "",
         "Most client connections open at once (whole number >= 1); empty: what the open-file\n"
-        "limit (ulimit -n) leaves after the backend connections. At the cap a new connection\n"
-        "closes the longest-idle one, or is refused when none is idle.", "max_connections"),
+        "limit (ulimit -n) leaves after the backend connections, at most 16384. At the cap a\n"
+        "new connection closes the longest-idle one, or is refused when none is idle.",
+        "max_connections"),
     Key("server", "max_connections_per_ip", _whole(1), "256",
-        "Most connections one client address may hold open at once (whole number >= 1).",
+        "Most connections one client address may hold open at once (whole number >= 1); an\n"
+        "IPv6 client counts by its /64.",
         "max_connections_per_ip"),
     Key("server", "allow", _cidrs, "",
         "Client addresses that may connect, as addresses or CIDR blocks separated by commas\n"

@@ -37,7 +37,6 @@ from .prompt_overhead import PromptOverheads
 from .routes import Route, RouteKind, match_route
 from .usage import UsageRecord
 
-METERED = (RouteKind.GENERATION, RouteKind.EMBEDDING)
 LISTINGS = frozenset({"tags", "ps", "openai_models"})  # route names of the model lists
 TOKEN_LIMITS = frozenset({"tokens_per_minute", "tokens_per_day", "token_quota"})
 # Merged limits are cached per key; a process sees few keys, but never let it grow unbounded.
@@ -130,11 +129,11 @@ class Limiter:
             return
         limits, tokens = self._resolve(entry)
         route = ex.route
-        if self.quota_pending is not None and route.kind in METERED:
+        if self.quota_pending is not None and route.metered:
             await self.quota_known(limits)
         counters = self.store.get(entry.user)
         now = self.clock()
-        if route.kind in METERED:
+        if route.metered:
             obj = ex.body_obj
             assert obj is not None  # metered routes take a JSON body
             completion = route.kind is RouteKind.GENERATION
@@ -211,7 +210,7 @@ def _metered_row(row: UsageRecord) -> bool:
     if row.outcome == "refused":
         return False
     route = match_route(row.endpoint)
-    return route is not None and route.kind in METERED
+    return route is not None and route.metered
 
 
 # Above this many ledger rows not yet in the summaries (the first start on an older

@@ -84,7 +84,6 @@ PolicyStep = Callable[[Exchange], Awaitable[None]]
 # Ollama still reads "name" as the model on these routes (when "model" is empty).
 NAME_ROUTES = frozenset({"show", "pull", "push", "create", "delete"})
 # Generations and embeddings: a model is required (the limits judge it), options are read.
-_METERED = frozenset({RouteKind.GENERATION, RouteKind.EMBEDDING})
 # A model name reaches logs, the ledger and glob matching. Ollama's longest valid
 # name is 350 (host) + 3 x 80 (namespace, model, tag) + separators + a digest, under
 # 700 characters; Hugging Face ids are under 200: no real name comes near this.
@@ -148,7 +147,7 @@ def _check_types(route: Route, obj: dict[str, Any]) -> None:
             if "content" not in message:
                 _check_spelling(message, _MESSAGE_FIELDS, f"messages[{index}].")
     if route.family is ApiFamily.NATIVE:
-        if route.kind in _METERED:
+        if route.metered:
             _check_type(obj, "options", dict, "an object")
         if route.name in ("generate", "embeddings"):
             _check_type(obj, "prompt", str, "a string")
@@ -195,7 +194,7 @@ def _check_model(route: Route, obj: dict[str, Any]) -> None:
         if _BAD_MODEL_TEXT.search(value):
             raise BadRequest(f'"{name}" holds a control character or a lone surrogate '
                              "(\\ud800-\\udfff): no model has such a name")
-    if (route.kind in _METERED or route.name == "show") and not any(
+    if (route.metered or route.name == "show") and not any(
             obj.get(name) for name in names):
         raise BadRequest('"model" is required')
 

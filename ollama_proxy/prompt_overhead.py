@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .limits import canonical_model
-from .routes import RouteKind
 from .usage import UsageRecord, estimate_prompt_tokens
 
 if TYPE_CHECKING:
@@ -45,7 +44,6 @@ _RENDERED_EXTRAS = frozenset({"tools", "functions", "tool_choice", "chat_templat
                               "images"})
 _MESSAGE_KEYS = frozenset({"role", "content"})
 _PROMPT_PARTS = ("system", "prompt", "suffix", "template", "raw")
-_METERED = (RouteKind.GENERATION, RouteKind.EMBEDDING)
 
 
 def prompt_shape(body: Any) -> Shape | None:
@@ -142,7 +140,7 @@ class PromptOverheads:
     def observe(self, ex: Exchange, record: UsageRecord) -> None:
         """Learn from a record the backend counted (a usage hook: runs per request)."""
         if (record.estimated or record.prompt_tokens <= 0 or not ex.model
-                or ex.route.kind not in _METERED):
+                or not ex.route.metered):
             return
         reserved = ex.reservation.text_estimate if ex.reservation is not None else None
         text = reserved if reserved is not None else estimate_prompt_tokens(ex.body_obj)

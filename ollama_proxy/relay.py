@@ -49,7 +49,6 @@ from .usage import (
 log = logging.getLogger("ollama_proxy.relay")
 
 JSON_TYPE = b"application/json; charset=utf-8"
-METERED = (RouteKind.GENERATION, RouteKind.EMBEDDING)
 # A JSON body this big, or with this many objects and arrays, is decoded in a worker
 # thread: a hostile one (a megabyte of tiny objects) costs tens of milliseconds to
 # seconds of CPU, which must not stall every other request; at most BIG_PARSES at once.
@@ -356,7 +355,7 @@ class Relay:
                 api_key=backend.api_key, request_id=ex.request_id,
             )
             meter.backend = backend
-            if ex.route.kind in METERED:
+            if ex.route.metered:
                 meter.tally = UsageTally()  # sent: from here on, usage is unknown until counted
             try:
                 response = await backend.pool.request(
@@ -391,7 +390,7 @@ class Relay:
     async def _relay_whole(self, ex: Exchange, upstream: UpstreamResponse,
                            responder: Responder, meter: _Meter) -> None:
         """A reply that does not stream: read whole (to read its usage), recorded, sent."""
-        metered = ex.route.kind in METERED
+        metered = ex.route.metered
         body: bytes | None = None
         try:
             with responder.stop_scope():  # a drain's grace ends the read here
@@ -474,7 +473,7 @@ class Relay:
                 failure = err.message
                 log.warning("%s: backend broke mid-stream: %s", ex.request_id.decode(),
                             err.message)
-        if failure is None and ex.route.kind in METERED and upstream.status < 400 \
+        if failure is None and ex.route.metered and upstream.status < 400 \
                 and not tally.finished and tally.error is None:
             failure = "the backend ended the stream before it was complete"
         if failure is not None:

@@ -29,6 +29,11 @@ class Route:
     def admin_only(self) -> bool:
         return self.kind is RouteKind.MANAGEMENT
 
+    @property
+    def metered(self) -> bool:
+        """Generations and embeddings: they use tokens, counted and limited."""
+        return self.kind is RouteKind.GENERATION or self.kind is RouteKind.EMBEDDING
+
 
 _N, _O = ApiFamily.NATIVE, ApiFamily.OPENAI
 _G, _E, _I, _M = RouteKind.GENERATION, RouteKind.EMBEDDING, RouteKind.INFO, RouteKind.MANAGEMENT

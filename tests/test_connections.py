@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from ollama_proxy.app import connection_cap
 from ollama_proxy.connections import ConnectionTable, address_key
 
 
@@ -68,3 +69,15 @@ def test_removed_connections_are_forgotten():
     table.idle("a")
     assert len(table) == 0
     assert table.admit("b", "10.0.0.1") == (True, [])
+
+
+@pytest.mark.parametrize(("nofile", "pools", "cap"), [
+    (256, 1024, 96),  # ulimit -n 256: half of what is left for clients, half for backends
+    (20000, 1024, 16384),  # more than enough descriptors: the memory-minded ceiling
+    (4096, 100, 3932),  # small pools take only what they may hold
+    (64, 0, 16),
+    (None, 0, 1024),  # no limits to read (not Unix)
+])
+def test_the_default_connection_cap_follows_the_open_file_limit(nofile, pools, cap):
+    """max_connections left empty: the descriptors after a reserve and the backends."""
+    assert connection_cap(nofile, pools) == cap
