@@ -96,8 +96,7 @@ def storable(record: UsageRecord, now: float) -> tuple[UsageRecord, tuple[str, .
         changes["estimated"] = True
     for name in _TEXT_FIELDS:
         value = getattr(r, name)
-        if not (type(value) is str and len(value) <= MAX_TEXT_CHARS and value.isascii()) and (
-                value is not None or name in _TEXT) and not _text_ok(value):
+        if (value is not None or name in _TEXT) and not _text_ok(value):
             changes[name] = _text(value)
     if type(r.status) is not int or not 0 <= r.status <= MAX_STATUS:
         changes["status"] = _whole(r.status, MAX_STATUS)
