@@ -23,8 +23,18 @@ class UnitPaths:
     pythonpath: str | None = None  # a source checkout to import from (not for a .pyz)
 
 
-def _home(path: str) -> bool:
-    return any(path == top or path.startswith(top + "/") for top in ("/home", "/root", "/run/user"))
+def _under(path: str, *tops: str) -> bool:
+    return any(path == top or path.startswith(top + "/") for top in tops)
+
+
+def _escape(text: str) -> str:
+    """A value as a unit file reads it literally: ``%`` starts a specifier there."""
+    return text.replace("%", "%%")
+
+
+def _command(argv: list[str]) -> str:
+    """``ExecStart``'s words: quoted like a shell's, ``%`` and ``$`` taken literally."""
+    return _escape(shlex.join(argv)).replace("$", "$$")
 
 
 def render_unit(paths: UnitPaths, *, user: str, drain_s: float, port: int) -> str:
@@ -33,9 +43,16 @@ def render_unit(paths: UnitPaths, *, user: str, drain_s: float, port: int) -> st
     holds no capability but the one a ``port`` below 1024 needs."""
     folder = os.path.dirname(paths.database) or "/"
     serve = [*paths.command, "serve", *(["--config", paths.config] if paths.config else [])]
-    in_home = any(_home(p) for p in (folder, paths.config or "", *paths.command))
-    environment = (f"Environment={shlex.quote('PYTHONPATH=' + paths.pythonpath)}\n"
+    in_home = any(_under(p, "/home", "/root", "/run/user")
+                  for p in (folder, paths.config or "", *paths.command))
+    environment = (f"Environment={_escape(shlex.quote('PYTHONPATH=' + paths.pythonpath))}\n"
                    if paths.pythonpath else "")
+    # systemd makes a folder under /var/lib for the service's user (and keeps it owned by
+    # it); anywhere else the folder must exist before the start.
+    state = (f"StateDirectory={folder[len('/var/lib/'):]}\n"
+             if _under(folder, "/var/lib") and folder != "/var/lib" else "")
+    # A private /tmp would hide a database kept in /tmp from everyone else (and lose it).
+    private_tmp = "false" if _under(folder, "/tmp", "/var/tmp") else "true"
     capability = "CAP_NET_BIND_SERVICE" if 0 < port < 1024 else ""
     ambient = f"AmbientCapabilities={capability}\n" if capability else ""
     return f"""\
@@ -51,8 +68,8 @@ Wants=network-online.target
 [Service]
 Type=simple
 User={user}
-WorkingDirectory={folder}
-ExecStart={shlex.join(serve)}
+WorkingDirectory={_escape(folder)}
+ExecStart={_command(serve)}
 ExecReload=/bin/kill -HUP $MAINPID
 {environment}# Secrets (OLLAMA_PROXY_ADMIN_KEY, backends' api_key_env) from a root-only file:
 #EnvironmentFile=/etc/ollama-proxy.env
@@ -63,9 +80,9 @@ TimeoutStopSec={int(drain_s) + STOP_MARGIN_S}
 LimitNOFILE={LIMIT_NOFILE}
 NoNewPrivileges=true
 ProtectSystem=strict
-ReadWritePaths={folder}
+{state}ReadWritePaths={_escape(folder)}
 ProtectHome={"read-only" if in_home else "true"}
-PrivateTmp=true
+PrivateTmp={private_tmp}
 PrivateDevices=true
 ProtectKernelTunables=true
 ProtectKernelModules=true

@@ -33,7 +33,19 @@ def test_unit_for_a_pyz_is_hardened_and_writes_only_the_database_folder():
             service["Restart"]) == ("true", "strict", "true", "on-failure")
     assert int(service["LimitNOFILE"]) >= 65536 and service["CapabilityBoundingSet"] == ""
     assert int(service["TimeoutStopSec"]) > 30  # the drain fits before systemd kills
-    assert "Environment" not in service
+    assert service["StateDirectory"] == "ollama-proxy"  # systemd makes it, owned by the user
+    assert service["PrivateTmp"] == "true" and "Environment" not in service
+
+
+def test_paths_are_taken_literally_and_a_database_in_tmp_is_not_hidden():
+    """``%`` and ``$`` in paths are escaped for systemd; outside /var/lib no
+    StateDirectory; a database in /tmp is not put in a private /tmp."""
+    paths = UnitPaths(command=("/usr/bin/python3", "/opt/100%/$HOME.pyz"), config=None,
+                      database="/tmp/gw %d/db")
+    service = parse(render_unit(paths, user="gw", drain_s=5, port=8080))["Service"]
+    assert service["ExecStart"] == "/usr/bin/python3 '/opt/100%%/$$HOME.pyz' serve"
+    assert service["ReadWritePaths"] == "/tmp/gw %%d" and service["PrivateTmp"] == "false"
+    assert "StateDirectory" not in service
 
 
 def test_a_privileged_port_gets_only_the_capability_to_bind_it():
