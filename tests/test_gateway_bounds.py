@@ -37,6 +37,19 @@ def port_of(stack: Stack) -> int:
     return int(stack.url.rsplit(":", 1)[1])
 
 
+async def slow_reader(stack: Stack, tokens: int) -> trio.socket.SocketType:
+    """A client with a tiny receive buffer that asks for a long stream and reads nothing."""
+    body = json.dumps({**CHAT, "messages": [
+        {"role": "user", "content": f"[[sim:tokens={tokens}]]"}]}).encode()
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", port_of(stack)))
+    await sock.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                    + stack.key.encode() + b"\r\nContent-Length: %d\r\n\r\n%b"
+                    % (len(body), body))
+    return sock
+
+
 @pytest.mark.parametrize(("path", "shape"), [("/api/chat", "native"),
                                              ("/v1/chat/completions", "openai"),
                                              ("/admin/api/users", "openai")])
@@ -59,15 +72,8 @@ async def test_a_client_that_stops_reading_is_cut_and_its_backend_request_cancel
     """A stream to a client that reads nothing: after send_timeout_s the connection is
     cut, the simulator's generation cancelled, and the ledger row says client_stalled."""
     stack = await stack_with(nursery, send_timeout_s=0.5)
-    body = json.dumps({**CHAT, "messages": [
-        {"role": "user", "content": "[[sim:tokens=100000]]"}]}).encode()
     with trio.fail_after(30):
-        sock = trio.socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        await sock.connect(("127.0.0.1", port_of(stack)))
-        await sock.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                        + stack.key.encode() + b"\r\nContent-Length: %d\r\n\r\n%b"
-                        % (len(body), body))
+        sock = await slow_reader(stack, 100_000)
         await stack.sink.wait_for(lambda records: bool(records), timeout_s=30)
         record = stack.sink.records[0]
         assert record.outcome == "client_stalled" and record.estimated
@@ -122,15 +128,8 @@ async def test_a_drain_never_cuts_a_write_to_a_slow_client(stack, caplog):
     """A stream whose client reads nothing when the grace ends: the write under way is
     not cut; once the client reads, the stream ends with the error line and a clean
     last chunk, and nothing is logged as a failure."""
-    body = json.dumps({**CHAT, "messages": [
-        {"role": "user", "content": "[[sim:tokens=200000]]"}]}).encode()
     with trio.fail_after(30):
-        sock = trio.socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        await sock.connect(("127.0.0.1", port_of(stack)))
-        await sock.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                        + stack.key.encode() + b"\r\nContent-Length: %d\r\n\r\n%b"
-                        % (len(body), body))
+        sock = await slow_reader(stack, 200_000)
         await trio.testing.wait_all_tasks_blocked(0.05)  # every buffer on the way is full
         stack.gateway.drain(0)
         await trio.testing.wait_all_tasks_blocked()  # the grace ended while the write waits
