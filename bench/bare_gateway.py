@@ -15,11 +15,11 @@ import trio
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from ollama_proxy.app import make_backend  # noqa: E402
-from ollama_proxy.backends import Router  # noqa: E402
+from ollama_proxy.backends.registry import Router  # noqa: E402
 from ollama_proxy.config import load_config  # noqa: E402
-from ollama_proxy.relay import Relay  # noqa: E402
-from ollama_proxy.server import HttpServer  # noqa: E402
-from ollama_proxy.usage import UsageRecord  # noqa: E402
+from ollama_proxy.proxy.relay import Relay  # noqa: E402
+from ollama_proxy.http.server import HttpServer  # noqa: E402
+from ollama_proxy.api.usage import UsageRecord  # noqa: E402
 
 
 class NoSink:

@@ -107,7 +107,7 @@ def main() -> int:
     parser.add_argument("--settle-s", type=float, default=2.0)
     args = parser.parse_args()
 
-    from ollama_proxy.keys import new_key  # this checkout's: only to make a key
+    from ollama_proxy.access.keys import new_key  # this checkout's: only to make a key
 
     workdir = tempfile.mkdtemp(prefix="ollama-proxy-body-attack-")
     key = new_key()

@@ -22,9 +22,9 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from ollama_proxy.jsonbody import decode_object  # noqa: E402
-from ollama_proxy.policy import parse_body  # noqa: E402
-from ollama_proxy.routes import match_route  # noqa: E402
+from ollama_proxy.api.jsonbody import decode_object  # noqa: E402
+from ollama_proxy.api.exchange import parse_body  # noqa: E402
+from ollama_proxy.api.routes import match_route  # noqa: E402
 
 
 def chat(messages: list[dict[str, Any]], **extra: Any) -> bytes:

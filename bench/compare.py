@@ -42,7 +42,7 @@ if __name__ == "__main__" and (_missing := missing_modules("trio", "h11")):
 from load import parse_args, run_load  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from ollama_proxy.keys import new_key  # noqa: E402
+from ollama_proxy.access.keys import new_key  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CHAT_5 = "hi [[sim:tokens=5]]"

@@ -36,7 +36,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from ollama_proxy import accounts, db  # noqa: E402
-from ollama_proxy.keys import key_prefix, new_key  # noqa: E402
+from ollama_proxy.access.keys import key_prefix, new_key  # noqa: E402
 
 YEAR_S = 365 * 86400
 USERS = 50
@@ -291,7 +291,7 @@ def report(out: dict[str, Any]) -> str:
     lines = [f"{out['rows']:,} ledger rows ({out['bytes_per_row']} bytes a row, built in "
              f"{out['build_s']} s)",
              f"start to first answer, first start     {out['start_first_s']:8.3f} s",
-             f"  usage summaries caught up after      "
+             "  usage summaries caught up after      "
              + ("       - (none)" if out["catch_up_s"] is None else f"{out['catch_up_s']:8.1f} s"),
              f"  /v1/me meanwhile (median / max)      {out['me_during_catch_up']['median_s']:8.3f}"
              f" / {out['me_during_catch_up']['max_s']:.3f} s",

@@ -10,7 +10,7 @@ import trio
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from ollama_proxy.simulator import Simulator, run_simulator  # noqa: E402
+from ollama_proxy.sim.server import Simulator, run_simulator  # noqa: E402
 
 
 def main() -> None:

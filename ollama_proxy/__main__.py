@@ -11,7 +11,7 @@ from typing import Sequence
 import trio
 
 from . import __version__
-from .cli_admin import add_admin_commands
+from .cli.admin import add_admin_commands
 from .config import ADMIN_KEY_ENV, Config, describe, load_config
 from .errors import ConfigError, ProxyError
 
@@ -52,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .cli.demo import run_demo
 
     return run_demo(args)
 
@@ -64,7 +64,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_systemd_unit(args: argparse.Namespace) -> int:
-    from .systemd import UnitPaths, render_unit
+    from .cli.systemd import UnitPaths, render_unit
 
     config = _load(args)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

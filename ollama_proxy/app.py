@@ -11,20 +11,20 @@ from typing import Any, Callable
 
 import trio
 
-from . import accounts
-from .admin import AdminApi, is_admin_path
-from .auth import KeyIndex
-from .backends import Backend, Router
-from .clientip import AddressPolicy
+from .store import accounts
+from .admin.api import AdminApi, is_admin_path
+from .access.identity import KeyIndex
+from .backends.registry import Backend, Router
+from .http.clientip import AddressPolicy
 from .config import Config, ServerConfig, UpstreamConfig, settings
 from .errors import BadRequest, ConfigError, ProxyError
-from .limiting import Backlog, Limiter, load_counters
-from .prompt_overhead import PromptOverheads
-from .recount import Recounter
-from .relay import Relay, UsageLog, UsageObserver
-from .server import HttpServer, Request, Responder, ServerSettings
-from .storage import LedgerWriter, Store
-from .upstream import PoolSettings, UpstreamPool
+from .access.limiter import Backlog, Limiter, load_counters
+from .api.prompt_overhead import PromptOverheads
+from .proxy.recount import Recounter
+from .proxy.relay import Relay, UsageLog, UsageObserver
+from .http.server import HttpServer, Request, Responder, ServerSettings
+from .store.threads import LedgerWriter, Store
+from .http.client import PoolSettings, UpstreamPool
 
 log = logging.getLogger("ollama_proxy.app")
 

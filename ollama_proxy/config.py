@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from .errors import BadRequest, ConfigError
 from .isotime import iso, parse_time
-from .limits import Limits
+from .access.limits import Limits
 
 DEFAULT_CONFIG_FILE = "ollama-proxy.ini"
 ENV_PREFIX = "OLLAMA_PROXY_"

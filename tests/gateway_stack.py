@@ -8,15 +8,18 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from typing import Callable
+from typing import Any, Callable
+
+import httpx
 
 import trio
 
 from ollama_proxy.app import Gateway
 from ollama_proxy.config import Config, load_config
-from ollama_proxy.keys import new_key
-from ollama_proxy.usage import UsageRecord
-from ollama_proxy.simulator import Simulator, run_simulator
+from ollama_proxy.access.keys import new_key
+from ollama_proxy.api.usage import UsageRecord
+from ollama_proxy.sim.server import SimRecord, Simulator, run_simulator
+from ollama_proxy.store import db
 
 
 class MemorySink:
@@ -89,3 +92,34 @@ async def start_stack(nursery: trio.Nursery, sim: Simulator | None = None,
     gateway, url, sink, key = await start_gateway(
         nursery, gateway_config([sim_url], **upstream_overrides))
     return Stack(sim, sim_url, gateway, url, sink, key)
+
+
+def bearer(key: str, request_id: str | None = None) -> dict[str, str]:
+    headers = {"Authorization": f"Bearer {key}"}
+    if request_id is not None:
+        headers["X-Request-Id"] = request_id
+    return headers
+
+
+async def new_user(client: httpx.AsyncClient, stack: Stack, name: str, **limits: Any) -> str:
+    response = await client.post(stack.url + "/admin/api/users", headers=stack.headers,
+                                 json={"name": name, "limits": limits})
+    assert response.status_code == 201, response.text
+    return response.json()["key"]
+
+
+def forwarded(stack: Stack, request_id: str) -> list[SimRecord]:
+    """The simulator's records of the request that carried ``request_id``."""
+    wanted = request_id.encode()
+    return [r for r in stack.sim.records if (b"x-request-id", wanted) in r.headers]
+
+
+def ledger_rows(database: str, user: str) -> list[dict[str, Any]]:
+    conn = db.connect(database)
+    try:
+        rows = conn.execute("SELECT request_id, endpoint, status, outcome, prompt_tokens, "
+                            "completion_tokens FROM ledger WHERE user = ?", (user,)).fetchall()
+    finally:
+        conn.close()
+    names = ("request_id", "endpoint", "status", "outcome", "prompt_tokens", "completion_tokens")
+    return [dict(zip(names, row)) for row in rows]

@@ -19,7 +19,7 @@ from ollama_proxy.config import (
     load_config,
 )
 from ollama_proxy.errors import ConfigError
-from ollama_proxy.limits import Limits
+from ollama_proxy.access.limits import Limits
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "sk-upstream-secret-4711"

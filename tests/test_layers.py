@@ -1,30 +1,52 @@
-"""The dependency direction of STYLE.md §2, checked on the imports themselves."""
+"""The dependency rules of the package tree, checked on the imports themselves.
+
+Each rule is one test; each sub-package's ``__init__`` docstring says the same in
+words. Imports under ``if TYPE_CHECKING:`` do not count (they run in mypy only).
+"""
 
 from __future__ import annotations
 
 import ast
 import pathlib
+from functools import cache
 
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "ollama_proxy"
+SUBPACKAGES = ("http", "api", "access", "backends", "proxy", "store", "observe", "admin", "cli", "sim")
 
-# Pure core: no trio at runtime (imports under TYPE_CHECKING do not count).
-PURE = ["errors", "config", "framing", "usage", "routes", "headers", "policy", "limits", "isotime",
-        "limit_counters", "limiting", "bodies", "keys", "db", "accounts", "ledger", "jsonbody",
-        "reports", "prompt_overhead", "tokenizer_api"]
-# module -> project modules it must never import.
-FORBIDDEN = {
-    "server": {"relay", "app", "backends", "upstream", "policy", "usage", "simulator"},
-    "upstream": {"relay", "app", "backends", "policy", "server", "usage", "config"},
-    "framing": {"usage", "relay", "server", "upstream"},
-    "usage": {"relay", "server", "upstream"},
+# The trio shells: every other module is sans-IO (no trio at run time). A new shell is
+# added here on purpose, not by accident.
+SHELLS = {
+    "__main__", "app",
+    "http.server", "http.client", "http.sockio",
+    "access.identity",
+    "backends.registry",
+    "proxy.relay", "proxy.recount",
+    "store.threads",
+    "cli.demo",
+    "sim.server", "sim.llamacpp",
 }
 
 
-def runtime_imports(module: str) -> set[str]:
-    """Top-level names this module imports at run time (TYPE_CHECKING blocks skipped)."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+def module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = sorted(module_name(p) for p in PACKAGE.rglob("*.py") if module_name(p))
+
+
+@cache
+def runtime_imports(module: str) -> frozenset[str]:
+    """What ``module`` imports at run time: our modules as dotted names under the
+    package (``"store.db"``, or ``"store"`` for the package itself), others by
+    their top-level name (``"trio"``)."""
+    path = PACKAGE / (module.replace(".", "/") + ".py")
+    if not path.exists():
+        path = PACKAGE / module.replace(".", "/") / "__init__.py"
+    here = module.split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
     names: set[str] = set()
 
     def visit(nodes):
@@ -32,23 +54,133 @@ def runtime_imports(module: str) -> set[str]:
             if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
                 continue
             if isinstance(node, ast.Import):
-                names.update(alias.name.split(".")[0] for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):  # relative ones name our modules
-                names.add((node.module or "").split(".")[0])
-            for child in ast.iter_child_nodes(node):
-                visit([child])
+                for alias in node.names:
+                    names.add(ours(alias.name) or alias.name.split(".")[0])
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package[: len(package) - (node.level - 1)]
+                    stem = base + (node.module.split(".") if node.module else [])
+                    for alias in node.names:
+                        sub = ".".join([*stem, alias.name])
+                        is_module = (PACKAGE / (sub.replace(".", "/") + ".py")).exists() or \
+                            (PACKAGE / sub.replace(".", "/")).is_dir()
+                        names.add(sub if is_module else ".".join(stem))
+                else:
+                    names.add(ours(node.module or "") or (node.module or "").split(".")[0])
+            visit(ast.iter_child_nodes(node))
 
-    visit(tree.body)
-    return names
+    visit(ast.parse(path.read_text()).body)
+    names.discard(module)
+    return frozenset(n for n in names if n)
 
 
-@pytest.mark.parametrize("module", PURE)
-def test_pure_core_does_not_import_trio(module):
-    """The sans-IO core never needs trio (h11 types at most)."""
+def ours(name: str) -> str | None:
+    return name.removeprefix("ollama_proxy.") if name.startswith("ollama_proxy.") else None
+
+
+def in_package(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def imports_of(package: str) -> dict[str, frozenset[str]]:
+    return {m: runtime_imports(m) for m in MODULES if in_package(m, package)}
+
+
+def offenders(package: str, forbidden: tuple[str, ...]) -> dict[str, list[str]]:
+    """The modules of ``package`` that import one of ``forbidden`` (packages or modules)."""
+    found = {m: sorted(i for i in imps if any(in_package(i, f) for f in forbidden))
+             for m, imps in imports_of(package).items()}
+    return {m: i for m, i in found.items() if i}
+
+
+def test_the_rules_see_every_module():
+    """The checker resolves relative imports (a broken resolver would pass every rule)."""
+    assert "store.db" in runtime_imports("store.ledger")
+    assert "trio" in runtime_imports("http.server")
+    assert {"http", "api", "access", "store", "proxy", "sim"} <= {m.split(".")[0] for m in MODULES}
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m not in SHELLS])
+def test_only_the_shells_import_trio(module):
+    """Everything but the listed trio shells is sans-IO."""
     assert "trio" not in runtime_imports(module)
 
 
-@pytest.mark.parametrize(("module", "forbidden"), FORBIDDEN.items())
-def test_lower_layers_do_not_import_higher_ones(module, forbidden):
-    """Imports point downward only: the server knows no relay, the pool no policy."""
-    assert not runtime_imports(module) & forbidden
+def test_http_knows_nothing_of_users_models_or_usage():
+    """http/ is HTTP only: handlers are injected by app, never imported."""
+    assert offenders("http", ("api", "access", "backends", "proxy", "store", "observe", "admin",
+                              "cli", "sim", "app", "config")) == {}
+
+
+def test_api_is_pure_and_imports_only_shared_values():
+    """api/ builds on errors and isotime alone: access, backends and proxy build on it."""
+    allowed = ("api", "errors", "isotime")
+    found = {m: sorted(i for i in imps if i.split(".")[0] in MODULE_ROOTS and
+                       not any(in_package(i, a) for a in allowed))
+             for m, imps in imports_of("api").items()}
+    assert {m: i for m, i in found.items() if i} == {}
+
+
+MODULE_ROOTS = {m.split(".")[0] for m in MODULES}
+
+
+def test_access_and_backends_never_import_each_other():
+    """Who may call and where a request goes are independent; proxy joins them."""
+    assert offenders("access", ("backends",)) == {}
+    assert offenders("backends", ("access",)) == {}
+
+
+def test_only_the_storage_thread_module_in_store_imports_trio():
+    """store/ is synchronous SQLite; threads.py alone runs it off the event loop."""
+    assert [m for m in imports_of("store") if "trio" in runtime_imports(m)] == ["store.threads"]
+
+
+def test_store_imports_only_values_from_access():
+    """The store validates with the limits and key values, never the request-time shells."""
+    assert offenders("store", ("http", "backends", "proxy", "admin", "cli", "sim", "observe",
+                               "access.identity", "access.limiter", "access.counters")) == {}
+
+
+def test_only_app_imports_the_proxy():
+    """proxy/ is the top of the request path: nothing below it reaches up."""
+    importers = sorted(m for m in MODULES if not in_package(m, "proxy") and
+                       any(in_package(i, "proxy") for i in runtime_imports(m)))
+    assert importers == ["app"]
+
+
+def test_admin_never_imports_the_proxy_the_cli_or_the_simulator():
+    """The admin API calls the store's use-cases; it relays nothing."""
+    assert offenders("admin", ("proxy", "cli", "sim")) == {}
+
+
+def test_the_simulator_imports_only_http():
+    """sim/ runs on our HTTP server and nothing else of the gateway."""
+    found = {m: sorted(i for i in imps if i.split(".")[0] in MODULE_ROOTS and
+                       not in_package(i, "sim") and not in_package(i, "http"))
+             for m, imps in imports_of("sim").items()}
+    assert {m: i for m, i in found.items() if i} == {}
+
+
+def test_only_the_demo_imports_the_simulator():
+    """The gateway never imports sim/ (only the demo command, the tests and bench/)."""
+    importers = sorted(m for m in MODULES if not in_package(m, "sim") and
+                       any(in_package(i, "sim") for i in runtime_imports(m)))
+    assert importers == ["cli.demo"]
+
+
+def test_only_the_entry_points_import_app_and_cli():
+    """app is the composition root: only the command line builds it."""
+    for top in ("app", "cli"):
+        importers = sorted(m for m in MODULES if not in_package(m, top) and
+                           any(in_package(i, top) for i in runtime_imports(m)))
+        assert set(importers) <= {"__main__", "cli.demo"}, (top, importers)
+
+
+def test_every_subpackage_says_what_it_owns_and_may_import():
+    """Each sub-package's docstring states its job and its import rule."""
+    for name in SUBPACKAGES:
+        init = PACKAGE / name / "__init__.py"
+        if not init.exists():
+            continue
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert "import" in doc.lower() and len(doc) > 80, name

@@ -21,8 +21,8 @@ import trio
 
 from child_process import Child
 from gateway_stack import Stack
-from ollama_proxy import db
-from ollama_proxy.keys import new_key
+from ollama_proxy.store import db
+from ollama_proxy.access.keys import new_key
 from test_crash_and_cli import child_env, start_simulator
 
 T = TypeVar("T")

@@ -22,8 +22,8 @@ import pytest
 import trio
 
 from child_process import Child
-from ollama_proxy.keys import new_key
-from ollama_proxy.simulator import Simulator, run_simulator
+from ollama_proxy.access.keys import new_key
+from ollama_proxy.sim.server import Simulator, run_simulator
 
 ADMIN_KEY = new_key()  # the bootstrap admin key the children get from the environment
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}

@@ -1,0 +1,5 @@
+"""Who may call and how much: API keys, the in-memory key index, limits and quotas
+(arithmetic, counters, the per-request step).
+
+May import: ``errors``, ``isotime``, ``api``, ``store`` (to read keys and rebuild counters),
+``http.server`` types. Never ``backends``, ``proxy``, ``admin`` or ``sim``."""

@@ -1,0 +1,4 @@
+"""Commands beside ``serve``: offline administration on the database file, the ``demo``,
+and the systemd unit. Parse argv, call the same use-cases as the admin API, print.
+
+The ``demo`` is the only gateway module that imports ``sim``."""

@@ -1,0 +1,250 @@
+"""Exact counts for streams a backend did not count, after they ended (trio shell
+over ``tokenizer_api``).
+
+llama.cpp servers ignore ``stream_options.include_usage``: their streams end
+without counts and their rows are estimated. When such a stream starts, the
+relay asks ``capture_bytes`` how much of it to keep (nothing for backends
+known to report stream usage: learned per backend and route from the first
+finished stream, so Ollama and vLLM pay once). When it has ended and its row is
+committed, ``stream_ended`` queues a job here: the backend's tokenize endpoint
+(found once per backend, a backend without one remembered) counts the prompt
+and the streamed text; exact counts go to the ledger (``amend``) and to the
+``on_exact`` hooks (the limits). ``observe`` (a usage hook) learns what a
+text-only tokenizer's chat template adds from the backend's own counts of
+non-streamed chats.
+
+Bounded and never in the way: at most ``MAX_IN_FLIGHT`` jobs per backend talk
+to it at once, ``MAX_QUEUED`` wait, each job has ``JOB_TIMEOUT_S``; a failure
+is logged and the estimate stays. Nothing here is awaited by a request, and
+the jobs are cancelled with the gateway.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
+
+import trio
+
+from ..backends.registry import Backend
+from ..errors import ProxyError
+from ..api.exchange import Exchange
+from ..api.prompt_overhead import TEXT, PromptOverheads, prompt_shape
+from ..api.tokenizer import (
+    Call,
+    CountError,
+    Counting,
+    Dialect,
+    Tokenizer,
+    discover,
+    parse_answer,
+    stream_counts,
+    template_overhead,
+)
+from ..api.usage import StreamScanner, UsageRecord, estimate_prompt_tokens
+
+log = logging.getLogger("ollama_proxy.recount")
+
+ROUTES = frozenset({"openai_chat", "openai_completions"})  # where usage may be missing
+CAPTURE_BYTES = 4 << 20  # a stream longer than this keeps its estimate
+MAX_IN_FLIGHT = 2  # jobs talking to one backend at once
+MAX_QUEUED = 64  # jobs queued or running for one backend; more are dropped (estimate kept)
+JOB_TIMEOUT_S = 10.0  # a busy llama-cpp-python answers behind its running generation
+RETRY_DISCOVERY_S = 60.0  # after a failed discovery (not a 404), ask again this much later
+MAX_ANSWER_BYTES = 1 << 20  # /extras/tokenize lists every token of a long text
+
+Amend = Callable[[UsageRecord, int, int], Awaitable[None]]
+ExactHook = Callable[[Exchange, UsageRecord, int, int], None]
+_UNKNOWN = object()  # the backend's tokenizer was not looked for yet
+
+
+class _BackendState:
+    """What is known of one backend's counting."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.basis = f"tokenizer:{backend.name}"  # its learned overheads' basis
+        self.tokenizer: Any = _UNKNOWN  # Tokenizer, or None: it has none
+        self.retry_at = float("-inf")
+        self.reports_usage: dict[str, bool] = {}  # route -> its finished streams had usage
+        self.slots = trio.CapacityLimiter(MAX_IN_FLIGHT)
+        self.discovering = trio.Lock()
+        self.jobs = 0
+
+
+class Recounter:
+    """The counting jobs of every backend whose ``tokenize`` setting is ``auto``."""
+
+    def __init__(self, backends: Sequence[Backend], enabled: Sequence[str],
+                 overheads: PromptOverheads, amend: Amend,
+                 on_exact: Sequence[ExactHook] = ()) -> None:
+        self._states = {b.name: _BackendState(b) for b in backends if b.name in enabled}
+        self._overheads = overheads
+        self._amend = amend
+        self._on_exact = tuple(on_exact)
+        self._nursery: trio.Nursery | None = None
+        self._jobs = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self.amended = 0  # rows made exact (stats, tests)
+        self.failed = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the jobs until cancelled (they go with it)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def idle(self) -> None:
+        """Return once no job is queued or running (tests, benchmarks)."""
+        await self._idle.wait()
+
+    # -- what the relay asks
+
+    def capture_bytes(self, backend: Backend, ex: Exchange) -> int:
+        """How much of this stream to keep for counting: 0 unless its backend may
+        leave it uncounted."""
+        state = self._states.get(backend.name)
+        if (state is None or ex.route.name not in ROUTES or state.tokenizer is None
+                or state.reports_usage.get(ex.route.name)):
+            return 0
+        return CAPTURE_BYTES
+
+    def stream_ended(self, ex: Exchange, backend: Backend, record: UsageRecord,
+                     scanner: StreamScanner) -> None:
+        """A stream is over and its row committed: learn whether the backend counted
+        it, and count it if it did not."""
+        state = self._states.get(backend.name)
+        tally = scanner.tally
+        if state is None or ex.route.name not in ROUTES or not tally.finished or tally.error:
+            return
+        state.reports_usage[ex.route.name] = tally.exact
+        frames = scanner.captured
+        if record.estimated and not tally.exact and frames is not None and ex.model:
+            self._start(state, ex, self._count_stream(state, ex, record, frames))
+
+    def observe(self, ex: Exchange, record: UsageRecord) -> None:
+        """Usage hook: on a backend whose streams come without usage, a non-streamed
+        chat it counted teaches what its template adds, for a tokenizer that cannot
+        apply it (llama-cpp-python)."""
+        state = self._states.get(record.backend or "")
+        shape = prompt_shape(ex.body_obj)
+        if (state is None or record.estimated or record.stream or record.prompt_tokens <= 0
+                or ex.route.name != "openai_chat" or not ex.model or state.tokenizer is None
+                or False not in state.reports_usage.values() or shape is None
+                or self._overheads.overhead(state.basis, ex.route.name, ex.model, shape)[1]):
+            return  # nothing to learn (a confirmed overhead costs no more calls)
+        if state.tokenizer is _UNKNOWN or state.tokenizer.dialect is Dialect.LLAMA_CPP_PYTHON:
+            self._start(state, ex, self._learn_template(state, ex, record))
+
+    # -- the jobs
+
+    def _start(self, state: _BackendState, ex: Exchange, job: Coroutine[Any, Any, None]) -> None:
+        if self._nursery is None or state.jobs >= MAX_QUEUED:
+            job.close()
+            log.warning("%s: no room to count with %s's tokenizer (%d jobs); estimate kept",
+                        ex.request_id.decode(), state.backend.name, state.jobs)
+            return
+        state.jobs += 1
+        self._jobs += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        self._nursery.start_soon(self._guarded, state, ex, job)
+
+    async def _guarded(self, state: _BackendState, ex: Exchange,
+                       job: Coroutine[Any, Any, None]) -> None:
+        try:
+            async with state.slots:
+                with trio.fail_after(JOB_TIMEOUT_S):
+                    await job
+        except (CountError, ProxyError, trio.TooSlowError) as err:
+            self.failed += 1
+            why = f"no answer within {JOB_TIMEOUT_S:g} s" if isinstance(
+                err, trio.TooSlowError) else getattr(err, "message", None) or str(err)
+            log.warning("%s: counting with %s's tokenizer failed, estimate kept: %s",
+                        ex.request_id.decode(), state.backend.name, why)
+        except Exception:  # a bug, or a backend answer nobody foresaw: never the gateway's end
+            self.failed += 1
+            log.exception("%s: counting with %s's tokenizer failed, estimate kept",
+                          ex.request_id.decode(), state.backend.name)
+        finally:
+            job.close()  # cancelled before it began: no "never awaited" warning
+            state.jobs -= 1
+            self._jobs -= 1
+            if not self._jobs:
+                self._idle.set()
+
+    async def _tokenizer(self, state: _BackendState, model: str) -> Tokenizer | None:
+        """The backend's tokenizer, looked for once (one job at a time asks)."""
+        async with state.discovering:
+            if state.tokenizer is _UNKNOWN and trio.current_time() >= state.retry_at:
+                state.retry_at = trio.current_time() + RETRY_DISCOVERY_S  # if this fails
+                state.tokenizer = await self._drive(state, discover(model))
+                found = state.tokenizer
+                log.info("backend %s: %s", state.backend.name,
+                         f"counts with the {found.dialect.value} tokenize endpoint" if found
+                         else "has no tokenize endpoint; streams without usage stay estimated")
+        return None if state.tokenizer is _UNKNOWN else state.tokenizer
+
+    async def _count_stream(self, state: _BackendState, ex: Exchange, record: UsageRecord,
+                            frames: list[bytes]) -> None:
+        model = ex.model
+        assert model is not None
+        tok = await self._tokenizer(state, model)
+        if tok is None:
+            return
+        route, body = ex.route.name, ex.body_obj
+        overhead = self._overheads.overhead(state.basis, route, model, prompt_shape(body))
+        counts = await self._drive(state, stream_counts(tok, model, route, body, frames,
+                                                        overhead))
+        if counts is None:
+            return
+        prompt, completion = counts
+        await self._amend(record, prompt, completion)
+        self.amended += 1
+        for hook in self._on_exact:
+            hook(ex, record, prompt, completion)
+        text = estimate_prompt_tokens(body)
+        self._overheads.learn(TEXT, route, model, prompt_shape(body), prompt - text, text)
+        log.info("%s: exact counts from %s's tokenizer: prompt %d (estimated %d), "
+                 "completion %d (estimated %d)", record.request_id, state.backend.name,
+                 prompt, record.prompt_tokens, completion, record.completion_tokens)
+
+    async def _learn_template(self, state: _BackendState, ex: Exchange,
+                              record: UsageRecord) -> None:
+        model = ex.model
+        assert model is not None
+        tok = await self._tokenizer(state, model)
+        if tok is None or tok.dialect is not Dialect.LLAMA_CPP_PYTHON:
+            return
+        learned = await self._drive(state, template_overhead(tok, model, ex.body_obj,
+                                                             record.prompt_tokens))
+        if learned is not None:
+            added, text = learned
+            self._overheads.learn(state.basis, ex.route.name, model,
+                                  prompt_shape(ex.body_obj), added, text)
+
+    async def _drive(self, state: _BackendState, job: Counting) -> Any:
+        """Run a pure job, making each call it yields."""
+        try:
+            call = next(job)
+            while True:
+                call = job.send(await self._post(state.backend, call))
+        except StopIteration as end:
+            return end.value
+
+    @staticmethod
+    async def _post(backend: Backend, call: Call) -> Any:
+        body = call.encode()
+        headers = [(b"host", backend.host_header), (b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode())]
+        if backend.api_key:
+            headers.append((b"authorization", b"Bearer " + backend.api_key.encode()))
+        response = await backend.pool.request("POST", backend.target(call.path), headers, body)
+        try:
+            raw = await response.read_all(MAX_ANSWER_BYTES)
+        finally:
+            await response.aclose()
+        return parse_answer(response.status, raw)
