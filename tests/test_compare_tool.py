@@ -1,5 +1,6 @@
 """The bench tools: compare.py without the packages it runs on says which and how to install
-them; the naive relay (its yardstick) passes what the upstream sends through unchanged."""
+them, and its ratios to each relay it measures; the naive relay (its yardstick) passes
+what the upstream sends through unchanged."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ from child_process import Child
 from ollama_proxy.simulator import Simulator, run_simulator
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import compare  # noqa: E402
 
 HIDE_H11 = ("import runpy, sys; sys.modules['h11'] = None; sys.argv = ['bench/compare.py']; "
             "runpy.run_path('bench/compare.py', run_name='__main__')")
@@ -33,6 +38,37 @@ def test_a_missing_package_is_named_with_the_command_that_installs_it():
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "cannot import h11" in proc.stderr
     assert f"{sys.executable} -m pip install -r {REPO / 'tests' / 'requirements.txt'}" in proc.stderr
+
+
+def load_report(req_s: float, p50_ms: float, chunks_s: float = 0.0) -> dict:
+    """What bench/load.py --json reports, reduced to what compare.py reads (over 10 s)."""
+    return {"requests": req_s * 10, "duration_s": 10.0, "requests_per_s": req_s,
+            "chunks_per_s": chunks_s, "latency_ms": {"p50": p50_ms, "p99": p50_ms * 2},
+            "ttfb_ms": {"p50": p50_ms}, "chunk_delay_ms": None, "status": {"200": 1},
+            "broken": 0}
+
+
+def test_the_gateway_is_read_against_direct_the_naive_relay_and_a_baseline():
+    """Ratios are the gateway's over the other's, milliseconds the gateway's minus the
+    other's; the simulator has no CPU figure, so no CPU ratio against it."""
+    pair = {"name": "w", "direct": load_report(4000, 0.25, 4000),
+            "naive": load_report(1000, 1.0, 1000), "naive_cpu_ms": 5000.0,
+            "gateway": load_report(500, 2.0, 500), "gateway_cpu_ms": 5000.0,
+            "baseline": load_report(400, 2.5, 400), "baseline_cpu_ms": 6000.0}
+    for name in ("naive", "gateway", "baseline"):
+        pair[f"{name}_peak_rss_mb"] = 30.0
+    row = compare.summarise(pair)
+    assert (row["throughput_ratio"], row["added_p50_ms"], row["gateway_cpu_ms_per_request"]) == (
+        0.125, 1.75, 1.0)
+    assert row["gateway_vs_naive"] == {
+        "req_s_ratio": 0.5, "chunks_s_ratio": 0.5, "added_p50_ms": 1.0, "added_p99_ms": 2.0,
+        "added_ttfb_p50_ms": 1.0, "chunk_delay_p99_ratio": None, "cpu_ratio": 2.0}
+    assert row["gateway_vs_baseline"]["req_s_ratio"] == 1.25
+    assert row["gateway_vs_baseline"]["cpu_ratio"] == round(1.0 / 1.5, 3)
+    head, line = compare.format_versus([row], "naive", "nv").splitlines()
+    assert head.split()[:3] == ["workload", "nv/s", "gw/nv"]
+    assert line.split() == ["w", "1000", "0.5", "1.0", "2.0", "1.0", "1000", "-", "-", "0.5",
+                            "500.0", "2.0", "30.0"]
 
 
 class Tap:
