@@ -257,6 +257,22 @@ def summarise(pair: dict) -> dict:
     return row
 
 
+def problems(raw: list[dict]) -> list[str]:
+    """The runs with answers other than 200 or broken connections: their figures measure
+    something other than the workload (the 1,000 streams refused by the simulator's cap)."""
+    out = []
+    for pair in raw:
+        for name in ("direct", "naive", "gateway", "baseline"):
+            report = pair.get(name) or {}
+            wrong = [f"{count} x {code}" for code, count in (report.get("status") or {}).items()
+                     if code != "200" and count]
+            if report.get("broken"):
+                wrong.append(f"{report['broken']} broken")
+            if wrong:
+                out.append(f"warning: {pair['name']}, {name}: {', '.join(wrong)}")
+    return out
+
+
 def render(columns: list[tuple[str, int, tuple[str, ...]]], rows: list[dict]) -> str:
     """A fixed-width table: each column is (heading, width, the key path in a row)."""
     def cell(row: dict, path: tuple[str, ...]) -> str:
@@ -343,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nagainst the baseline {baseline} ({commits['baseline']}, same core): "
                   "gw/bl = ours ÷ baseline, +ms = ours − baseline")
             print(format_versus(rows, "baseline", "bl"))
+        for line in problems(raw):
+            print(line)
     costs = None
     if not args.only or "cost" in args.only:
         costs = measure_costs(args, two_cores)

@@ -50,7 +50,8 @@ def load_report(req_s: float, p50_ms: float, chunks_s: float = 0.0) -> dict:
 
 def test_the_gateway_is_read_against_direct_the_naive_relay_and_a_baseline():
     """Ratios are the gateway's over the other's, milliseconds the gateway's minus the
-    other's; the simulator has no CPU figure, so no CPU ratio against it."""
+    other's; the simulator has no CPU figure, so no CPU ratio against it. Answers other
+    than 200 and broken connections are called out."""
     pair = {"name": "w", "direct": load_report(4000, 0.25, 4000),
             "naive": load_report(1000, 1.0, 1000), "naive_cpu_ms": 5000.0,
             "gateway": load_report(500, 2.0, 500), "gateway_cpu_ms": 5000.0,
@@ -69,6 +70,11 @@ def test_the_gateway_is_read_against_direct_the_naive_relay_and_a_baseline():
     assert head.split()[:3] == ["workload", "nv/s", "gw/nv"]
     assert line.split() == ["w", "1000", "0.5", "1.0", "2.0", "1.0", "1000", "-", "-", "0.5",
                             "500.0", "2.0", "30.0"]
+    assert compare.problems([pair]) == []
+    pair["gateway"]["status"] = {"200": 3, "502": 7}
+    pair["direct"]["broken"] = 7
+    assert compare.problems([pair]) == ["warning: w, direct: 7 broken",
+                                        "warning: w, gateway: 7 x 502"]
 
 
 class Tap:
