@@ -1,18 +1,21 @@
-"""Same-run comparison: each workload against the simulator directly, then
-through the gateway, and the ratios between the two.
+"""Same-run comparison: each workload against the simulator directly, through the
+naive relay (bench/naive_relay.py, the yardstick), through the gateway and, with
+--baseline, through another checkout's gateway; the gateway's ratios to each.
 
-    python3 bench/compare.py [--quick] [--only NAME,...] [--json-out FILE]
+    python3 bench/compare.py [--quick] [--only NAME,...] [--json-out FILE] [--baseline PATH]
 
-The simulator and the gateway run as separate processes, pinned to different
-cores when there are two (gateway on core 0; simulator and load tool on core
-1), so the gateway's cost shows up as its own CPU time (read from /proc) and
-its peak RSS (VmHWM, reset before each workload). The machine is shared and
-noisy: read the ratios, not the absolute figures.
+The simulator and the relays run as separate processes, pinned to different
+cores when there are two (the relays on core 0, each measured while it alone
+has load; simulator and load tool on core 1), so a relay's cost shows up as its
+own CPU time (read from /proc) and its peak RSS (VmHWM, reset before each
+workload). The machine is shared and noisy: read the ratios, not the absolute
+figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -149,16 +152,29 @@ class Process:
         self.log.close()
 
 
-def run_pair(workload: Workload, sim_url: str, gateway: Process, gateway_url: str,
-             key: str) -> dict:
+@dataclass(frozen=True)
+class Target:
+    """Where a workload's load goes: the simulator itself (no process of its own to
+    measure) or a relay in front of it, whose CPU time and peak RSS are measured."""
+    name: str  # direct, naive, gateway or baseline
+    url: str
+    process: Process | None = None
+
+
+def run_workload(workload: Workload, targets: list[Target], key: str) -> dict:
+    """The workload against each target in turn, in the order given."""
     args = ["--json", "--key", key, *workload.args]  # the simulator ignores the key, as Ollama does
-    direct = run_load(parse_args(["--url", sim_url, *args]))
-    gateway.reset_peak_rss()
-    cpu_before = gateway.cpu_s()
-    via = run_load(parse_args(["--url", gateway_url, *args]))
-    cpu_ms = (gateway.cpu_s() - cpu_before) * 1000
-    return {"name": workload.name, "direct": direct, "gateway": via,
-            "gateway_cpu_ms": cpu_ms, "gateway_peak_rss_mb": gateway.peak_rss_mb()}
+    pair: dict = {"name": workload.name}
+    for target in targets:
+        if target.process is None:
+            pair[target.name] = run_load(parse_args(["--url", target.url, *args]))
+            continue
+        target.process.reset_peak_rss()
+        cpu_before = target.process.cpu_s()
+        pair[target.name] = run_load(parse_args(["--url", target.url, *args]))
+        pair[f"{target.name}_cpu_ms"] = (target.process.cpu_s() - cpu_before) * 1000
+        pair[f"{target.name}_peak_rss_mb"] = target.process.peak_rss_mb()
+    return pair
 
 
 def _get(report: dict, *path: str) -> float | None:
@@ -170,55 +186,143 @@ def _get(report: dict, *path: str) -> float | None:
     return float(value)  # type: ignore[arg-type]
 
 
-def summarise(pair: dict) -> dict:
-    """The ratios and added costs the benchmark issue asks for."""
-    d, g = pair["direct"], pair["gateway"]
-    requests = max(1, g.get("requests", 0))
-    chunks = (g.get("chunks_per_s") or 0) * (g.get("duration_s") or 0)
-
-    def diff(*path: str) -> float | None:
-        a, b = _get(g, *path), _get(d, *path)
-        return None if a is None or b is None else round(a - b, 3)
-
+def figures(pair: dict, name: str) -> dict:
+    """One target's own figures in one workload (CPU and RSS only for a relay)."""
+    r = pair[name]
+    cpu_ms = pair.get(f"{name}_cpu_ms")
+    chunks = (r.get("chunks_per_s") or 0) * (r.get("duration_s") or 0)
+    rss = pair.get(f"{name}_peak_rss_mb")
     return {
-        "workload": pair["name"],
-        "throughput_ratio": round(g["requests_per_s"] / d["requests_per_s"], 3)
-        if d.get("requests_per_s") else None,
-        "direct_req_s": round(d.get("requests_per_s", 0), 1),
-        "gateway_req_s": round(g.get("requests_per_s", 0), 1),
-        "added_p50_ms": diff("latency_ms", "p50"),
-        "added_p99_ms": diff("latency_ms", "p99"),
-        "added_ttfb_p50_ms": diff("ttfb_ms", "p50"),
-        "gateway_chunks_s": round(g.get("chunks_per_s") or 0),
-        "direct_chunks_s": round(d.get("chunks_per_s") or 0),
-        "chunk_delay_p99_ms": _get(g, "chunk_delay_ms", "p99"),
-        "direct_chunk_delay_p99_ms": _get(d, "chunk_delay_ms", "p99"),
-        "gateway_cpu_ms_per_request": round(pair["gateway_cpu_ms"] / requests, 3),
-        "gateway_cpu_ms_per_1000_chunks": round(pair["gateway_cpu_ms"] / chunks * 1000, 2)
-        if chunks else None,
-        "gateway_peak_rss_mb": round(pair["gateway_peak_rss_mb"], 1),
-        "errors": {"direct": d.get("status"), "gateway": g.get("status"),
-                   "broken": [d.get("broken"), g.get("broken")]},
+        "req_s": round(r.get("requests_per_s", 0), 1),
+        "p50_ms": _get(r, "latency_ms", "p50"),
+        "p99_ms": _get(r, "latency_ms", "p99"),
+        "ttfb_p50_ms": _get(r, "ttfb_ms", "p50"),
+        "chunks_s": round(r.get("chunks_per_s") or 0),
+        "chunk_delay_p99_ms": _get(r, "chunk_delay_ms", "p99"),
+        "cpu_ms_per_request": None if cpu_ms is None
+        else round(cpu_ms / max(1, r.get("requests", 0)), 3),
+        "cpu_ms_per_1000_chunks": round(cpu_ms / chunks * 1000, 2)
+        if cpu_ms is not None and chunks else None,
+        "peak_rss_mb": None if rss is None else round(rss, 1),
+        "errors": {"status": r.get("status"), "broken": r.get("broken")},
     }
 
 
-def format_table(rows: list[dict]) -> str:
-    cols = [("workload", 24), ("direct_req_s", 9), ("gateway_req_s", 9), ("throughput_ratio", 6),
-            ("added_p50_ms", 7), ("added_p99_ms", 7), ("added_ttfb_p50_ms", 7),
-            ("gateway_chunks_s", 8), ("chunk_delay_p99_ms", 8), ("direct_chunk_delay_p99_ms", 8),
-            ("gateway_cpu_ms_per_request", 7), ("gateway_cpu_ms_per_1000_chunks", 7),
-            ("gateway_peak_rss_mb", 7)]
-    heads = ["workload", "direct/s", "gw/s", "ratio", "+p50ms", "+p99ms", "+ttfb", "gw chk/s",
-             "dly p99", "d dly99", "cpu/req", "cpu/1kc", "RSS MB"]
-    lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, (_, w)) in enumerate(zip(heads, cols)))]
+def versus(ours: dict, ref: dict) -> dict:
+    """``ours`` against ``ref`` (both from ``figures``): ratios, and milliseconds added."""
+
+    def ratio(key: str) -> float | None:
+        a, b = ours.get(key), ref.get(key)
+        return round(a / b, 3) if a is not None and b else None
+
+    def added(key: str) -> float | None:
+        a, b = ours.get(key), ref.get(key)
+        return None if a is None or b is None else round(a - b, 3)
+
+    return {"req_s_ratio": ratio("req_s"), "chunks_s_ratio": ratio("chunks_s"),
+            "added_p50_ms": added("p50_ms"), "added_p99_ms": added("p99_ms"),
+            "added_ttfb_p50_ms": added("ttfb_p50_ms"),
+            "chunk_delay_p99_ratio": ratio("chunk_delay_p99_ms"),
+            "cpu_ratio": ratio("cpu_ms_per_request")}
+
+
+def summarise(pair: dict) -> dict:
+    """The ratios and added costs the benchmark issue asks for (the gateway against the
+    simulator directly), then each other relay measured: its figures, and the gateway's
+    against them."""
+    d, g = figures(pair, "direct"), figures(pair, "gateway")
+    vs = versus(g, d)
+    row = {
+        "workload": pair["name"],
+        "throughput_ratio": vs["req_s_ratio"],
+        "direct_req_s": d["req_s"],
+        "gateway_req_s": g["req_s"],
+        "added_p50_ms": vs["added_p50_ms"],
+        "added_p99_ms": vs["added_p99_ms"],
+        "added_ttfb_p50_ms": vs["added_ttfb_p50_ms"],
+        "gateway_chunks_s": g["chunks_s"],
+        "direct_chunks_s": d["chunks_s"],
+        "chunk_delay_p99_ms": g["chunk_delay_p99_ms"],
+        "direct_chunk_delay_p99_ms": d["chunk_delay_p99_ms"],
+        "gateway_cpu_ms_per_request": g["cpu_ms_per_request"],
+        "gateway_cpu_ms_per_1000_chunks": g["cpu_ms_per_1000_chunks"],
+        "gateway_peak_rss_mb": g["peak_rss_mb"],
+        "errors": {"direct": d["errors"]["status"], "gateway": g["errors"]["status"],
+                   "broken": [d["errors"]["broken"], g["errors"]["broken"]]},
+    }
+    for name in ("naive", "baseline"):
+        if name in pair:
+            row[name] = figures(pair, name)
+            row[f"gateway_vs_{name}"] = versus(g, row[name])
+    return row
+
+
+def problems(raw: list[dict]) -> list[str]:
+    """The runs with answers other than 200 or broken connections: their figures measure
+    something other than the workload (the 1,000 streams refused by the simulator's cap)."""
+    out = []
+    for pair in raw:
+        for name in ("direct", "naive", "gateway", "baseline"):
+            report = pair.get(name) or {}
+            wrong = [f"{count} x {code}" for code, count in (report.get("status") or {}).items()
+                     if code != "200" and count]
+            if report.get("broken"):
+                wrong.append(f"{report['broken']} broken")
+            if wrong:
+                out.append(f"warning: {pair['name']}, {name}: {', '.join(wrong)}")
+    return out
+
+
+def render(columns: list[tuple[str, int, tuple[str, ...]]], rows: list[dict]) -> str:
+    """A fixed-width table: each column is (heading, width, the key path in a row)."""
+    def cell(row: dict, path: tuple[str, ...]) -> str:
+        value: object = row
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        return "-" if value is None else str(value)
+
+    lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w, _) in enumerate(columns))]
     for row in rows:
-        cells = []
-        for i, (key, width) in enumerate(cols):
-            value = row.get(key)
-            text = "-" if value is None else str(value)
-            cells.append(text.ljust(width) if i == 0 else text.rjust(width))
-        lines.append("  ".join(cells))
+        lines.append("  ".join(cell(row, path).rjust(w) if i else cell(row, path).ljust(w)
+                               for i, (_, w, path) in enumerate(columns)))
     return "\n".join(lines)
+
+
+def format_table(rows: list[dict]) -> str:
+    """The gateway against the simulator directly."""
+    return render([("workload", 24, ("workload",)), ("direct/s", 9, ("direct_req_s",)),
+                   ("gw/s", 9, ("gateway_req_s",)), ("ratio", 6, ("throughput_ratio",)),
+                   ("+p50ms", 7, ("added_p50_ms",)), ("+p99ms", 7, ("added_p99_ms",)),
+                   ("+ttfb", 7, ("added_ttfb_p50_ms",)), ("gw chk/s", 8, ("gateway_chunks_s",)),
+                   ("dly p99", 8, ("chunk_delay_p99_ms",)),
+                   ("d dly99", 8, ("direct_chunk_delay_p99_ms",)),
+                   ("cpu/req", 7, ("gateway_cpu_ms_per_request",)),
+                   ("cpu/1kc", 7, ("gateway_cpu_ms_per_1000_chunks",)),
+                   ("RSS MB", 7, ("gateway_peak_rss_mb",))], rows)
+
+
+def format_versus(rows: list[dict], name: str, short: str) -> str:
+    """The gateway against another relay measured in the same run (``name`` in the rows):
+    that relay's figures, the gateway's ratios to them (gw/x) and the milliseconds it adds."""
+    mine, vs = (name,), (f"gateway_vs_{name}",)
+    return render([("workload", 24, ("workload",)), (f"{short}/s", 9, (*mine, "req_s")),
+                   (f"gw/{short}", 6, (*vs, "req_s_ratio")),
+                   ("+p50ms", 7, (*vs, "added_p50_ms")), ("+p99ms", 7, (*vs, "added_p99_ms")),
+                   ("+ttfb", 7, (*vs, "added_ttfb_p50_ms")),
+                   (f"{short} chk/s", 8, (*mine, "chunks_s")),
+                   (f"{short} dly99", 8, (*mine, "chunk_delay_p99_ms")),
+                   (f"dly gw/{short}", 9, (*vs, "chunk_delay_p99_ratio")),
+                   (f"{short} cpu/r", 8, (*mine, "cpu_ms_per_request")),
+                   (f"{short} cpu/kc", 9, (*mine, "cpu_ms_per_1000_chunks")),
+                   (f"cpu gw/{short}", 9, (*vs, "cpu_ratio")),
+                   (f"{short} RSS", 7, (*mine, "peak_rss_mb"))], rows)
+
+
+def checkout(path: pathlib.Path) -> str:
+    """The checkout's commit (``-dirty`` with uncommitted changes), for the report."""
+    proc = subprocess.run(["git", "-C", str(path), "describe", "--always", "--dirty"],
+                          capture_output=True, text=True)
+    return proc.stdout.strip() or "?"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,40 +331,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated workload names (substring match)")
     parser.add_argument("--json-out", metavar="FILE", help="write all figures as JSON here")
     parser.add_argument("--gateway-arg", action="append", default=[],
-                        help="extra argument for `serve` (repeatable)")
+                        help="extra argument for `serve` (repeatable; the baseline's too)")
+    parser.add_argument("--baseline", metavar="PATH", type=pathlib.Path,
+                        help="another checkout of this repository: its `serve` is measured on "
+                             "the same workloads in the same run (not in the cost phase)")
     args = parser.parse_args(argv)
+    if args.baseline is not None and not (args.baseline / "ollama_proxy").is_dir():
+        parser.error(f"--baseline {args.baseline}: no ollama_proxy package there")
+    baseline = None if args.baseline is None else args.baseline.resolve()
 
     two_cores = len(os.sched_getaffinity(0)) >= 2
-    sim = Process("sim", [sys.executable, str(HERE / "sim_server.py")], "ready ",
-                  1 if two_cores else None)
-    sim_url = f"http://{sim.address}"
-    key = new_key()
-    workdir = tempfile.mkdtemp(prefix="ollama-proxy-bench-")
-    env = {"OLLAMA_PROXY_ADMIN_KEY": key,  # every feature on: keys, ledger, usage log, limits
-           "OLLAMA_PROXY_SERVER_DATABASE": os.path.join(workdir, "bench.db"), **LIMITS_ON,
-           **ONE_ADDRESS}
-    gateway = Process("gateway", [sys.executable, "-m", "ollama_proxy", "serve",
-                                  "--listen", "127.0.0.1:0", "--upstream", sim_url,
-                                  *args.gateway_arg],
-                      "listening on ", 0 if two_cores else None, env)
-    gateway_url = gateway.address
-    if two_cores:  # the load tool shares the simulator's core; the gateway has its own
-        os.sched_setaffinity(0, {1})
+    selected = [w for w in workloads(args.quick)
+                if not args.only or any(part in w.name for part in args.only.split(","))]
+    commits = {"gateway": checkout(ROOT),
+               "baseline": None if baseline is None else checkout(baseline)}
     rows = []
     raw = []
-    try:
-        for workload in workloads(args.quick):
-            if args.only and not any(part in workload.name for part in args.only.split(",")):
-                continue
-            print(f"... {workload.name}", file=sys.stderr, flush=True)
-            pair = run_pair(workload, sim_url, gateway, gateway_url, key)
-            raw.append(pair)
-            rows.append(summarise(pair))
-    finally:
-        gateway.stop()
-        sim.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-    print(format_table(rows))
+    if selected:
+        raw = measure_workloads(args, selected, baseline, two_cores)
+        rows = [summarise(pair) for pair in raw]
+        print(f"the gateway ({commits['gateway']}) against the simulator directly")
+        print(format_table(rows))
+        print("\nagainst the naive relay (bench/naive_relay.py, same core): gw/nv = gateway "
+              "÷ naive, +ms = gateway − naive")
+        print(format_versus(rows, "naive", "nv"))
+        if baseline is not None:
+            print(f"\nagainst the baseline {baseline} ({commits['baseline']}, same core): "
+                  "gw/bl = ours ÷ baseline, +ms = ours − baseline")
+            print(format_versus(rows, "baseline", "bl"))
+        for line in problems(raw):
+            print(line)
     costs = None
     if not args.only or "cost" in args.only:
         costs = measure_costs(args, two_cores)
@@ -269,8 +369,51 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
     if args.json_out:
         pathlib.Path(args.json_out).write_text(json.dumps(
-            {"summary": rows, "costs": costs, "raw": raw}, indent=1))
+            {"commits": commits, "baseline": None if baseline is None else str(baseline),
+             "summary": rows, "costs": costs, "raw": raw}, indent=1))
     return 0
+
+
+def measure_workloads(args: argparse.Namespace, selected: list[Workload],
+                      baseline: pathlib.Path | None, two_cores: bool) -> list[dict]:
+    """Each workload directly, through the naive relay, through the gateway and through
+    the baseline if any, one after the other; every relay on the gateway's core."""
+    relay_core = 0 if two_cores else None
+    key = new_key()
+    workdir = tempfile.mkdtemp(prefix="ollama-proxy-bench-")
+    env = {"OLLAMA_PROXY_ADMIN_KEY": key,  # every feature on: keys, ledger, usage log, limits
+           **LIMITS_ON, **ONE_ADDRESS}
+    serve = [sys.executable, "-m", "ollama_proxy", "serve", "--listen", "127.0.0.1:0"]
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+
+        def start(name: str, argv: list[str], ready: str, core: int | None, **options) -> Process:
+            process = Process(name, argv, ready, core, **options)
+            stack.callback(process.stop)
+            return process
+
+        sim = start("sim", [sys.executable, str(HERE / "sim_server.py")], "ready ",
+                    1 if two_cores else None)
+        sim_url = f"http://{sim.address}"
+        upstream = ["--upstream", sim_url]
+        targets = [Target("direct", sim_url)]
+        naive = start("naive", [sys.executable, str(HERE / "naive_relay.py"),
+                                "--listen", "127.0.0.1:0", *upstream], "listening on ", relay_core)
+        targets.append(Target("naive", naive.address, naive))
+        for name, cwd in (("gateway", ROOT), ("baseline", baseline)):
+            if cwd is None:
+                continue
+            database = {"OLLAMA_PROXY_SERVER_DATABASE": os.path.join(workdir, f"{name}.db")}
+            gateway = start(name, [*serve, *upstream, *args.gateway_arg], "listening on ",
+                            relay_core, env={**env, **database}, cwd=cwd)
+            targets.append(Target(name, gateway.address, gateway))
+        if two_cores:  # the load tool shares the simulator's core; the relays have their own
+            os.sched_setaffinity(0, {1})
+        raw = []
+        for workload in selected:
+            print(f"... {workload.name}", file=sys.stderr, flush=True)
+            raw.append(run_workload(workload, targets, key))
+        return raw
 
 
 # Features measured on and off in the same run: (name, workload, on, off); each side is the

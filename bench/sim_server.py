@@ -10,7 +10,13 @@ import trio
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from ollama_proxy.sim.server import Simulator, run_simulator  # noqa: E402
+from ollama_proxy.http.server import HttpServer, ServerSettings  # noqa: E402
+from ollama_proxy.sim.server import Simulator  # noqa: E402
+
+# All the load comes from one address, 1,000 streams at once (and the relays' idle pooled
+# connections besides): the server's default caps, 256 connections an address and 1,024 in
+# all, refused most of compare.py's 1,000 streams.
+SETTINGS = ServerSettings(max_connections=8192, max_connections_per_ip=8192)
 
 
 def main() -> None:
@@ -23,7 +29,8 @@ def main() -> None:
     async def run() -> None:
         sim = Simulator(tokens_per_s=args.tokens_per_s, max_records=1000)
         async with trio.open_nursery() as nursery:
-            host, port = await nursery.start(run_simulator, sim, args.host, args.port)
+            server = HttpServer(sim.handle, SETTINGS)
+            host, port = await nursery.start(server.serve, args.host, args.port)
             print(f"ready {host}:{port}", flush=True)
 
     trio.run(run)
