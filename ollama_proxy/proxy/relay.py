@@ -187,6 +187,7 @@ class _Meter:
             client=ex.request.client,
             user=ex.principal.user if ex.principal else None,
             key_prefix=ex.principal.prefix if ex.principal else None,
+            metered=ex.route.metered,
         )
 
 
