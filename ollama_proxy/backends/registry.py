@@ -8,7 +8,6 @@ preference; routing by model, load-aware choice and fair queues grow here.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,7 +29,6 @@ HEALTH_TIMEOUT_S = 5.0
 class BackendState:
     up: bool | None = None  # None: not probed yet
     last_error: str | None = None
-    changed_at: float = 0.0
 
 
 class Backend:
@@ -58,7 +56,6 @@ class Backend:
             level = logging.INFO if up else logging.WARNING
             log.log(level, "backend %s is %s%s", self.name, "up" if up else "down",
                     f": {error}" if error else "")
-            self.state.changed_at = time.time()
         self.state.up = up
         self.state.last_error = error
 
