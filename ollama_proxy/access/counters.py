@@ -1,4 +1,4 @@
-"""Per-user counters and the admit decision, built on the limits arithmetic.
+"""Per-user counters and the admit decision, built on the arithmetic of ``windows``.
 
 ``UserCounters.admit`` checks a request against every limit that applies and
 reserves what it may use; ``settle`` replaces the reservation by the real
@@ -388,7 +388,7 @@ def rebuild(rows: Iterable[LedgerRow], now: float, *,
 
 
 @dataclass(slots=True)
-class LimitStore:
+class CounterStore:
     """The counters of every user, behind an interface small enough for a store
     shared by several processes (today in memory, rebuilt from the ledger; later
     maybe Redis)."""

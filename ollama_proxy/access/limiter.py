@@ -31,7 +31,7 @@ from ..store import ledger, reports
 from ..store.accounts import KeyEntry
 from ..store.db import snapshot
 from ..errors import LimitError, ProxyError
-from .counters import Decision, LimitStore, UserCounters, rebuild
+from .counters import CounterStore, Decision, UserCounters, rebuild
 from ..api.models import filter_listing
 from .limits import Limits
 from .windows import DAY_BUCKET_S, DAY_S, month_start
@@ -83,10 +83,10 @@ class Limiter:
     requests cannot push a limit past its value with the template's tokens.
     """
 
-    def __init__(self, defaults: Limits, *, store: LimitStore | None = None,
+    def __init__(self, defaults: Limits, *, store: CounterStore | None = None,
                  clock: Clock = time.time, overheads: PromptOverheads | None = None) -> None:
         self.defaults = defaults
-        self.store = store if store is not None else LimitStore()
+        self.store = store if store is not None else CounterStore()
         self.clock = clock
         self.overheads = overheads if overheads is not None else PromptOverheads()
         # key prefix -> (the entry's stored overrides, merged limits, any token limit set)
@@ -226,7 +226,7 @@ class Backlog:
         return ledger.token_sums(conn, self.after_id, self.upto_id, self.month_start)
 
 
-def load_counters(conn: sqlite3.Connection, now: float) -> tuple[LimitStore, Backlog | None]:
+def load_counters(conn: sqlite3.Connection, now: float) -> tuple[CounterStore, Backlog | None]:
     """Every user's counters from the ledger (in the reports store's thread, at
     start): the last day's rows for the windows, this month's and all-time token
     sums for the quotas, from the summaries; and the rows not in them yet, unless
@@ -245,5 +245,5 @@ def load_counters(conn: sqlite3.Connection, now: float) -> tuple[LimitStore, Bac
         for name in {r.user for r in rows if r.user is not None}:
             totals.setdefault(name, 0)
             months.setdefault(name, 0)
-    store = LimitStore(rebuild(rows, now, totals=totals, months=months))
+    store = CounterStore(rebuild(rows, now, totals=totals, months=months))
     return store, None if unfolded else Backlog(folded, top, month)

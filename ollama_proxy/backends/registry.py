@@ -1,8 +1,8 @@
-"""The backends and the component that chooses one for a request.
+"""The configured backends, their health, and the order to try them in for a request.
 
-Today the router knows one or more backends, their health (probed, and
-learned passively from real requests) and hands out candidates in order of
-preference; routing by model, load-aware choice and fair queues grow here.
+Today a ``BackendSet`` knows one or more backends and their health (probed,
+and learned passively from real requests) and hands out candidates in order
+of preference; choosing by model, load-aware choice and fair queues grow here.
 """
 
 from __future__ import annotations
@@ -70,8 +70,9 @@ class Backend:
         }
 
 
-class Router:
-    """Chooses backends for an exchange; the seam that grows into model routing."""
+class BackendSet:
+    """The backends of one gateway and which to try for an exchange; the seam that
+    grows into choosing by model."""
 
     def __init__(self, backends: list[Backend]) -> None:
         if not backends:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from counter_counts import counts
-from ollama_proxy.access.counters import LimitStore, UserCounters, rebuild
+from ollama_proxy.access.counters import CounterStore, UserCounters, rebuild
 from ollama_proxy.access.limits import Limits
 
 T = 1_700_000_040.0  # a minute boundary (divisible by 60)
@@ -335,7 +335,7 @@ def test_remaining_for_v1_me():
 def _simulate():
     """Live traffic over two days for three users, and the ledger rows it writes."""
     start = utc(2025, 1, 31, 0, 0, 0)
-    live = LimitStore()
+    live = CounterStore()
     rows = []
     limits = Limits(tokens_per_minute=5000, max_tokens_per_request=300)
     for i in range(3000):

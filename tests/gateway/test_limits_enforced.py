@@ -1,4 +1,4 @@
-"""Limits end to end (issue 5): users with limits call the in-process gateway in front
+"""Limits end to end: users with limits call the in-process gateway in front
 of the simulated Ollama over loopback. What the backend received (the simulator's
 records), what the ledger holds and what the clients got are compared.
 
