@@ -8,6 +8,7 @@ Requests are matched to the simulator's records by ``X-Request-Id``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -210,9 +211,14 @@ async def test_max_concurrent_comes_back_to_zero_after_clients_leave(stack):
                     async for _line in response.aiter_lines():
                         break
                 await stack.sink.wait_for(lambda records: len(records) == 2 * i + 1)
-                with trio.move_on_after(0.2):
-                    await client.post(stack.url + "/v1/chat/completions", json=leave_early,
-                                      headers=bearer(key))
+                request_id = f"early-{i}"
+                async with trio.open_nursery() as client_side:
+                    client_side.start_soon(functools.partial(
+                        client.post, stack.url + "/v1/chat/completions", json=leave_early,
+                        headers=bearer(key, request_id)))
+                    # the backend has the request and keeps it pending: the client leaves
+                    await stack.sim.wait_for(lambda sim: bool(forwarded(stack, request_id)))
+                    client_side.cancel_scope.cancel()
                 await stack.sink.wait_for(lambda records: len(records) == 2 * i + 2)
             counters = stack.gateway.limiter.store.get("ann")
             assert counters.in_flight == 0 and counters.held == 0
