@@ -15,7 +15,7 @@ import trio
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from ollama_proxy.app import make_backend  # noqa: E402
-from ollama_proxy.backends.registry import Router  # noqa: E402
+from ollama_proxy.backends.registry import BackendSet  # noqa: E402
 from ollama_proxy.config import load_config  # noqa: E402
 from ollama_proxy.proxy.relay import Relay  # noqa: E402
 from ollama_proxy.http.server import HttpServer  # noqa: E402
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--upstream", required=True)
     args = parser.parse_args()
     config = load_config(None, env={}, listen=args.listen, upstream_urls=[args.upstream])
-    router = Router([make_backend(u) for u in config.upstreams])
+    router = BackendSet([make_backend(u) for u in config.upstreams])
     server = HttpServer(Relay(router, NoSink()).handle)
 
     async def run() -> None:

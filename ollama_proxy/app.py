@@ -14,7 +14,7 @@ import trio
 from .store import accounts
 from .admin.api import AdminApi, is_admin_path
 from .access.identity import KeyIndex
-from .backends.registry import Backend, Router
+from .backends.registry import Backend, BackendSet
 from .http.clientip import AddressPolicy
 from .config import Config, ServerConfig, UpstreamConfig, settings
 from .errors import BadRequest, ConfigError, ProxyError
@@ -126,7 +126,7 @@ class Gateway:
         # and the estimated usage rows both add it to the text.
         self.overheads = PromptOverheads()
         self.limiter = Limiter(config.limits, overheads=self.overheads)
-        self.router = Router([make_backend(u) for u in config.upstreams])
+        self.router = BackendSet([make_backend(u) for u in config.upstreams])
         self.store = Store(config.server.database)  # accounts: keys, users, audit
         self.reports = Store(config.server.database)  # usage reports, never in the way of those
         self.ledger = LedgerWriter(config.server.database, wait=config.server.ledger_wait)

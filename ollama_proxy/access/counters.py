@@ -1,10 +1,10 @@
-"""Per-user counters and the admit decision, built on the limits arithmetic.
+"""Per-user counters and the admit decision, built on the arithmetic of ``windows``.
 
 ``UserCounters.admit`` checks a request against every limit that applies and
 reserves what it may use; ``settle`` replaces the reservation by the real
 usage (``correct`` changes that when exact counts come later); ``rebuild``
 recreates the counters from ledger rows at start, so a restart neither resets
-a window nor forgets a quota. See ``limits.py`` for the theory of operation
+a window nor forgets a quota. See ``windows.py`` for the theory of operation
 (windows, reserve-then-settle, caps, headers).
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 from ..api.models import model_allowed
 from .limits import Limits
@@ -42,7 +42,6 @@ class Decision:
     retry_after_s: int | None = None
     cap: int | None = None
     headers: tuple[tuple[str, str], ...] = ()
-    reserve_tokens: int = 0  # prompt estimate + cap, what ``reserve`` will hold
     limit: str | None = None
 
 
@@ -68,6 +67,10 @@ class LedgerRow(Protocol):
     def prompt_tokens(self) -> int: ...
     @property
     def completion_tokens(self) -> int: ...
+    @property
+    def outcome(self) -> str: ...
+    @property
+    def metered(self) -> bool: ...
 
 
 _OPEN = Decision(True)  # no limit counts, nothing asked for: the common case, built once
@@ -75,7 +78,7 @@ _OPEN = Decision(True)  # no limit counts, nothing asked for: the common case, b
 
 def _refuse(status: int, code: str, limit: str, message: str, retry: int | None = None,
             headers: tuple[tuple[str, str], ...] = ()) -> Decision:
-    return Decision(False, status, code, message, retry, None, headers, 0, limit)
+    return Decision(False, status, code, message, retry, None, headers, limit)
 
 
 class UserCounters:
@@ -199,8 +202,7 @@ class UserCounters:
         if limits.unbounded:
             if requested is None and prompt_estimate <= 0:
                 return _OPEN
-            return Decision(True, cap=requested, reserve_tokens=max(0, prompt_estimate)
-                            + (requested or 0))
+            return Decision(True, cap=requested)
         mc = limits.max_concurrent
         if mc is not None and self.in_flight >= mc:
             if mc == 0:
@@ -265,7 +267,7 @@ class UserCounters:
                     cap = bound if cap is None else min(cap, bound)
         reserve = max(0, prompt_estimate) + (cap or 0)
         return Decision(True, 200, None, "", None, cap,
-                        self._headers(limits, now, requests, 1, tokens, reserve), reserve)
+                        self._headers(limits, now, requests, 1, tokens, reserve))
 
     def reserve(self, limits: Limits, now: float, cap: int | None,
                 prompt_estimate: int = 0) -> Reservation:
@@ -337,34 +339,28 @@ class UserCounters:
             left["max_concurrent"] = max(0, limits.max_concurrent - self.in_flight)
         return left
 
-    def snapshot(self, now: float) -> dict[str, int]:
-        """Raw counts (tests, ``stats()``)."""
+    def expire(self, now: float) -> None:
+        """Forget what has left the windows and roll the quota to ``now``'s month
+        (the counters then hold only what counts at ``now``)."""
         now = self._now(now)
-        return {"requests_minute": self.rpm.used(now), "requests_day": self.rpd.used(now),
-                "tokens_minute": self.tpm.used(now), "tokens_day": self.tpd.used(now),
-                "tokens_total": self.quota.used(now, "total"),
-                "tokens_month": self.quota.used(now, "month"), "in_flight": self.in_flight}
-
-
-def _counted(row: Any) -> bool:
-    # Rows the gateway itself refused never reserved anything live.
-    return getattr(row, "outcome", "ok") != "refused"
+        for window in (self.rpm, self.rpd, self.tpm, self.tpd):
+            window.expire(now)
+        self.quota.roll(now)
 
 
 def rebuild(rows: Iterable[LedgerRow], now: float, *,
             totals: Mapping[str, int] | None = None,
-            months: Mapping[str, int] | None = None,
-            counts: Callable[[Any], bool] = _counted) -> dict[str, UserCounters]:
+            months: Mapping[str, int] | None = None) -> dict[str, UserCounters]:
     """Counters per user from ledger rows, so a restart neither resets a window
     nor forgets a quota.
 
     ``rows`` must reach back a day (and a bucket) for the windows, to the
     month's start for a month quota, and to the beginning for a total quota,
     unless ``totals`` (all-time tokens per user, e.g. from
-    ``ledger.user_totals``) and ``months`` (tokens per user since the start of
-    ``now``'s month) are given; then the rows only feed the windows. Rows
-    without a user and rows ``counts`` rejects (default: outcome ``refused``)
-    are skipped.
+    ``reports.user_totals``) and ``months`` (tokens per user since the start of
+    ``now``'s month) are given; then the rows only feed the windows. Only
+    metered rows count, and of those not the refused ones (a refusal reserved
+    nothing live); rows without a user are skipped.
     """
     out: dict[str, UserCounters] = {}
 
@@ -375,27 +371,27 @@ def rebuild(rows: Iterable[LedgerRow], now: float, *,
         return uc
 
     for row in sorted(rows, key=lambda r: r.time):
-        if row.user is None or row.time > now or not counts(row):
+        if (row.user is None or row.time > now or not row.metered
+                or row.outcome == "refused"):
             continue
         user(row.user).record(row.time, (row.prompt_tokens or 0) + (row.completion_tokens or 0),
                               now)
-    for uc in out.values():
-        uc.snapshot(now)  # expire what is already out of the windows, roll the month
     for name, total in (totals or {}).items():
         user(name).quota.total = total
     for name, used in (months or {}).items():
         quota = user(name).quota
-        quota.used(now, "month")  # roll to now's month first
+        quota.roll(now)  # the rows may have left it in an earlier month
         quota.month_used = used
     for uc in out.values():
-        uc._now(now)
+        uc.expire(now)
     return out
 
 
 @dataclass(slots=True)
-class LimitStore:
-    """The counters of every user, behind the small interface PRODUCT §4 asks
-    for (today in memory, rebuilt from the ledger; later maybe Redis)."""
+class CounterStore:
+    """The counters of every user, behind an interface small enough for a store
+    shared by several processes (today in memory, rebuilt from the ledger; later
+    maybe Redis)."""
 
     users: dict[str, UserCounters] = field(default_factory=dict)
 
@@ -404,7 +400,3 @@ class LimitStore:
         if uc is None:
             uc = self.users[user] = UserCounters()
         return uc
-
-    def stats(self) -> dict[str, int]:
-        return {"users": len(self.users),
-                "in_flight": sum(u.in_flight for u in self.users.values())}

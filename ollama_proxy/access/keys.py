@@ -19,7 +19,7 @@ import stat
 from ..errors import StoreError
 
 KEY_MARK = "op-"
-KEY_RANDOM_BYTES = 32  # 256 bits, above the 192 PRODUCT §2 asks for
+KEY_RANDOM_BYTES = 32  # 256 bits: more than the 192 that put guessing out of reach
 KEY_CHARS = 43  # base64url of 32 bytes without padding
 PREFIX_CHARS = 8  # after "op-": 48 bits, enough to tell keys apart, useless to guess
 SECRET_BYTES = 32

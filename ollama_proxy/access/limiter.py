@@ -1,5 +1,6 @@
-"""The limits policy step: PRODUCT §4 applied to each proxied request, a thin
-shell over the arithmetic of ``limits.py`` and ``limit_counters.py``.
+"""The per-request limits step: each user's limits applied to each proxied
+request, a thin shell over the value in ``limits``, the arithmetic of ``windows``
+and the per-user counters of ``counters``.
 
 In the relay it runs after auth, the body checks and the OpenAI rules (so it
 sees ``max_tokens`` only, never ``max_completion_tokens``) and before any
@@ -14,7 +15,7 @@ requests), so the next request sees the real usage and ``max_concurrent``
 always comes back down. ``amend`` corrects a settled request whose exact counts
 came later (a stream counted with the backend's tokenizer).
 
-No I/O here: the counters are in memory, rebuilt from the ledger at start
+No I/O per request: the counters are in memory, rebuilt from the ledger at start
 (``load_counters``, run in the reports store's thread).
 """
 
@@ -30,13 +31,13 @@ from ..store import ledger, reports
 from ..store.accounts import KeyEntry
 from ..store.db import snapshot
 from ..errors import LimitError, ProxyError
-from .counters import Decision, LimitStore, UserCounters, rebuild
+from .counters import CounterStore, Decision, UserCounters, rebuild
 from ..api.models import filter_listing
 from .limits import Limits
 from .windows import DAY_BUCKET_S, DAY_S, month_start
 from ..api.exchange import Exchange, requested_cap, set_cap
 from ..api.prompt_overhead import PromptOverheads
-from ..api.routes import Route, RouteKind, match_route
+from ..api.routes import Route, RouteKind
 from ..api.usage import UsageRecord
 
 LISTINGS = frozenset({"tags", "ps", "openai_models"})  # route names of the model lists
@@ -73,7 +74,7 @@ def _encode(headers: tuple[tuple[str, str], ...]) -> list[tuple[bytes, bytes]]:
 
 
 class Limiter:
-    """The policy step (``await limiter(ex)``) and its settle hook (``settle``).
+    """The limits step (``await limiter(ex)``) and its settle hook (``settle``).
 
     ``clock`` gives Unix seconds (tests inject one driven by trio's clock).
     ``overheads``: the learned prompt overheads (shared with the usage records'
@@ -82,10 +83,10 @@ class Limiter:
     requests cannot push a limit past its value with the template's tokens.
     """
 
-    def __init__(self, defaults: Limits, *, store: LimitStore | None = None,
+    def __init__(self, defaults: Limits, *, store: CounterStore | None = None,
                  clock: Clock = time.time, overheads: PromptOverheads | None = None) -> None:
         self.defaults = defaults
-        self.store = store if store is not None else LimitStore()
+        self.store = store if store is not None else CounterStore()
         self.clock = clock
         self.overheads = overheads if overheads is not None else PromptOverheads()
         # key prefix -> (the entry's stored overrides, merged limits, any token limit set)
@@ -127,8 +128,7 @@ class Limiter:
         """Refuse the exchange (``LimitError``), or let it go: reserved and capped if it
         is a generation or an embedding, with the ``x-ratelimit-*`` headers to send."""
         entry = ex.principal
-        if entry is None:  # a relay without keys
-            return
+        assert entry is not None  # the gateway identifies the caller before this step
         limits, tokens = self._resolve(entry)
         route = ex.route
         if self.quota_pending is not None and route.metered:
@@ -185,7 +185,7 @@ class Limiter:
         for user, (total, month) in sums.items():
             quota = self.store.get(user).quota
             quota.total += total
-            quota.used(now, "month")  # roll to now's month first
+            quota.roll(now)  # to now's month first
             if month_start(now) == backlog.month_start:
                 quota.month_used += month
 
@@ -207,14 +207,6 @@ class Limiter:
             self.store.get(ex.principal.user).correct(reservation, self.clock(), delta)
 
 
-def _metered_row(row: UsageRecord) -> bool:
-    """Whether a ledger row counted live: a generation or embedding the limits let through."""
-    if row.outcome == "refused":
-        return False
-    route = match_route(row.endpoint)
-    return route is not None and route.metered
-
-
 # Above this many ledger rows not yet in the summaries (the first start on an older
 # file, rows added by hand), their quota sums are read after the start, not before:
 # the gateway answers at once, and only requests that a token quota counts wait.
@@ -234,7 +226,7 @@ class Backlog:
         return ledger.token_sums(conn, self.after_id, self.upto_id, self.month_start)
 
 
-def load_counters(conn: sqlite3.Connection, now: float) -> tuple[LimitStore, Backlog | None]:
+def load_counters(conn: sqlite3.Connection, now: float) -> tuple[CounterStore, Backlog | None]:
     """Every user's counters from the ledger (in the reports store's thread, at
     start): the last day's rows for the windows, this month's and all-time token
     sums for the quotas, from the summaries; and the rows not in them yet, unless
@@ -253,5 +245,5 @@ def load_counters(conn: sqlite3.Connection, now: float) -> tuple[LimitStore, Bac
         for name in {r.user for r in rows if r.user is not None}:
             totals.setdefault(name, 0)
             months.setdefault(name, 0)
-    store = LimitStore(rebuild(rows, now, totals=totals, months=months, counts=_metered_row))
+    store = CounterStore(rebuild(rows, now, totals=totals, months=months))
     return store, None if unfolded else Backlog(folded, top, month)

@@ -83,7 +83,7 @@ class Limits:
         return Limits(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready, names and shapes as in PRODUCT §8."""
+        """JSON-ready, in the names and shapes the admin API takes (``expires_at`` as ISO 8601)."""
         out: dict[str, Any] = {name: getattr(self, name) for name in LIMIT_NAMES}
         if self.allowed_models is not None:
             out["allowed_models"] = list(self.allowed_models)

@@ -126,7 +126,8 @@ class Window:
     def _bucket(self, t: float) -> int:
         return int(t // self.bucket_s)
 
-    def _expire(self, now: float) -> None:
+    def expire(self, now: float) -> None:
+        """Forget the buckets that have left the window ending at ``now``."""
         oldest = self._bucket(now) - self._n  # oldest bucket still counted
         order = self._order
         while order and order[0] < oldest:
@@ -150,7 +151,7 @@ class Window:
 
     def used(self, now: float) -> int:
         """Units counted in the window ending at ``now``."""
-        self._expire(now)
+        self.expire(now)
         return self._total
 
     def add(self, now: float, amount: int) -> None:
@@ -158,7 +159,7 @@ class Window:
         b = int(now // self.bucket_s)
         order = self._order
         if order and order[0] < b - self._n:
-            self._expire(now)
+            self.expire(now)
         if order and b <= order[-1]:  # the newest bucket (or time stood still)
             self._counts[order[-1]] += amount
             self._total += amount
@@ -173,10 +174,6 @@ class Window:
         b = int(at // self.bucket_s)
         if b >= int(now // self.bucket_s) - self._n:
             self._bump(b, delta)
-
-    def remove(self, now: float, amount: int, at: float) -> None:
-        """Take back ``amount`` counted at ``at`` (e.g. the unused part of a reservation)."""
-        self.adjust(now, -amount, at)
 
     def seconds_until(self, now: float, amount: int, limit: int) -> int | None:
         """Whole seconds until ``amount`` more fits under ``limit``: 0 if it fits
@@ -199,7 +196,7 @@ class Window:
 
     def reset_s(self, now: float) -> float:
         """Seconds until everything counted now has expired."""
-        self._expire(now)
+        self.expire(now)
         if not self._order:
             return 0.0
         return max(0.0, (self._order[-1] + self._n + 1) * self.bucket_s - now)
@@ -219,7 +216,8 @@ class Quota:
     def __repr__(self) -> str:
         return f"<Quota total={self.total} {self.month}={self.month_used}>"
 
-    def _roll(self, now: float) -> None:
+    def roll(self, now: float) -> None:
+        """Make ``now``'s month the current one (its sum starts at 0 on a change)."""
         if not self._start <= now < self._end:  # (cheap test: gmtime only on a change)
             key = month_key(now)
             if key != self.month:
@@ -231,18 +229,18 @@ class Quota:
     def used(self, now: float, period: str) -> int:
         if period == "total":
             return self.total
-        self._roll(now)
+        self.roll(now)
         return self.month_used
 
     def reserve(self, now: float, amount: int) -> None:
-        self._roll(now)
+        self.roll(now)
         self.total += amount
         self.month_used += amount
 
     def settle(self, now: float, delta: int, at: float) -> None:
         """Change what was reserved at ``at`` by ``delta``; a reservation from an
         earlier month only changes the total."""
-        self._roll(now)
+        self.roll(now)
         self.total = max(0, self.total + delta)
         if self._start <= at < self._end:
             self.month_used = max(0, self.month_used + delta)
@@ -250,5 +248,5 @@ class Quota:
     def reset_s(self, now: float, period: str) -> float | None:
         if period == "total":
             return None
-        self._roll(now)
+        self.roll(now)
         return self._end - now

@@ -19,7 +19,7 @@ from ..store import accounts, reports
 from ..access import keys
 from ..store.accounts import KeyEntry
 from ..access.identity import Forbidden, KeyIndex, authorize
-from ..backends.registry import Router
+from ..backends.registry import BackendSet
 from ..errors import BadRequest, NotFound, ProxyError
 from ..api.jsonbody import decode_object
 from ..access.limiter import Limiter
@@ -72,7 +72,7 @@ class AdminApi:
     """Handles the admin paths; ``handle`` is a server handler."""
 
     def __init__(self, store: Store, reports: Store, touch: Touch, index: KeyIndex,
-                 secret: bytes, router: Router, limiter: Limiter, reload: Reload) -> None:
+                 secret: bytes, router: BackendSet, limiter: Limiter, reload: Reload) -> None:
         self._store = store
         self._reports = reports
         self._touch = touch

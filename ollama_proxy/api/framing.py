@@ -42,22 +42,16 @@ class FrameBuffer:
 
     ``feed`` returns the bytes that now form whole frames (possibly b"").
     A frame longer than ``max_frame_bytes`` is released early, as it is, so a
-    giant line never stalls the stream or grows memory; ``oversized`` counts
-    those (their content is then not inspected as a whole).
+    giant line never stalls the stream or grows memory (its content is then not
+    inspected as a whole).
     """
 
-    __slots__ = ("kind", "max_frame_bytes", "_pending", "oversized")
+    __slots__ = ("kind", "max_frame_bytes", "_pending")
 
     def __init__(self, kind: FrameKind, max_frame_bytes: int = 1 << 20) -> None:
         self.kind = kind
         self.max_frame_bytes = max_frame_bytes
         self._pending = b""
-        self.oversized = 0
-
-    @property
-    def pending(self) -> int:
-        """Bytes held back (an incomplete frame)."""
-        return len(self._pending)
 
     def feed(self, data: bytes) -> bytes:
         pending = self._pending
@@ -72,7 +66,6 @@ class FrameBuffer:
             return data
         if end < 0:
             if len(data) > self.max_frame_bytes:
-                self.oversized += 1
                 self._pending = b""
                 return data
             self._pending = data

@@ -47,14 +47,6 @@ def model_allowed(globs: Iterable[str] | None, model: str) -> bool:
     return any(fnmatchcase(n, _normal_glob(g)) for g in globs for n in names)
 
 
-def filter_models(globs: Iterable[str] | None, models: Iterable[str]) -> list[str]:
-    """The models a key may use, in their order (for ``/api/tags``, ``/v1/models``)."""
-    if globs is None:
-        return list(models)
-    pats = tuple(globs)
-    return [m for m in models if model_allowed(pats, m)]
-
-
 # A model list reply: where its entries are, and which of their fields name the model.
 _LISTS = (("models", ("name", "model")), ("data", ("id",)))  # /api/tags, /api/ps; /v1/models
 

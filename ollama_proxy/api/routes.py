@@ -1,5 +1,6 @@
-"""The proxied paths of PRODUCT §2 as a table: who may call them, which error
-dialect they speak, whether they stream and carry usage. Pure data."""
+"""The paths the gateway relays to a backend (Ollama's native API and its OpenAI
+layer) as a table: who may call them, which error dialect they speak, whether
+they stream and carry usage. Pure data."""
 
 from __future__ import annotations
 

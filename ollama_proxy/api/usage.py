@@ -278,6 +278,7 @@ class UsageRecord:
     client: str
     user: str | None = None  # who (None: no key was needed, or none was valid)
     key_prefix: str | None = None  # which key, by its non-secret prefix
+    metered: bool = False  # a generation or an embedding: it counts for the limits
 
     def to_json(self) -> str:
         """One compact JSON object (asdict's deep copy is too slow per request)."""

@@ -1,14 +1,13 @@
-"""The backends and the component that chooses one for a request.
+"""The configured backends, their health, and the order to try them in for a request.
 
-Today the router knows one or more backends, their health (probed, and
-learned passively from real requests) and hands out candidates in order of
-preference; routing by model, load-aware choice and fair queues grow here.
+Today a ``BackendSet`` knows one or more backends and their health (probed,
+and learned passively from real requests) and hands out candidates in order
+of preference; choosing by model, load-aware choice and fair queues grow here.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,7 +29,6 @@ HEALTH_TIMEOUT_S = 5.0
 class BackendState:
     up: bool | None = None  # None: not probed yet
     last_error: str | None = None
-    changed_at: float = 0.0
 
 
 class Backend:
@@ -58,7 +56,6 @@ class Backend:
             level = logging.INFO if up else logging.WARNING
             log.log(level, "backend %s is %s%s", self.name, "up" if up else "down",
                     f": {error}" if error else "")
-            self.state.changed_at = time.time()
         self.state.up = up
         self.state.last_error = error
 
@@ -73,8 +70,9 @@ class Backend:
         }
 
 
-class Router:
-    """Chooses backends for an exchange; the seam that grows into model routing."""
+class BackendSet:
+    """The backends of one gateway and which to try for an exchange; the seam that
+    grows into choosing by model."""
 
     def __init__(self, backends: list[Backend]) -> None:
         if not backends:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol, Sequence
 import trio
 
 from .. import __version__
-from ..backends.registry import Backend, Router
+from ..backends.registry import Backend, BackendSet
 from ..errors import (
     NotFound,
     ProxyError,
@@ -187,6 +187,7 @@ class _Meter:
             client=ex.request.client,
             user=ex.principal.user if ex.principal else None,
             key_prefix=ex.principal.prefix if ex.principal else None,
+            metered=ex.route.metered,
         )
 
 
@@ -213,7 +214,7 @@ class Relay:
 
     def __init__(
         self,
-        router: Router,
+        router: BackendSet,
         sink: UsageSink,
         *,
         observers: Sequence[UsageObserver] = (),

@@ -1,7 +1,7 @@
 """How the simulated Ollama writes a generation, sans-IO: the token plan, the
 final numbers, error bodies, and the frames of the three dialects (native
-NDJSON, OpenAI chat SSE, OpenAI completions SSE), byte for byte as in
-``ollama-api.md``. Key order follows Go's struct field order.
+NDJSON, OpenAI chat SSE, OpenAI completions SSE), byte for byte as Ollama
+writes them. Key order follows Go's struct field order.
 """
 
 from __future__ import annotations

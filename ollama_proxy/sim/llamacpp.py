@@ -81,33 +81,34 @@ class LlamaCppSim:
             body = None
         self.calls.append((request.path, body))
         self._served += 1
-        route = self._route(request.method, request.path)
-        if route is None or not isinstance(body, dict) and request.method == "POST":
+        endpoint = self._endpoint(request.method, request.path)
+        if endpoint is None or not isinstance(body, dict) and request.method == "POST":
             await responder.respond(404, _JSON, _dumps({"detail": "Not Found"}))
             return
-        if route in self._tokenizer_routes():
+        if endpoint in self._tokenizer_endpoints():
             if self.tokenize_gate is not None:
                 await self.tokenize_gate.wait()
             if self.tokenize_status != 200:
                 await responder.respond(self.tokenize_status, _JSON, _dumps({"detail": "down"}))
                 return
-        await route(body or {}, responder)
+        await endpoint(body or {}, responder)
 
-    def _tokenizer_routes(self) -> tuple[Any, ...]:
+    def _tokenizer_endpoints(self) -> tuple[Any, ...]:
         return (self._extras_tokenize, self._extras_count, self._tokenize, self._apply_template)
 
-    def _route(self, method: str, path: str) -> Any:
+    def _endpoint(self, method: str, path: str) -> Any:
         if method == "GET":
             return self._models if path == "/v1/models" else None
         if method != "POST":
             return None
-        routes = {"/v1/chat/completions": self._chat, "/v1/completions": self._completion}
+        endpoints = {"/v1/chat/completions": self._chat, "/v1/completions": self._completion}
         if self.flavor == "llama-cpp-python":
-            routes.update({"/extras/tokenize": self._extras_tokenize,
-                           "/extras/tokenize/count": self._extras_count})
+            endpoints.update({"/extras/tokenize": self._extras_tokenize,
+                              "/extras/tokenize/count": self._extras_count})
         else:
-            routes.update({"/tokenize": self._tokenize, "/apply-template": self._apply_template})
-        return routes.get(path)
+            endpoints.update({"/tokenize": self._tokenize,
+                              "/apply-template": self._apply_template})
+        return endpoints.get(path)
 
     async def _models(self, body: dict[str, Any], responder: Responder) -> None:
         data = [{"id": self.model, "object": "model", "owned_by": "me", "permissions": []}]

@@ -1,8 +1,8 @@
 """A simulated Ollama server for the ``demo`` command, the tests and the benchmark.
 
-It answers Ollama's native API and its OpenAI layer with the framing, headers
-and quirks described in ``ollama-api.md`` (Go JSON, NDJSON and SSE flushed per
-frame, ``omitempty`` metrics, errors in each endpoint's shape), generates
+It answers Ollama's native API and its OpenAI layer with the real server's
+framing, headers and quirks (Go JSON, NDJSON and SSE flushed per frame,
+``omitempty`` metrics, errors in each endpoint's shape), generates
 deterministic text, and records every request so tests can see what the
 backend saw: tokens sent, and whether the request completed, failed, was
 dropped or was cancelled by its client.
@@ -17,9 +17,9 @@ messages or embedding input::
     [[sim:drop_after=N]]   N frames, then drop the connection
     [[sim:status=CODE]]    answer CODE before any frame, in the endpoint's error shape
 
-The pure parts live in ``simulator_text`` (Go JSON, words, directives),
-``simulator_frames`` (the dialects' bytes), ``simulator_models`` (the
-catalogue) and ``simulator_requests`` (reading requests as Ollama does).
+The pure parts live in ``sim.text`` (Go JSON, words, directives),
+``sim.frames`` (the dialects' bytes), ``sim.models`` (the catalogue) and
+``sim.requests`` (reading requests as Ollama does).
 """
 
 from __future__ import annotations
@@ -117,7 +117,8 @@ class SimRecord:
     status: int = 0  # the HTTP status answered; 0 before the head
 
 
-Route = Callable[[Request, Responder, SimRecord], Awaitable[None]]
+# What answers one method on one path.
+Endpoint = Callable[[Request, Responder, SimRecord], Awaitable[None]]
 
 
 class Simulator:
@@ -147,7 +148,7 @@ class Simulator:
         warm = next((key for key, model in self.models.items() if model.generates), None)
         if warm is not None:
             self._loaded[warm] = now_ns() + DEFAULT_KEEP_ALIVE_NS
-        self._routes: dict[str, dict[str, Route]] = {
+        self._endpoints: dict[str, dict[str, Endpoint]] = {
             "/": {"GET": self._root, "HEAD": self._root},
             "/api/version": {"GET": self._version, "HEAD": self._version},
             "/api/tags": {"GET": self._tags, "HEAD": self._tags},
@@ -165,7 +166,7 @@ class Simulator:
             "/v1/embeddings": {"POST": self._v1_embeddings},
             "/v1/models": {"GET": self._v1_models},
         }
-        self._model_route: dict[str, Route] = {"GET": self._v1_model}
+        self._model_endpoints: dict[str, Endpoint] = {"GET": self._v1_model}
 
     # ------------------------------------------------------------------ records
 
@@ -217,20 +218,20 @@ class Simulator:
             raise
 
     async def _dispatch(self, request: Request, responder: Responder, record: SimRecord) -> None:
-        routes = self._routes.get(request.path)
-        if routes is None and request.path.startswith("/v1/models/"):
-            routes = self._model_route
+        endpoints = self._endpoints.get(request.path)
+        if endpoints is None and request.path.startswith("/v1/models/"):
+            endpoints = self._model_endpoints
         # gin's own answers: the bare 403 of the Host/CORS checks, text/plain 404/405.
         if not allowed(request.header(b"host"), request.header(b"origin")):
             await self._send(responder, record, 403, b"", None, "refused")
-        elif routes is None:
+        elif endpoints is None:
             await self._send(responder, record, 404, b"404 page not found", GIN_TEXT_CT, "refused")
-        elif request.method not in routes:
+        elif request.method not in endpoints:
             text = b"405 method not allowed"
             await self._send(responder, record, 405, text, GIN_TEXT_CT, "refused")
         else:
             try:
-                await routes[request.method](request, responder, record)
+                await endpoints[request.method](request, responder, record)
             except Refusal as refusal:
                 content_type, body = error_body(
                     refusal.api, refusal.status, refusal.message, early=refusal.early

@@ -13,9 +13,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ..errors import Conflict, StoreError
-
-__all__ = ["Conflict", "StoreError", "connect", "transaction"]  # the errors live in errors.py
+from ..errors import StoreError
 
 
 # --- the usage summaries (migration 2) ------------------------------------------
@@ -188,6 +186,16 @@ MIGRATIONS: list[str] = [
     );
     """,
     _summaries_migration(),
+    # Migration 4: whether a request counts for the limits (a generation or an
+    # embedding), known when it is relayed and stored with it, so that a start
+    # rebuilds the counters from the rows without matching their paths again.
+    # Older rows get it from their path, by the route table of the day.
+    """
+    ALTER TABLE ledger ADD COLUMN metered INTEGER NOT NULL DEFAULT 0;
+    UPDATE ledger SET metered = 1 WHERE endpoint IN (
+        '/api/generate', '/api/chat', '/api/embed', '/api/embeddings',
+        '/v1/chat/completions', '/v1/completions', '/v1/embeddings');
+    """,
 ]
 
 

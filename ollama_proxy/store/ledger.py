@@ -3,7 +3,7 @@ reports and for the limit counters rebuilt at start.
 
 Rows are made storable first (``storable``: one bad value must never cost a
 row), then written in batches by one writer (group commit,
-``storage.LedgerWriter``), which also folds them into the summaries that
+``store.threads.LedgerWriter``), which also folds them into the summaries that
 reports read (``reports.py``). Synchronous SQL, in the caller's transaction.
 """
 
@@ -21,7 +21,7 @@ from ..api.usage import UsageRecord
 
 _COLUMNS = ("time", "user", "key_prefix", "backend", "model", "endpoint", "status", "outcome",
             "prompt_tokens", "completion_tokens", "estimated", "stream", "duration_s", "ttfb_s",
-            "request_id", "client")
+            "request_id", "client", "metered")
 _INSERT = (f"INSERT INTO ledger ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
 
@@ -100,7 +100,7 @@ def storable(record: UsageRecord, now: float) -> tuple[UsageRecord, tuple[str, .
             changes[name] = _text(value)
     if type(r.status) is not int or not 0 <= r.status <= MAX_STATUS:
         changes["status"] = _whole(r.status, MAX_STATUS)
-    for name in ("estimated", "stream"):
+    for name in ("estimated", "stream", "metered"):
         if name not in changes and type(getattr(r, name)) is not bool:
             changes[name] = bool(getattr(r, name))
     if not (type(r.time) in _NUMBER and 0 <= r.time < MAX_TIME):  # NaN fails too
@@ -124,14 +124,14 @@ def storable_count(value: object) -> tuple[int, bool]:
 def _row(r: UsageRecord) -> tuple[Any, ...]:
     return (r.time, r.user, r.key_prefix, r.backend, r.model, r.endpoint, r.status, r.outcome,
             r.prompt_tokens, r.completion_tokens, int(r.estimated), int(r.stream), r.duration_s,
-            r.ttfb_s, r.request_id, r.client)
+            r.ttfb_s, r.request_id, r.client, int(r.metered))
 
 
 # --- writing (inside the caller's transaction) --------------------------------------
 
 UNRECORDED = "unrecorded"  # the outcome of a row written in its minimal form
 _MINIMAL = ("time", "user", "key_prefix", "request_id", "endpoint", "status", "outcome",
-            "prompt_tokens", "completion_tokens", "estimated", "stream")
+            "prompt_tokens", "completion_tokens", "estimated", "stream", "metered")
 _INSERT_MINIMAL = (f"INSERT INTO ledger ({', '.join(_MINIMAL)}) "
                    f"VALUES ({', '.join('?' for _ in _MINIMAL)})")
 # MAX: batches may commit out of order; last_used_at never goes back.
@@ -153,13 +153,15 @@ def insert_row(conn: sqlite3.Connection, record: UsageRecord) -> int:
 
 
 def insert_minimal(conn: sqlite3.Connection, r: UsageRecord) -> int:
-    """The row of a record SQLite refused whole: who, when, which request, its status
-    and tokens, outcome ``unrecorded``; no model, backend, client or durations.
+    """The row of a record SQLite refused whole: who, when, which request, its status,
+    tokens and whether the limits count it, outcome ``unrecorded``; no model, backend,
+    client or durations.
     Made storable again: this is the last chance of the row."""
     r = storable(r, 0.0)[0]
     row_id = conn.execute(_INSERT_MINIMAL, (
         r.time, r.user, r.key_prefix, r.request_id, r.endpoint, r.status, UNRECORDED,
-        r.prompt_tokens, r.completion_tokens, int(r.estimated), int(r.stream))).lastrowid
+        r.prompt_tokens, r.completion_tokens, int(r.estimated), int(r.stream),
+        int(r.metered))).lastrowid
     assert row_id is not None
     return row_id
 
@@ -246,5 +248,5 @@ def rows_since(conn: sqlite3.Connection, since: float) -> list[UsageRecord]:
                         backend=r[3], status=r[6], outcome=r[7], prompt_tokens=r[8],
                         completion_tokens=r[9], estimated=bool(r[10]), stream=bool(r[11]),
                         duration_s=r[12] if r[12] is not None else 0.0, ttfb_s=r[13],
-                        client=r[15] or "", user=r[1], key_prefix=r[2])
+                        client=r[15] or "", user=r[1], key_prefix=r[2], metered=bool(r[16]))
             for r in rows]

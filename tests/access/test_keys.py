@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from ollama_proxy.access import keys
-from ollama_proxy.store.db import StoreError
+from ollama_proxy.errors import StoreError
 
 
 def test_new_key_shape_and_entropy():

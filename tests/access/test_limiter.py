@@ -1,4 +1,4 @@
-"""The limits policy step (limiting.py) driven directly, with trio's autojump clock
+"""The per-request limits step (access/limiter.py) driven directly, with trio's autojump clock
 as its clock: windows, month rollover, caps sent upstream, refusals in each API
 family's shape, settle, and the counters rebuilt from a ledger file."""
 
@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+from counter_counts import counts
 from ledger_rows import insert as insert_rows
 from ollama_proxy.store import db
 from ollama_proxy.access import limiter as limiter_module
@@ -208,15 +209,15 @@ async def test_amend_moves_the_difference_into_the_reserved_bucket(autojump_cloc
     record = dataclasses.replace(usage(ex, 13, 10), estimated=True)
     lim.settle(ex, record)
     counters = lim.store.get("ann")
-    assert counters.snapshot(BASE + trio.current_time())["tokens_minute"] == 23
+    assert counts(counters, BASE + trio.current_time())["tokens_minute"] == 23
     lim.amend(ex, record, 40, 8)
     now = BASE + trio.current_time()
-    assert (counters.snapshot(now)["tokens_minute"], counters.snapshot(now)["tokens_day"],
+    assert (counts(counters, now)["tokens_minute"], counts(counters, now)["tokens_day"],
             counters.quota.total) == (48, 48, 48)
     await trio.sleep(61)
     lim.amend(ex, dataclasses.replace(record, prompt_tokens=40, completion_tokens=8), 41, 8)
     now = BASE + trio.current_time()
-    assert (counters.snapshot(now)["tokens_minute"], counters.snapshot(now)["tokens_day"],
+    assert (counts(counters, now)["tokens_minute"], counts(counters, now)["tokens_day"],
             counters.quota.total) == (0, 49, 49)
     assert counters.in_flight == 0
     keyless = exchange("/v1/chat/completions", CHAT)
@@ -292,7 +293,7 @@ async def test_a_cap_that_is_not_a_number_is_400(path, body):
     with pytest.raises(Exception) as info:
         await lim(exchange(path, body))
     assert getattr(info.value, "status", None) == 400
-    assert lim.store.get("ann").snapshot(BASE)["requests_minute"] == 0
+    assert counts(lim.store.get("ann"), BASE)["requests_minute"] == 0
 
 
 async def test_embeddings_are_charged_their_prompt_without_a_cap():
@@ -302,7 +303,7 @@ async def test_embeddings_are_charged_their_prompt_without_a_cap():
     await lim(ex)
     assert ex.reservation.tokens == 100 and not ex.body_dirty
     lim.settle(ex, usage(ex, 90, 0))
-    assert lim.store.get("ann").snapshot(BASE)["tokens_minute"] == 90
+    assert counts(lim.store.get("ann"), BASE)["tokens_minute"] == 90
 
 
 # -- refusals and routes that count nothing --------------------------------------------
@@ -399,16 +400,17 @@ async def test_merged_limits_follow_the_overrides_object_and_the_defaults():
 
 
 def row(t: float, endpoint: str = "/api/chat", outcome: str = "ok", prompt: int = 10,
-        completion: int = 20, user: str = "ann") -> UsageRecord:
+        completion: int = 20, user: str = "ann", metered: bool = True) -> UsageRecord:
     return UsageRecord(request_id=f"r{t}{endpoint}", time=t, endpoint=endpoint, model="m",
                        backend="b", status=200, outcome=outcome, prompt_tokens=prompt,
                        completion_tokens=completion, estimated=False, stream=False,
-                       duration_s=0.1, ttfb_s=0.05, client="c", user=user)
+                       duration_s=0.1, ttfb_s=0.05, client="c", user=user, metered=metered)
 
 
 def test_load_counters_from_the_ledger(tmp_path):
-    """Windows from the last day's generations and embeddings (not listings, not refusals),
-    the month and all-time quotas from sums."""
+    """Windows from the last day's metered rows (generations and embeddings: the row says
+    so, its path is not matched again), not refusals; the month and all-time quotas from
+    sums."""
     now = utc(2025, 3, 1, 0, 10, 0)
     conn = db.connect(str(tmp_path / "op.db"))
     try:
@@ -416,17 +418,18 @@ def test_load_counters_from_the_ledger(tmp_path):
             row(utc(2024, 12, 5, 0, 0, 0), prompt=1000, completion=0),
             row(now - 3600),                                      # February, within the day
             row(now - 30, "/v1/embeddings", prompt=7, completion=0),
-            row(now - 20, "/api/tags", prompt=0, completion=0),   # counts nothing
+            row(now - 20, "/api/tags", prompt=0, completion=0, metered=False),  # counts nothing
+            row(now - 15, prompt=0, completion=0, metered=False),  # the row says: not counted
             row(now - 10, outcome="refused", prompt=0, completion=0),
             row(now - 5, user="bob", completion=1),
         ])
         store, backlog = load_counters(conn, now)
     finally:
         conn.close()
-    assert store.get("ann").snapshot(now) == {
+    assert counts(store.get("ann"), now) == {
         "requests_minute": 1, "requests_day": 2, "tokens_minute": 7, "tokens_day": 37,
         "tokens_total": 1037, "tokens_month": 7, "in_flight": 0}
-    assert store.get("bob").snapshot(now)["tokens_minute"] == 11
+    assert counts(store.get("bob"), now)["tokens_minute"] == 11
     assert backlog is None
 
 
@@ -457,8 +460,8 @@ def test_a_long_backlog_is_summed_after_the_start(tmp_path, monkeypatch, folded)
     finally:
         conn.close()
     for user in ("ann", "bob"):
-        assert store.get(user).snapshot(now) == whole.get(user).snapshot(now)
-    assert store.get("ann").snapshot(now)["tokens_total"] == 1030
+        assert counts(store.get(user), now) == counts(whole.get(user), now)
+    assert counts(store.get("ann"), now)["tokens_total"] == 1030
 
 
 async def test_quota_counted_requests_wait_for_the_backlog():

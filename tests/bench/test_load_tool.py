@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,26 +22,33 @@ from bench import load  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def demo_url(tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("demo") / "stdout.txt"
-    with open(out, "wb") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ollama_proxy", "demo", "--listen", "127.0.0.1:0", "--tokens-per-s", "0"],
-            cwd=REPO, stdout=f, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+def demo_url():
+    """The demo's gateway URL, read from its output as it prints it (its user key too)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ollama_proxy", "demo", "--listen", "127.0.0.1:0", "--tokens-per-s", "0"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    # A demo that hangs is stopped: its output ends and the test fails, not the run.
+    watchdog = threading.Timer(15, proc.kill)
+    watchdog.start()
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            text = out.read_text()
+        url = None
+        for line in proc.stdout:
+            text = line.decode()
             m = re.search(r"gateway on (http://[0-9.]+:\d+)", text)
             k = re.search(r"demo +\(role user\) +key (op-\S+)", text)
-            if m and k:
+            url = m.group(1) if m else url
+            if k:
                 DEMO_KEY["value"] = k.group(1)
+            if url and DEMO_KEY["value"]:
                 break
-            assert proc.poll() is None, f"demo exited with {proc.returncode}"
-            assert time.monotonic() < deadline, "demo did not start"
-            time.sleep(0.05)
-        yield m.group(1)
+        watchdog.cancel()
+        assert url and DEMO_KEY["value"], f"demo did not start (exit code {proc.poll()})"
+        # Whatever it prints later is read and dropped: a full pipe would stall it.
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        yield url
     finally:
+        watchdog.cancel()
         proc.kill()
         proc.wait()
 

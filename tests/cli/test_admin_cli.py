@@ -17,6 +17,7 @@ from ollama_proxy.__main__ import main
 from ollama_proxy.cli.admin import STORE_IT, actor
 from ollama_proxy.access.keys import key_prefix
 from ollama_proxy.api.usage import UsageRecord
+from ollama_proxy.errors import Conflict
 
 KEY_RE = re.compile(r"op-[A-Za-z0-9_-]{20,}")
 
@@ -144,7 +145,7 @@ def test_duplicate_user_is_refused_with_the_conflict_message(cli: Cli) -> None:
     err = _failed(cli("users", "create", "alice"))
     conn = db.connect(str(cli.db))
     try:
-        with pytest.raises(db.Conflict) as exc:
+        with pytest.raises(Conflict) as exc:
             accounts.create_user(conn, b"s" * 32, "alice", actor="test")
     finally:
         conn.close()

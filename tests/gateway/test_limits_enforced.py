@@ -1,4 +1,4 @@
-"""Limits end to end (issue 5): users with limits call the in-process gateway in front
+"""Limits end to end: users with limits call the in-process gateway in front
 of the simulated Ollama over loopback. What the backend received (the simulator's
 records), what the ledger holds and what the clients got are compared.
 
@@ -8,6 +8,7 @@ Requests are matched to the simulator's records by ``X-Request-Id``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from ollama_proxy.app import Gateway
 from ollama_proxy.config import load_config
 from ollama_proxy.http.server import HttpServer
 from ollama_proxy.sim.server import SimRecord, Simulator
+from ollama_proxy.store import db
 
 TIMEOUT_S = 20
 RATE_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
@@ -209,9 +211,14 @@ async def test_max_concurrent_comes_back_to_zero_after_clients_leave(stack):
                     async for _line in response.aiter_lines():
                         break
                 await stack.sink.wait_for(lambda records: len(records) == 2 * i + 1)
-                with trio.move_on_after(0.2):
-                    await client.post(stack.url + "/v1/chat/completions", json=leave_early,
-                                      headers=bearer(key))
+                request_id = f"early-{i}"
+                async with trio.open_nursery() as client_side:
+                    client_side.start_soon(functools.partial(
+                        client.post, stack.url + "/v1/chat/completions", json=leave_early,
+                        headers=bearer(key, request_id)))
+                    # the backend has the request and keeps it pending: the client leaves
+                    await stack.sim.wait_for(lambda sim: bool(forwarded(stack, request_id)))
+                    client_side.cancel_scope.cancel()
                 await stack.sink.wait_for(lambda records: len(records) == 2 * i + 2)
             counters = stack.gateway.limiter.store.get("ann")
             assert counters.in_flight == 0 and counters.held == 0
@@ -405,6 +412,31 @@ async def test_a_restart_keeps_windows_and_quotas(nursery):
             refused = await client.post(url + "/api/chat", json=chat(stream=False),
                                         headers=bearer(key))
     assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+
+
+async def test_each_ledger_row_says_whether_the_limits_count_it(stack):
+    """Generations and embeddings are metered, listings are not, and a refused generation
+    keeps its flag (its outcome tells the rebuild it reserved nothing): a restart reads
+    the flag, not the path."""
+    calls = [("chat", "POST", "/api/chat", chat(stream=False)),
+             ("embed", "POST", "/v1/embeddings", {"model": "all-minilm", "input": "a b"}),
+             ("tags", "GET", "/api/tags", None),
+             ("denied", "POST", "/api/chat", chat(model="qwen3:4b", stream=False))]
+    with trio.fail_after(TIMEOUT_S):
+        async with httpx.AsyncClient(timeout=10) as client:
+            key = await new_user(client, stack, "ann", allowed_models=["llama3.2", "all-minilm"])
+            for request_id, method, path, body in calls:
+                await client.request(method, stack.url + path, json=body,
+                                     headers=bearer(key, request_id))
+            await stack.sink.wait_for(lambda records: len(records) == len(calls))
+    conn = db.connect(stack.gateway.config.server.database)
+    try:
+        rows = {r[0]: r[1:] for r in conn.execute(
+            "SELECT request_id, outcome, metered FROM ledger WHERE user = 'ann'")}
+    finally:
+        conn.close()
+    assert rows == {"chat": ("ok", 1), "embed": ("ok", 1), "tags": ("ok", 0),
+                    "denied": ("refused", 1)}
 
 
 async def test_reload_applies_new_defaults_and_keeps_the_old_config_when_invalid(

@@ -11,7 +11,7 @@ import pytest
 from ledger_rows import insert as insert_rows
 from ollama_proxy.store import accounts, db, reports
 from ollama_proxy.access import keys
-from ollama_proxy.errors import BadRequest, NotFound
+from ollama_proxy.errors import BadRequest, Conflict, NotFound, StoreError
 from ollama_proxy.api.usage import UsageRecord
 
 
@@ -55,7 +55,7 @@ def test_create_user_returns_a_working_key(conn, secret):
 def test_duplicate_name_is_409(conn, secret):
     """A name already used by a live user is a Conflict."""
     accounts.create_user(conn, secret, "alice", actor="root")
-    with pytest.raises(db.Conflict, match="alice"):
+    with pytest.raises(Conflict, match="alice"):
         accounts.create_user(conn, secret, "alice", role="admin", actor="root")
     assert [u.name for u in accounts.list_users(conn)] == ["alice"]
 
@@ -297,7 +297,7 @@ def test_ensure_admin_env_key_promotes_existing_admin_user(conn, secret):
 
 def test_ensure_admin_rejects_malformed_env_key(conn, secret):
     """A malformed OLLAMA_PROXY_ADMIN_KEY is refused, explaining the format."""
-    with pytest.raises(db.StoreError, match="op- followed by 43 base64url"):
+    with pytest.raises(StoreError, match="op- followed by 43 base64url"):
         accounts.ensure_admin(conn, secret, "hunter2")
 
 
@@ -305,7 +305,7 @@ def test_ensure_admin_detects_a_replaced_secret(conn, secret):
     """The env key under another secret no longer matches its stored hash: say so."""
     env_key = keys.new_key()
     accounts.ensure_admin(conn, secret, env_key)
-    with pytest.raises(db.StoreError, match="secret"):
+    with pytest.raises(StoreError, match="secret"):
         accounts.ensure_admin(conn, os.urandom(32), env_key)
 
 
@@ -319,7 +319,6 @@ def test_user_limits_are_json_in_the_row(conn, secret):
 
 def test_missing_secret_with_existing_keys_is_refused(tmp_path):
     """A database with keys never gets a new secret silently (all its keys would die)."""
-    from ollama_proxy.store.db import StoreError as _StoreError
     from ollama_proxy.access.keys import secret_path
 
     database = str(tmp_path / "x.db")
@@ -327,7 +326,7 @@ def test_missing_secret_with_existing_keys_is_refused(tmp_path):
     secret = accounts.server_secret(conn, database)
     accounts.create_user(conn, secret, "alice", actor="t")
     os.remove(secret_path(database))
-    with pytest.raises(_StoreError, match="is missing"):
+    with pytest.raises(StoreError, match="is missing"):
         accounts.server_secret(conn, database)
     conn.close()
     fresh = str(tmp_path / "fresh.db")
@@ -352,7 +351,7 @@ def test_the_last_active_admin_cannot_be_removed(tmp_path, change):
         else:
             accounts.update_user(conn, name, suspended=True, actor="t")
 
-    with pytest.raises(db.Conflict, match="last active admin"):
+    with pytest.raises(Conflict, match="last active admin"):
         apply("root")
     accounts.create_user(conn, secret, "second", role="admin", actor="t")
     apply("root")

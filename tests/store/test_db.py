@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-import time
 
 import pytest
 
+from ollama_proxy.api.routes import PREFIX_ROUTES, ROUTES, match_route
+from ollama_proxy.errors import StoreError
 from ollama_proxy.store import db, ledger, reports
+
+METERED_MIGRATION = next(m for m in db.MIGRATIONS if "ADD COLUMN metered" in m)
 
 
 def test_fresh_file_reaches_current_version_in_wal_mode(tmp_path):
@@ -64,7 +67,7 @@ def test_failed_migration_leaves_the_file_at_its_version(tmp_path, monkeypatch):
     db.connect(path).close()
     monkeypatch.setattr(db, "MIGRATIONS", [*db.MIGRATIONS,
                                            "CREATE TABLE extra (x); SELECT * FROM missing;"])
-    with pytest.raises(db.StoreError, match="missing"):
+    with pytest.raises(StoreError, match="missing"):
         db.connect(path)
     monkeypatch.undo()
     conn = db.connect(path)
@@ -78,7 +81,7 @@ def test_newer_file_is_refused_with_a_clear_message(tmp_path):
     raw = sqlite3.connect(path)
     raw.execute(f"PRAGMA user_version = {db.SCHEMA_VERSION + 1}")
     raw.close()
-    with pytest.raises(db.StoreError) as info:
+    with pytest.raises(StoreError) as info:
         db.connect(path)
     assert str(info.value) == (
         f"database {path} has schema version {db.SCHEMA_VERSION + 1}, newer than this "
@@ -89,7 +92,7 @@ def test_not_a_database_is_a_store_error(tmp_path):
     """A file that is not SQLite gives a StoreError naming the path."""
     path = tmp_path / "op.db"
     path.write_bytes(b"this is not a database at all, just some text" * 40)
-    with pytest.raises(db.StoreError, match="op.db"):
+    with pytest.raises(StoreError, match="op.db"):
         db.connect(str(path))
 
 
@@ -114,20 +117,12 @@ def test_second_connection_sees_commits(tmp_path):
     assert second.execute("SELECT value FROM meta WHERE key = 'from'").fetchone() == ("first",)
 
 
-def test_conflict_and_store_error_statuses():
-    """Conflict answers 409, StoreError 500."""
-    assert (db.Conflict("x").status, db.Conflict("x").code) == (409, "conflict")
-    assert (db.StoreError("x").status, db.StoreError("x").code) == (500, "store_error")
-
-
 def test_opening_a_current_file_needs_no_write_lock(tmp_path):
     """The CLI can open the file while the server holds the write lock (no busy wait)."""
     path = str(tmp_path / "op.db")
     writer = db.connect(path)
     writer.execute("BEGIN IMMEDIATE")
-    started = time.monotonic()
-    reader = db.connect(path)
-    assert time.monotonic() - started < 1.0
+    reader = db.connect(path)  # a write would wait out busy_timeout, then fail
     assert db.user_version(reader) == db.SCHEMA_VERSION
     writer.execute("ROLLBACK")
 
@@ -156,5 +151,33 @@ def test_shipped_migrations_never_change():
     to them (error_sql, bucket_sql...) would leave databases migrated before with other
     triggers than the code folds with. Change nothing shipped: add a migration."""
     shipped = ["f14d5f488daa9a381c8c22d67fc9eb13438ee416997b44b54c76a6654150918e",
-               "9ef928b35b3d13d0731ae8f5074c1520ec0e4ce353ba87dc1e2e71fabceae3d4"]
-    assert [hashlib.sha256(m.encode()).hexdigest() for m in db.MIGRATIONS[:2]] == shipped
+               "9ef928b35b3d13d0731ae8f5074c1520ec0e4ce353ba87dc1e2e71fabceae3d4",
+               "f5736803827aad45dc1d1b97f057b54ccca8431e88f251495ce5dbf91a82f53b"]  # metered
+    assert [hashlib.sha256(m.encode()).hexdigest()
+            for m in db.MIGRATIONS[:len(shipped)]] == shipped
+
+
+def test_rows_from_before_the_metered_column_get_it_from_their_path(tmp_path, monkeypatch):
+    """The migration that adds ``metered`` fills it for the rows already there by the
+    rule a start used before it (the route table): generations and embeddings count,
+    listings, management and unknown paths do not. The summaries do not change."""
+    path = str(tmp_path / "op.db")
+    migration = db.MIGRATIONS.index(METERED_MIGRATION)
+    monkeypatch.setattr(db, "MIGRATIONS", db.MIGRATIONS[:migration])
+    old = db.connect(path)
+    endpoints = [*ROUTES, *(prefix + "x" for prefix, _route in PREFIX_ROUTES), "/api/chat/",
+                 "/nowhere", "/API/CHAT"]
+    old.executemany("INSERT INTO ledger (time, user, endpoint, status, outcome, prompt_tokens, "
+                    "completion_tokens, estimated, stream) VALUES (0, 'ann', ?, 200, 'ok', 1, 2, "
+                    "0, 0)", [(e,) for e in endpoints])
+    with db.transaction(old):
+        ledger.fold(old, 10**9)
+    before = old.execute("SELECT * FROM usage_day").fetchall()
+    old.close()
+    monkeypatch.undo()
+    conn = db.connect(path)
+    got = dict(conn.execute("SELECT endpoint, metered FROM ledger"))
+    assert got == {e: int(match_route(e) is not None and match_route(e).metered)
+                   for e in endpoints}
+    assert sum(got.values()) == 7
+    assert conn.execute("SELECT * FROM usage_day").fetchall() == before

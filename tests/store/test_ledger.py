@@ -28,7 +28,7 @@ def rec(time: float = T0, user: str | None = "alice", model: str | None = "llama
                        model=model, backend="gpu1", status=status, outcome=outcome,
                        prompt_tokens=prompt, completion_tokens=completion, estimated=False,
                        stream=True, duration_s=1.5, ttfb_s=0.25, client="10.0.0.7", user=user,
-                       key_prefix=prefix)
+                       key_prefix=prefix, metered=True)
 
 
 @pytest.fixture
@@ -68,6 +68,7 @@ def watermark(conn: sqlite3.Connection) -> int:
     ({"status": 10**20}, {"status": ledger.MAX_STATUS}, ("status",)),
     ({"status": "200"}, {"status": 200}, ("status",)),
     ({"stream": 1}, {"stream": True}, ("stream",)),
+    ({"metered": 0}, {"metered": False}, ("metered",)),
     ({"time": math.nan}, {"time": NOW}, ("time",)),
     ({"time": math.inf}, {"time": NOW}, ("time",)),
     ({"time": -1.0}, {"time": 0.0}, ("time",)),
@@ -123,23 +124,25 @@ def test_the_reproductions_fail_raw_and_store_once_fixed(conn):
 def test_rows_come_back_as_the_records_written(conn):
     """Stored rows come back as the same UsageRecords, oldest first, with their ids in order."""
     written = [rec(T0 + 3600, user="bob", status=429, outcome="refused", prompt=0, completion=0),
-               rec(T0 + 86400, user=None, model=None)]
+               dataclasses.replace(rec(T0 + 86400, user=None, model=None),
+                                   endpoint="/api/tags", metered=False)]
     ids = insert(conn, [rec(T0), *written])
     assert ids == [1, 2, 3]
     back = ledger.rows_since(conn, T0 + 1)
     assert back == written
-    assert isinstance(back[0].stream, bool) and isinstance(back[0].estimated, bool)
+    assert all(isinstance(getattr(back[0], name), bool)
+               for name in ("stream", "estimated", "metered"))
 
 
 def test_minimal_row(conn):
-    """The minimal form keeps who, when, which request, status and tokens; outcome
-    'unrecorded'; no model, backend, client or durations."""
+    """The minimal form keeps who, when, which request, status, tokens and whether the
+    limits count it; outcome 'unrecorded'; no model, backend, client or durations."""
     with db.transaction(conn):
         row_id = ledger.insert_minimal(conn, rec(prefix="op-k", request_id="r1"))
     assert conn.execute("SELECT id, time, user, key_prefix, request_id, endpoint, status, outcome, "
-                        "prompt_tokens, completion_tokens, model, backend, client, duration_s "
-                        "FROM ledger").fetchall() == [
-        (row_id, T0, "alice", "op-k", "r1", "/api/chat", 200, "unrecorded", 10, 20,
+                        "prompt_tokens, completion_tokens, metered, model, backend, client, "
+                        "duration_s FROM ledger").fetchall() == [
+        (row_id, T0, "alice", "op-k", "r1", "/api/chat", 200, "unrecorded", 10, 20, 1,
          None, None, None, None)]
 
 

@@ -1,0 +1,67 @@
+"""errors.py: every error rendered in each API family's shape, and the headers it carries."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ollama_proxy.errors import (ApiFamily, BadRequest, Conflict, LimitError, NotFound, ProxyError,
+                                 RequestTimeout, ShuttingDown, UpstreamProtocolError,
+                                 UpstreamTimeout, UpstreamUnreachable, render)
+
+# error -> (status, OpenAI type, code)
+ERRORS = [
+    (ProxyError("boom"), 500, "api_error", "internal_error"),
+    (BadRequest("bad"), 400, "invalid_request_error", "invalid_request"),
+    (NotFound("gone"), 404, "not_found_error", "not_found"),
+    (Conflict("taken"), 409, "conflict_error", "conflict"),
+    (RequestTimeout("slow"), 408, "timeout_error", "request_timeout"),
+    (ShuttingDown("later"), 503, "api_error", "shutting_down"),
+    (UpstreamUnreachable("down"), 502, "api_error", "upstream_unreachable"),
+    (UpstreamProtocolError("garbled"), 502, "api_error", "upstream_error"),
+    (UpstreamTimeout("silent"), 504, "api_error", "upstream_timeout"),
+    (ProxyError("too big", status=413, code="body_too_large"), 413, "invalid_request_error",
+     "body_too_large"),
+    (ProxyError("no", status=405, code="method_not_allowed"), 405, "api_error",
+     "method_not_allowed"),
+    (LimitError("slow down", status=429, code="rate_limit_exceeded", openai_type="requests"),
+     429, "requests", "rate_limit_exceeded"),
+    (LimitError("expired", status=403, code="user_expired"), 403, "permission_error",
+     "user_expired"),
+]
+
+
+@pytest.mark.parametrize(("err", "status", "openai_type", "code"), ERRORS,
+                         ids=[type(e[0]).__name__ + str(e[1]) for e in ERRORS])
+def test_render_in_each_family(err, status, openai_type, code):
+    """Native: {"error": message}. OpenAI: message, type (by status unless the error names
+    its own), param null, code."""
+    assert err.status == status
+    assert json.loads(render(ApiFamily.NATIVE, err)) == {"error": err.message}
+    assert json.loads(render(ApiFamily.OPENAI, err)) == {"error": {
+        "message": err.message, "type": openai_type, "param": None, "code": code}}
+
+
+def test_the_message_is_json_escaped_not_cut():
+    """Quotes, newlines and non-ASCII text survive in both shapes."""
+    message = 'model "é"\nnot found'
+    err = NotFound(message)
+    assert json.loads(render(ApiFamily.NATIVE, err))["error"] == message
+    assert json.loads(render(ApiFamily.OPENAI, err))["error"]["message"] == message
+
+
+@pytest.mark.parametrize(("err", "headers"), [
+    (BadRequest("bad"), []),
+    (ShuttingDown("later", retry_after_s=1), [(b"retry-after", b"1")]),
+    (LimitError("wait", status=429, code="rate_limit_exceeded", retry_after_s=7,
+                extra_headers=[(b"x-ratelimit-limit-requests", b"5")]),
+     [(b"retry-after", b"7"), (b"x-ratelimit-limit-requests", b"5")]),
+    # a 429 that waiting will not cure tells the official clients not to retry
+    (LimitError("used up", status=429, code="insufficient_quota"),
+     [(b"x-should-retry", b"false")]),
+    (LimitError("expired", status=403, code="user_expired"), []),
+])
+def test_headers_an_error_carries(err, headers):
+    """Retry-After when waiting helps; x-should-retry: false on a 429 when it does not."""
+    assert err.headers() == headers
