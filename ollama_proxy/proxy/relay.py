@@ -25,6 +25,7 @@ from ..errors import (
     NotFound,
     ProxyError,
     ShuttingDown,
+    Unauthorized,
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -34,7 +35,7 @@ from ..errors import (
 from ..api.framing import FrameKind
 from ..api.headers import client_response_headers, upstream_request_headers
 from ..api.exchange import Exchange, PolicyStep, apply_openai_rules, parse_body, wants_stream
-from ..access.identity import KeyIndex, Unauthorized, authorize
+from ..access.identity import KeyIndex, authorize
 from ..api.routes import RouteKind, match_route
 from ..http.server import ClientGone, ClientStalled, Request, Responder
 from ..http.client import ResponseTooLarge, UpstreamResponse
