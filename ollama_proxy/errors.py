@@ -1,7 +1,7 @@
 """One small exception tree for every failure the gateway answers, and the one
 function that renders it in the API family's own shape.
 
-Every boundary (server, upstream client, relay, admin API)
+Every boundary (server, upstream client, relay, dispatch table, admin API)
 translates what it catches into a ``ProxyError`` so that the status, the OpenAI
 ``type``/``code`` and any ``Retry-After`` travel together. Failures that end a
 command instead (a bad config, an unusable database) are ``CommandError``s:
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Iterable
 
 
 class ApiFamily(enum.Enum):
@@ -98,6 +99,21 @@ class Forbidden(ProxyError):
 class NotFound(ProxyError):
     status = 404
     code = "not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    """A path the gateway serves, with another method; ``Allow`` lists the right ones."""
+
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, method: str, path: str, allowed: Iterable[str]) -> None:
+        self.allowed = tuple(sorted(allowed))
+        super().__init__(f"method {method} is not allowed on {path} "
+                         f"(allowed: {', '.join(self.allowed)})")
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"allow", ", ".join(self.allowed).encode())]
 
 
 class Conflict(ProxyError):

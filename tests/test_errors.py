@@ -13,6 +13,7 @@ from ollama_proxy.errors import (
     CommandError,
     ConfigError,
     Forbidden,
+    MethodNotAllowed,
     NotFound,
     ProxyError,
     StoreError,
@@ -28,6 +29,8 @@ from ollama_proxy.errors import (
      [(b"www-authenticate", b"Bearer")]),
     (Forbidden("x", code="user_suspended"), 403, "user_suspended", "permission_error", []),
     (NotFound("x"), 404, "not_found", "not_found_error", []),
+    (MethodNotAllowed("PUT", "/v1/me", ["GET"]), 405, "method_not_allowed", "api_error",
+     [(b"allow", b"GET")]),
 ])
 def test_http_errors_carry_status_code_and_headers(err, status, code, openai_type, headers):
     """Each error says its status, machine code and extra headers; OpenAI gets its type."""
@@ -35,6 +38,13 @@ def test_http_errors_carry_status_code_and_headers(err, status, code, openai_typ
     assert json.loads(render(ApiFamily.OPENAI, err))["error"] == {
         "message": err.message, "type": openai_type, "param": None, "code": code}
     assert json.loads(render(ApiFamily.NATIVE, err)) == {"error": err.message}
+
+
+def test_method_not_allowed_lists_the_methods_sorted_in_allow_and_message():
+    """Allow and the message name the same methods, sorted."""
+    err = MethodNotAllowed("GET", "/api/blobs/x", {"POST", "HEAD"})
+    assert err.headers() == [(b"allow", b"HEAD, POST")]
+    assert err.message == "method GET is not allowed on /api/blobs/x (allowed: HEAD, POST)"
 
 
 @pytest.mark.parametrize(("err", "exit_code"), [(ConfigError("x"), 2), (StoreError("x"), 1)])

@@ -1,6 +1,7 @@
 """The admin API (``/admin/api/*``, admin keys only) and the caller's own
 ``/v1/me`` and ``/v1/usage``, with the exact names of PRODUCT §8: parse the
-request, call the admin use-cases (``store.admin_ops``), render JSON.
+request, call the admin use-cases (``store.admin_ops``), render JSON. Which
+method and path reach which endpoint is the dispatch table's.
 
 Account calls run in the accounts store's thread, usage reports in the
 reports store's (a long report never holds up an account change or a key
@@ -11,36 +12,33 @@ reloaded before the answer, so the change holds from the next request on.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Mapping
 from typing import Any, Awaitable, Callable
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl
 
 from ..store import accounts, admin_ops, reports
 from ..store.accounts import KeyEntry
 from ..access.identity import KeyIndex, authorize
 from ..backends.registry import Router
-from ..errors import BadRequest, Forbidden, NotFound, ProxyError
+from ..errors import BadRequest, Forbidden
 from ..api.jsonbody import decode_object
 from ..access.limiter import Limiter
 from ..http.server import Request, Responder
 from ..store.threads import Store
 
 JSON_TYPE = b"application/json; charset=utf-8"
-SELF_SERVICE = ("/v1/me", "/v1/usage")
 
 Params = Mapping[str, str]
-Handler = Callable[["AdminApi", Request, KeyEntry, Params], Awaitable[tuple[int, Any]]]
+# One endpoint: the request of a caller the row admits → (status, JSON payload or None).
+Call = Callable[["AdminApi", Request, KeyEntry, Params], Awaitable[tuple[int, Any]]]
+# What the dispatch table calls.
+Endpoint = Callable[[Request, Responder, Params], Awaitable[None]]
 # Re-reads the config file and applies what it can (the argument: who asked, for the
 # audit log); returns the answer of POST /admin/api/reload.
 Reload = Callable[[str], Awaitable[dict[str, Any]]]
 # Notes a key's use (prefix, unix time) without waiting: LedgerWriter.touch.
 Touch = Callable[[str, float], None]
-
-
-def is_admin_path(path: str) -> bool:
-    return path.startswith("/admin/api/") or path in SELF_SERVICE
 
 
 def _body(request: Request, allowed: set[str]) -> dict[str, Any]:
@@ -64,7 +62,7 @@ def _query(request: Request, allowed: set[str]) -> dict[str, str]:
 
 
 class AdminApi:
-    """Handles the admin paths; ``handle`` is a server handler."""
+    """The admin endpoints; ``endpoint`` makes each a dispatch-table handler."""
 
     def __init__(self, store: Store, reports: Store, touch: Touch, index: KeyIndex,
                  secret: bytes, router: Router, limiter: Limiter, reload: Reload) -> None:
@@ -77,34 +75,27 @@ class AdminApi:
         self._limiter = limiter
         self._reload = reload
 
-    async def handle(self, request: Request, responder: Responder) -> None:
-        entry = self._index.identify(request)
-        admin_path = request.path not in SELF_SERVICE
-        authorize(entry, admin=admin_path)
-        if admin_path:  # an expired admin administers nothing (/v1/me still says why)
-            expires_at = self._limiter.limits_for(entry).expires_at
-            if expires_at is not None and self._limiter.clock() >= expires_at:
-                raise Forbidden("this user expired (expires_at)", code="user_expired")
-        self._touch(entry.prefix, time.time())
-        await request.read_body()  # only now: a stranger's body is never read
-        for method, pattern, handler in ROUTES:
-            match = pattern.fullmatch(request.path)
-            if match is None:
-                continue
-            if method != request.method:
-                continue
-            params = {k: unquote(v) for k, v in match.groupdict().items()}
-            status, payload = await handler(self, request, entry, params)
+    def endpoint(self, call: Call, *, admin: bool) -> Endpoint:
+        """``call`` for callers with an admin key (``admin``), or with any key of an
+        active user."""
+
+        async def handle(request: Request, responder: Responder, params: Params) -> None:
+            entry = self._index.identify(request)
+            authorize(entry, admin=admin)
+            if admin:  # an expired admin administers nothing (/v1/me still says why)
+                expires_at = self._limiter.limits_for(entry).expires_at
+                if expires_at is not None and self._limiter.clock() >= expires_at:
+                    raise Forbidden("this user expired (expires_at)", code="user_expired")
+            self._touch(entry.prefix, time.time())
+            await request.read_body()  # only now: a stranger's body is never read
+            status, payload = await call(self, request, entry, params)
             if payload is None:
                 await responder.respond(status, [], b"")
             else:
                 body = json.dumps(payload).encode()
                 await responder.respond(status, [(b"content-type", JSON_TYPE)], body)
-            return
-        if any(pattern.fullmatch(request.path) for _, pattern, _ in ROUTES):
-            raise ProxyError(f"method {request.method} is not allowed on {request.path}",
-                             status=405, code="method_not_allowed")
-        raise NotFound(f"{request.path} is not an admin API path")
+
+        return handle
 
     @staticmethod
     def _actor(entry: KeyEntry) -> str:
@@ -214,23 +205,3 @@ class AdminApi:
             out.append(info)
         return 200, {"backends": out}
 
-
-
-_NAME = r"(?P<name>[^/]+)"
-ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
-    (method, re.compile(path), handler) for method, path, handler in (
-        ("POST", "/admin/api/users", AdminApi.create_user),
-        ("GET", "/admin/api/users", AdminApi.list_users),
-        ("GET", f"/admin/api/users/{_NAME}", AdminApi.get_user),
-        ("PATCH", f"/admin/api/users/{_NAME}", AdminApi.patch_user),
-        ("DELETE", f"/admin/api/users/{_NAME}", AdminApi.delete_user),
-        ("POST", f"/admin/api/users/{_NAME}/keys", AdminApi.create_key),
-        ("DELETE", "/admin/api/keys/(?P<prefix>[^/]+)", AdminApi.revoke_key),
-        ("GET", "/admin/api/usage", AdminApi.usage),
-        ("GET", "/admin/api/audit", AdminApi.audit),
-        ("GET", "/admin/api/backends", AdminApi.backends),
-        ("POST", "/admin/api/reload", AdminApi.reload),
-        ("GET", "/v1/me", AdminApi.me),
-        ("GET", "/v1/usage", AdminApi.my_usage),
-    )
-]
