@@ -1,6 +1,6 @@
 """The admin API (``/admin/api/*``, admin keys only) and the caller's own
-``/v1/me`` and ``/v1/usage``, with the exact names of PRODUCT §8: parse the
-request, call the admin use-cases (``store.admin_ops``), render JSON. Which
+``/v1/me`` and ``/v1/usage``, with the exact names the README documents: parse
+the request, call the admin use-cases (``store.admin_ops``), render JSON. Which
 method and path reach which endpoint is the dispatch table's.
 
 Account calls run in the accounts store's thread, usage reports in the

@@ -1,10 +1,9 @@
 """Offline administration on the database file: ``users``, ``keys``, ``usage`` (PRODUCT §1).
 
-The same use-cases as the HTTP admin API (PRODUCT §8: ``store.admin_ops``, where their
-rules are), run directly on the file named by ``[server] database`` (or ``--database``),
-so the box's operator needs no running server and no admin key. ``--json`` prints the
-admin API's shapes; without it, a table. A key is printed once, by the command that
-creates it.
+The same use-cases as the HTTP admin API (``store.admin_ops``, where their rules are),
+run directly on the file named by ``[server] database`` (or ``--database``), so the box's
+operator needs no running server and no admin key. ``--json`` prints the admin API's
+shapes; without it, a table. A key is printed once, by the command that creates it.
 
 Every command is a pair: ``compute`` does the work and returns the JSON payload,
 ``render`` turns that payload into text, so both outputs always tell the same thing.
