@@ -17,6 +17,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from ollama_proxy.app import make_backend  # noqa: E402
 from ollama_proxy.backends.registry import BackendSet  # noqa: E402
 from ollama_proxy.config import load_config  # noqa: E402
+from ollama_proxy.dispatch import DispatchTable, proxied_rows  # noqa: E402
 from ollama_proxy.proxy.relay import Relay  # noqa: E402
 from ollama_proxy.http.server import HttpServer  # noqa: E402
 from ollama_proxy.api.usage import UsageRecord  # noqa: E402
@@ -36,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(None, env={}, listen=args.listen, upstream_urls=[args.upstream])
     router = BackendSet([make_backend(u) for u in config.upstreams])
-    server = HttpServer(Relay(router, NoSink()).handle)
+    server = HttpServer(DispatchTable(proxied_rows(Relay(router, NoSink()).handle)).handle)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:

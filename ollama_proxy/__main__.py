@@ -13,7 +13,7 @@ import trio
 from . import __version__
 from .cli.admin import add_admin_commands
 from .config import ADMIN_KEY_ENV, Config, describe, load_config
-from .errors import ConfigError, ProxyError
+from .errors import CommandError, ConfigError
 
 
 def _setup_logging(level: str) -> None:
@@ -149,15 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         err = _leaf(exc)
-        if isinstance(err, ConfigError):
-            print(f"ollama-proxy: config error: {err.message}", file=sys.stderr)
-            return 2
         if isinstance(err, OSError):  # e.g. the listen port is taken
             print(f"ollama-proxy: {err}", file=sys.stderr)
             return 1
-        if isinstance(err, ProxyError):  # e.g. a bad OLLAMA_PROXY_ADMIN_KEY, a newer database
-            print(f"ollama-proxy: {err.message}", file=sys.stderr)
-            return 1
+        if isinstance(err, CommandError):  # e.g. a bad config, a newer database
+            what = "config error: " if isinstance(err, ConfigError) else ""
+            print(f"ollama-proxy: {what}{err.message}", file=sys.stderr)
+            return err.exit_code
         raise
 
 

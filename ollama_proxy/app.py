@@ -12,11 +12,13 @@ from typing import Any, Callable
 import trio
 
 from .store import accounts
-from .admin.api import AdminApi, is_admin_path
+from .admin.api import AdminApi
+from .admin.status import Status
 from .access.identity import KeyIndex
 from .backends.registry import Backend, BackendSet
 from .http.clientip import AddressPolicy
 from .config import Config, ServerConfig, UpstreamConfig, settings
+from .dispatch import DispatchTable, gateway_table
 from .errors import BadRequest, ConfigError, ProxyError
 from .access.limiter import Backlog, Limiter, load_counters
 from .api.prompt_overhead import PromptOverheads
@@ -141,14 +143,12 @@ class Gateway:
         self.index: KeyIndex | None = None
         self.relay: Relay | None = None
         self.admin: AdminApi | None = None
+        self.table: DispatchTable | None = None  # every path, once relay and admin exist
         self.server = HttpServer(self._handle, server_settings(config.server, config.upstreams))
 
     async def _handle(self, request: Request, responder: Responder) -> None:
-        assert self.relay is not None and self.admin is not None
-        if is_admin_path(request.path):
-            await self.admin.handle(request, responder)
-        else:
-            await self.relay.handle(request, responder)
+        assert self.table is not None
+        await self.table.handle(request, responder)
 
     def drain(self, grace_s: float | None = None) -> None:
         """Stop accepting; in-flight responses get ``grace_s`` (default ``drain_s``)."""
@@ -218,6 +218,8 @@ class Gateway:
                                while_waiting=[self.usage_log.flush],
                                max_response_bytes=cfg.max_response_bytes,
                                estimate_prompt=self.overheads.estimate, counter=self.recounter)
+            assert self.admin is not None
+            self.table = gateway_table(self.relay.handle, self.admin, Status(self.router))
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.ledger.run)
                 if backlog is not None:  # a long one is summed while the gateway serves

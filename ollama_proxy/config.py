@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
-from .errors import BadRequest, ConfigError
+from .errors import ConfigError
 from .isotime import iso, parse_time
 from .access.limits import Limits
 
@@ -171,7 +171,7 @@ def _optional_time(text: str) -> float | None:
         return None
     try:
         return parse_time(text, "expires_at")
-    except BadRequest:
+    except ValueError:
         raise ValueError("expected an ISO 8601 date or time like 2026-12-31 or "
                          "2026-12-31T18:00:00Z, or nothing for never") from None
 

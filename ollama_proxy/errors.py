@@ -1,15 +1,18 @@
 """One small exception tree for every failure the gateway answers, and the one
 function that renders it in the API family's own shape.
 
-Every boundary (server, upstream client, relay, config) translates what it
-catches into a ``ProxyError`` so that the status, the OpenAI ``type``/``code``
-and any ``Retry-After`` travel together.
+Every boundary (server, upstream client, relay, dispatch table, admin API)
+translates what it catches into a ``ProxyError`` so that the status, the OpenAI
+``type``/``code`` and any ``Retry-After`` travel together. Failures that end a
+command instead (a bad config, an unusable database) are ``CommandError``s:
+they carry the exit code, not a status.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Iterable
 
 
 class ApiFamily(enum.Enum):
@@ -76,21 +79,46 @@ class BadRequest(ProxyError):
     code = "invalid_request"
 
 
+class Unauthorized(ProxyError):
+    """No key, or one that is unknown, revoked or expired."""
+
+    status = 401
+    code = "invalid_api_key"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"www-authenticate", b"Bearer")]
+
+
+class Forbidden(ProxyError):
+    """A known key whose user may not do this (suspended, expired, not an admin)."""
+
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(ProxyError):
     status = 404
     code = "not_found"
 
 
+class MethodNotAllowed(ProxyError):
+    """A path the gateway serves, with another method; ``Allow`` lists the right ones."""
+
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, method: str, path: str, allowed: Iterable[str]) -> None:
+        self.allowed = tuple(sorted(allowed))
+        super().__init__(f"method {method} is not allowed on {path} "
+                         f"(allowed: {', '.join(self.allowed)})")
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"allow", ", ".join(self.allowed).encode())]
+
+
 class Conflict(ProxyError):
     status = 409
     code = "conflict"
-
-
-class StoreError(ProxyError):
-    """The database or its secret cannot be used; the message says what to do."""
-
-    status = 500
-    code = "store_error"
 
 
 class PayloadTooLarge(ProxyError):
@@ -155,11 +183,25 @@ class LimitError(ProxyError):
         return out + self.extra_headers
 
 
-class ConfigError(ProxyError):
+class CommandError(Exception):
+    """A failure that ends a command rather than answers a request: the command line
+    prints ``message`` on one line and exits with ``exit_code``."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(CommandError):
     """A bad config value; the message names file, section, key and what is allowed."""
 
-    status = 500
-    code = "config_error"
+    exit_code = 2  # as argparse's usage errors: the command line itself is wrong
+
+
+class StoreError(CommandError):
+    """The database or its secret cannot be used; the message says what to do."""
 
 
 def error_body(family: ApiFamily, status: int, message: str, code: str | None,

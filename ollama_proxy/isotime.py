@@ -1,12 +1,12 @@
 """ISO 8601 times as the API and the config write them, to and from Unix
-seconds (UTC). Pure; shared by the accounts layer, the config and the limits."""
+seconds (UTC). Pure; shared by the admin use-cases, the config and the limits.
+A bad time is a ``ValueError``: each caller says what it means where it is
+(a 400 in the admin API, a config error in the config)."""
 
 from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta, timezone
-
-from .errors import BadRequest
 
 # YYYY-MM-DD, optionally [T ]HH:MM[:SS[.fraction]] and Z or ±HH[:]MM.
 _TIME_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})"
@@ -22,7 +22,8 @@ def iso(ts: float | None) -> str | None:
 
 
 def parse_time(text: object, field: str) -> float:
-    """An ISO 8601 date or date-time as unix seconds; naive means UTC.
+    """An ISO 8601 date or date-time as unix seconds; naive means UTC. Anything else is
+    a ``ValueError`` that names ``field``.
 
     Parsed by one pattern rather than ``fromisoformat``, whose accepted forms
     differ between Python 3.10 and 3.11.
@@ -43,6 +44,6 @@ def parse_time(text: object, field: str) -> float:
     return moment.timestamp()
 
 
-def _bad_time(field: str) -> BadRequest:
-    return BadRequest(f'"{field}" must be an ISO 8601 date or time, '
+def _bad_time(field: str) -> ValueError:
+    return ValueError(f'"{field}" must be an ISO 8601 date or time, '
                       f"like 2026-11-27 or 2026-11-27T07:14:39Z")

@@ -6,12 +6,9 @@ import calendar
 
 import pytest
 
-from ollama_proxy.errors import BadRequest
 from ollama_proxy.isotime import iso, parse_time
 
-# What a bad time raises: ValueError once isotime stops speaking HTTP (issue 10's errors
-# work); BadRequest before that. Only ValueError should stay once both are merged.
-BAD_TIME = (ValueError, BadRequest)
+BAD_TIME = ValueError  # isotime speaks no HTTP: callers add the status
 
 
 def utc(*ymdhms: int) -> float:
@@ -70,3 +67,16 @@ def test_iso(seconds, text):
 def test_iso_reads_back(seconds):
     """What iso writes, parse_time reads as the same second."""
     assert parse_time(iso(seconds), "t") == seconds
+
+
+@pytest.mark.parametrize("text", ["", "yesterday", "2026-13-01", "2026-11-27T07", "20261127",
+                                  "2026-11-27T07:14+25:00", "２０２６-11-27", 1700000000, None])
+def test_parse_time_errors_name_the_field(text):
+    """Anything else is a ValueError naming the field (each caller says what it means)."""
+    with pytest.raises(ValueError, match='"until" must be an ISO 8601'):
+        parse_time(text, "until")
+
+
+def test_iso_of_none_is_none():
+    """No time stays no time."""
+    assert iso(None) is None

@@ -148,6 +148,14 @@ def test_only_app_imports_the_proxy():
     assert importers == ["app"]
 
 
+def test_the_dispatch_table_is_built_by_app_alone_and_imports_no_proxy():
+    """dispatch.py holds every path; it gets the relay's handler as a value (so it sits
+    below proxy/), and only app builds it."""
+    importers = sorted(m for m in MODULES if "dispatch" in runtime_imports(m))
+    assert importers == ["app"]
+    assert offenders("dispatch", ("proxy", "store", "cli", "sim", "app")) == {}
+
+
 def test_admin_never_imports_the_proxy_the_cli_or_the_simulator():
     """The admin API calls the store's use-cases; it relays nothing."""
     assert offenders("admin", ("proxy", "cli", "sim")) == {}

@@ -1,4 +1,5 @@
-"""Who is calling: API keys checked against an in-memory index.
+"""Who is calling (``identify``: the key's user, else 401) and whether they may
+(``authorize``: else 403), from API keys checked against an in-memory index.
 
 The index (prefix → ``KeyEntry``) is loaded from the database at start,
 reloaded at once after every change the server makes itself, and reloaded
@@ -17,26 +18,13 @@ import trio
 from ..store import accounts
 from . import keys
 from ..store.accounts import KeyEntry
-from ..errors import ProxyError
+from ..errors import Forbidden, Unauthorized
 from ..http.server import Request
 from ..store.threads import Store
 
 log = logging.getLogger("ollama_proxy.auth")
 
 REFRESH_S = 1.0  # a change made by the CLI is seen within this (+ one reload)
-
-
-class Unauthorized(ProxyError):
-    status = 401
-    code = "invalid_api_key"
-
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        return [(b"www-authenticate", b"Bearer")]
-
-
-class Forbidden(ProxyError):
-    status = 403
-    code = "forbidden"
 
 
 def presented_key(request: Request) -> str | None:
@@ -88,15 +76,12 @@ class KeyIndex:
             raise Unauthorized("API key expired")
         return entry
 
-    def authenticate(self, request: Request, *, admin: bool = False) -> KeyEntry:
-        """``identify``, then 403 for a suspended user or a non-admin on an admin path."""
-        entry = self.identify(request)
-        authorize(entry, admin=admin)
-        return entry
-
 
 def authorize(entry: KeyEntry, *, admin: bool) -> None:
-    """403 for a suspended user, or for a non-admin where admin is needed."""
+    """Whether the identified caller may go on: 403 for a suspended user, or for a
+    non-admin where ``admin`` is needed. Apart from ``identify`` because the relay
+    records this refusal in the ledger under the caller's name (a stranger's 401 it
+    does not record)."""
     if entry.suspended:
         raise Forbidden(f"user '{entry.user}' is suspended", code="user_suspended")
     if admin and entry.role != "admin":

@@ -7,8 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from ..errors import BadRequest
-from ..isotime import iso, parse_time
+from ..isotime import iso
 
 LIMIT_NAMES = (
     "requests_per_minute", "requests_per_day", "tokens_per_minute", "tokens_per_day",
@@ -61,8 +60,9 @@ class Limits:
     @staticmethod
     def merged(defaults: Limits, overrides: Mapping[str, Any] | None) -> Limits:
         """``defaults`` with the non-null ``overrides`` applied (a null falls back
-        to the default); ``overrides`` as the API stores them (``expires_at``
-        may be ISO 8601). Unknown names and bad values raise ``ValueError``."""
+        to the default); ``overrides`` as the store keeps them (JSON values,
+        ``expires_at`` in Unix seconds). Unknown names and bad values raise
+        ``ValueError``."""
         if not overrides:
             return defaults
         unknown = sorted(set(overrides) - set(LIMIT_NAMES))
@@ -74,11 +74,6 @@ class Limits:
                 continue
             if name == "allowed_models" and isinstance(value, list):
                 value = tuple(value)
-            elif name == "expires_at" and isinstance(value, str):
-                try:
-                    value = parse_time(value, name)
-                except BadRequest as exc:
-                    raise ValueError(exc.message) from None
             values[name] = value
         return Limits(**values)
 

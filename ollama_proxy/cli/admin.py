@@ -1,7 +1,7 @@
 """Offline administration on the database file: ``users``, ``keys``, ``usage`` (PRODUCT §1).
 
-The same operations and rules as the HTTP admin API (PRODUCT §8), done directly with the
-storage layer on the file named by ``[server] database`` (or ``--database``), so the box's
+The same use-cases as the HTTP admin API (``store.admin_ops``, where their rules are),
+run directly on the file named by ``[server] database`` (or ``--database``), so the box's
 operator needs no running server and no admin key. ``--json`` prints the admin API's
 shapes; without it, a table. A key is printed once, by the command that creates it.
 
@@ -21,16 +21,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..store import accounts, db, reports
-from ..store.accounts import User, get_user, parse_time
+from ..access.limits import LIMIT_NAMES
+from ..store import accounts, admin_ops, db, reports
+from ..store.accounts import get_user
+from ..store.admin_ops import ROLES, USAGE_FIELDS
 from ..config import load_config
-from ..errors import BadRequest, ProxyError
-from ..access.keys import key_prefix, looks_like_key
+from ..errors import BadRequest, ProxyError, StoreError
 
 Payload = dict[str, Any]
 
-GROUP_BY = ("user", "model", "day", "hour")  # PRODUCT §8 group_by values
-ROLES = ("user", "admin")
 STORE_IT = "Store this key now: it is not shown again."
 
 
@@ -75,7 +74,7 @@ def _run(compute: Compute, render: Render) -> Callable[[argparse.Namespace], int
                 payload = compute(Context(conn, path, actor()), args)
             finally:
                 conn.close()
-        except ProxyError as exc:  # 400, 404, 409 alike; a StoreError too (e.g. a newer file)
+        except (ProxyError, StoreError) as exc:  # 400, 404, 409 alike; a newer file
             return _fail(exc.message)
         except sqlite3.Error as exc:  # e.g. not a database, locked for too long
             return _fail(f"{path}: {exc}")
@@ -126,7 +125,7 @@ def _limits_text(limits: dict[str, Any] | None) -> str:
     """Every limit name with its value, or ``default`` when the user has none of its own."""
     limits = limits or {}
     return _pairs([(name, "default" if limits.get(name) is None else limits[name])
-                   for name in accounts.LIMIT_NAMES])
+                   for name in LIMIT_NAMES])
 
 
 def _user_text(user: Payload) -> str:
@@ -134,8 +133,6 @@ def _user_text(user: Payload) -> str:
 
 
 KEY_COLUMNS = ("prefix", "created_at", "last_used_at", "expires_at", "revoked")
-USAGE_COLUMNS = ("requests", "prompt_tokens", "completion_tokens")
-_NO_USAGE = dict.fromkeys(USAGE_COLUMNS, 0)  # a user with no ledger rows yet
 
 
 # ---------------------------------------------------------------- limit values
@@ -181,8 +178,8 @@ def limit_values(assignments: Sequence[tuple[str, str]] | None,
 
 
 def users_create(ctx: Context, args: argparse.Namespace) -> Payload:
-    user, key = accounts.create_user(ctx.conn, ctx.secret(), args.name, args.role,
-                                     limit_values(args.limit), actor=ctx.actor)
+    user, key = admin_ops.create_user(ctx.conn, ctx.secret(), args.name, args.role,
+                                      limit_values(args.limit), actor=ctx.actor)
     return {**user.to_json(), "key": key}
 
 
@@ -194,44 +191,35 @@ def render_created_user(p: Payload) -> str:
 
 
 def users_list(ctx: Context, args: argparse.Namespace) -> Payload:
-    totals = reports.user_totals(ctx.conn)
-    return {"users": [{**u.to_json(), "usage": {**_NO_USAGE, **totals.get(u.name, {})}}
-                      for u in accounts.list_users(ctx.conn)]}
+    return admin_ops.users_view(accounts.list_users(ctx.conn), reports.user_totals(ctx.conn))
 
 
 def render_users(p: Payload) -> str:
     if not p["users"]:
         return "no users"
-    return table(("name", "role", "suspended", *USAGE_COLUMNS),
-                 [(u["name"], u["role"], u["suspended"], *(u["usage"][c] for c in USAGE_COLUMNS))
+    return table(("name", "role", "suspended", *USAGE_FIELDS),
+                 [(u["name"], u["role"], u["suspended"], *(u["usage"][c] for c in USAGE_FIELDS))
                   for u in p["users"]])
 
 
-def user_payload(conn: sqlite3.Connection, user: User, *, keys: bool) -> Payload:
-    """One user as ``GET /admin/api/users/{name}`` answers it (``keys``), or as ``PATCH`` does."""
-    totals = reports.user_totals(conn, user.name).get(user.name, {})
-    out = {**user.to_json(), "usage": {**_NO_USAGE, **totals}}
-    if keys:
-        out["keys"] = [k.to_json() for k in accounts.list_keys(conn, user.name)]
-    return out
-
-
 def users_show(ctx: Context, args: argparse.Namespace) -> Payload:
-    return user_payload(ctx.conn, get_user(ctx.conn, args.name), keys=True)
+    user = get_user(ctx.conn, args.name)
+    return admin_ops.user_view(user, reports.user_totals(ctx.conn, user.name),
+                               accounts.list_keys(ctx.conn, user.name))
 
 
 def render_user(p: Payload) -> str:
     keys = (table(KEY_COLUMNS, [[k.get(c) for c in KEY_COLUMNS] for k in p["keys"]])
             if p["keys"] else "no keys")
-    usage = _pairs([(c, p["usage"][c]) for c in USAGE_COLUMNS])
+    usage = _pairs([(c, p["usage"][c]) for c in USAGE_FIELDS])
     return (f"{_user_text(p)}\n\nusage:\n{usage}\n\nlimits:\n{_limits_text(p.get('limits'))}"
             f"\n\nkeys:\n{keys}")
 
 
 def _set_suspended(suspended: bool) -> Compute:
     def compute(ctx: Context, args: argparse.Namespace) -> Payload:
-        user = accounts.update_user(ctx.conn, args.name, suspended=suspended, actor=ctx.actor)
-        return user_payload(ctx.conn, user, keys=False)
+        user = admin_ops.update_user(ctx.conn, args.name, suspended=suspended, actor=ctx.actor)
+        return admin_ops.user_view(user, reports.user_totals(ctx.conn, user.name))
 
     return compute
 
@@ -249,9 +237,9 @@ def users_limits(ctx: Context, args: argparse.Namespace) -> Payload:
     if not args.set and not args.unset:
         user = get_user(ctx.conn, args.name)
     else:
-        user = accounts.update_user(ctx.conn, args.name, limits=limit_values(args.set, args.unset),
-                                    actor=ctx.actor)
-    return user_payload(ctx.conn, user, keys=False)
+        user = admin_ops.update_user(ctx.conn, args.name,
+                                     limits=limit_values(args.set, args.unset), actor=ctx.actor)
+    return admin_ops.user_view(user, reports.user_totals(ctx.conn, user.name))
 
 
 def render_limits(p: Payload) -> str:
@@ -263,9 +251,8 @@ def render_limits(p: Payload) -> str:
 
 
 def keys_create(ctx: Context, args: argparse.Namespace) -> Payload:
-    expires = parse_time(args.expires, "expires_at") if args.expires else None
-    key, prefix = accounts.create_key(ctx.conn, ctx.secret(), args.user, expires_at=expires,
-                                      actor=ctx.actor)
+    key, prefix = admin_ops.create_key(ctx.conn, ctx.secret(), args.user,
+                                       expires_at=args.expires or None, actor=ctx.actor)
     return {"key": key, "prefix": prefix}
 
 
@@ -287,9 +274,7 @@ def render_keys(p: Payload) -> str:
 
 
 def keys_revoke(ctx: Context, args: argparse.Namespace) -> Payload:
-    # A whole key pasted by mistake is revoked by its prefix, and never echoed.
-    prefix = key_prefix(args.prefix) if looks_like_key(args.prefix) else args.prefix
-    accounts.revoke_key(ctx.conn, prefix, actor=ctx.actor)
+    prefix = admin_ops.revoke_key(ctx.conn, args.prefix, actor=ctx.actor)
     return {"prefix": prefix, "revoked": True}
 
 
@@ -297,10 +282,8 @@ def keys_revoke(ctx: Context, args: argparse.Namespace) -> Payload:
 
 
 def usage(ctx: Context, args: argparse.Namespace) -> Payload:
-    since = parse_time(args.since, "since") if args.since else None
-    until = parse_time(args.until, "until") if args.until else None
-    rows = reports.usage(ctx.conn, user=args.user, model=args.model, since=since, until=until,
-                        group_by=args.group_by)
+    rows = admin_ops.usage(ctx.conn, user=args.user, model=args.model, since=args.since,
+                           until=args.until, group_by=args.group_by)
     return {"group_by": args.group_by, "rows": rows}
 
 
@@ -389,4 +372,4 @@ def add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     cmd.add_argument("--model", metavar="MODEL", help="only this model")
     cmd.add_argument("--since", metavar="ISO", help="from this time on, ISO 8601")
     cmd.add_argument("--until", metavar="ISO", help="before this time, ISO 8601")
-    cmd.add_argument("--group-by", choices=GROUP_BY, default="user", help="default: user")
+    cmd.add_argument("--group-by", choices=reports.GROUPS, default="user", help="default: user")

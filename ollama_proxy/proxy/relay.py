@@ -19,12 +19,11 @@ from typing import Any, Callable, Protocol, Sequence
 
 import trio
 
-from .. import __version__
 from ..backends.registry import Backend, BackendSet
 from ..errors import (
-    NotFound,
     ProxyError,
     ShuttingDown,
+    Unauthorized,
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -34,8 +33,8 @@ from ..errors import (
 from ..api.framing import FrameKind
 from ..api.headers import client_response_headers, upstream_request_headers
 from ..api.exchange import Exchange, PolicyStep, apply_openai_rules, parse_body, wants_stream
-from ..access.identity import KeyIndex, Unauthorized, authorize
-from ..api.routes import RouteKind, match_route
+from ..access.identity import KeyIndex, authorize
+from ..api.routes import Route, RouteKind
 from ..http.server import ClientGone, ClientStalled, Request, Responder
 from ..http.client import ResponseTooLarge, UpstreamResponse
 from ..api.usage import (
@@ -210,7 +209,7 @@ def _frame_kind(content_type: bytes | None) -> FrameKind | None:
 
 
 class Relay:
-    """The request handler for every proxied path, plus ``/`` and ``/health``."""
+    """The request handler for every proxied path."""
 
     def __init__(
         self,
@@ -242,27 +241,11 @@ class Relay:
         # The prompt count of a row the backend did not count (text + learned overhead).
         self._estimate_prompt = estimate_prompt
         self._counter = counter
-        self._started = time.time()
         self._big_parses = trio.CapacityLimiter(BIG_PARSES)
 
-    async def handle(self, request: Request, responder: Responder) -> None:
-        path = request.path
-        if path == "/" and request.method in ("GET", "HEAD"):
-            await responder.respond(200, [(b"content-type", b"text/plain; charset=utf-8")],
-                                    b"Ollama is running")
-            return
-        if path == "/health" and request.method in ("GET", "HEAD"):
-            await self._health(responder)
-            return
-        route = match_route(path)
-        if route is None:
-            raise NotFound(f"{path} is not a path this gateway serves")
-        if request.method not in route.methods:
-            allowed = ", ".join(sorted(route.methods))
-            raise ProxyError(f"method {request.method} is not allowed on {path} (allowed: {allowed})",
-                             status=405, code="method_not_allowed")
-        ex = Exchange(request, route, self._request_id(request))
-        await self._proxy(ex, responder)
+    async def handle(self, request: Request, responder: Responder, route: Route) -> None:
+        """Relay ``request``, whose path and method the dispatch table matched to ``route``."""
+        await self._proxy(Exchange(request, route, self._request_id(request)), responder)
 
     @staticmethod
     def _request_id(request: Request) -> bytes:
@@ -270,17 +253,6 @@ class Relay:
         if given is not None and _REQUEST_ID.fullmatch(given):
             return given
         return os.urandom(16).hex().encode()  # a uuid4's randomness, without the object
-
-    async def _health(self, responder: Responder) -> None:
-        up = self._router.any_up()
-        body = json.dumps({
-            "status": "ok" if up else "unavailable",
-            "version": __version__,
-            "uptime_s": round(time.time() - self._started, 3),
-            # anyone may ask: names and state only (URLs and errors are for /admin/api/backends)
-            "backends": [{"name": b.name, "up": bool(b.state.up)} for b in self._router.backends],
-        }).encode()
-        await responder.respond(200 if up else 503, [(b"content-type", JSON_TYPE)], body)
 
     async def _proxy(self, ex: Exchange, responder: Responder) -> None:
         meter = _Meter(ex)

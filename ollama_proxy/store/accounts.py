@@ -1,5 +1,6 @@
-"""Users, keys and the audit log: the rules of PRODUCT §8, shared by the admin
-API (through a worker thread) and the offline CLI (directly).
+"""Users, keys and the audit log in SQLite. The values come checked already: the
+admin use-cases (``admin_ops``) validate what the admin API and the offline CLI
+are given, then call these.
 
 Every change runs in one transaction that also writes an audit row (never a
 secret) and bumps ``meta.accounts_seq``, which a running server polls to
@@ -10,82 +11,37 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from ..access import keys
 from .db import transaction
-from ..errors import BadRequest, Conflict, NotFound, StoreError
-from ..isotime import iso, parse_time
-from ..access.limits import LIMIT_NAMES, QUOTA_PERIODS
+from ..errors import Conflict, NotFound, StoreError
+from ..isotime import iso
 
-ROLES = ("admin", "user")
 BOOTSTRAP_ADMIN = "admin"
 BOOTSTRAP_ACTOR = "bootstrap"
 # Key prefixes carry 48 bits; a clash is all but impossible, a few retries make it so.
 PREFIX_ATTEMPTS = 5
 
-_NAME_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
-
-
-# --- validation ---------------------------------------------------------------
-
-def valid_name(name: object) -> str:
-    """``name`` if it is a valid user name, else BadRequest."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise BadRequest('"name" must be 1 to 64 characters among A-Z a-z 0-9 . _ @ -')
-    return name
-
-
-def valid_role(role: object) -> str:
-    """``role`` if it is a known role, else BadRequest."""
-    if role not in ROLES:
-        raise BadRequest('"role" must be "admin" or "user"')
-    return str(role)
-
-
-def validate_limits(obj: object, field: str = "limits") -> dict[str, Any]:
-    """Check a limits object (PRODUCT §8); ``null`` values are kept (= the default)."""
-    if not isinstance(obj, dict):
-        raise BadRequest(f'"{field}" must be a JSON object')
-    result: dict[str, Any] = {}
-    for name, value in obj.items():
-        where = f"{field}.{name}"
-        if name not in LIMIT_NAMES:
-            raise BadRequest(f'unknown limit "{where}"; allowed: {", ".join(LIMIT_NAMES)}')
-        if value is None:
-            result[name] = None
-        elif name == "quota_period":
-            if value not in QUOTA_PERIODS:
-                raise BadRequest(f'"{where}" must be "total", "month" or null')
-            result[name] = value
-        elif name == "allowed_models":
-            if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
-                raise BadRequest(f'"{where}" must be a list of non-empty model globs, or null')
-            result[name] = list(value)
-        elif name == "expires_at":
-            result[name] = iso(parse_time(value, where))
-        else:
-            result[name] = _whole_number(value, where)
-    return result
-
-
-def _whole_number(value: object, where: str) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise BadRequest(f'"{where}" must be a whole number >= 0, or null')
-    return value
-
 
 # --- what callers get ---------------------------------------------------------
 
+def shown_limits(limits: Mapping[str, Any]) -> dict[str, Any]:
+    """A user's stored overrides as the API shows them: ``expires_at`` (kept in Unix
+    seconds) in ISO 8601."""
+    out = dict(limits)
+    if out.get("expires_at") is not None:
+        out["expires_at"] = iso(out["expires_at"])
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class User:
-    """A live user; ``limits`` holds only its overrides of the ``[limits]`` defaults."""
+    """A live user; ``limits`` holds only its overrides of the ``[limits]`` defaults,
+    as stored (``expires_at`` in Unix seconds)."""
 
     id: int
     name: str
@@ -95,7 +51,7 @@ class User:
     created_at: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "role": self.role, "limits": dict(self.limits),
+        return {"name": self.name, "role": self.role, "limits": shown_limits(self.limits),
                 "suspended": self.suspended, "created_at": iso(self.created_at)}
 
 
@@ -200,14 +156,12 @@ def _insert_user(conn: sqlite3.Connection, name: str, role: str, limits: dict[st
 def create_user(conn: sqlite3.Connection, secret: bytes, name: str, role: str = "user",
                 limits: dict[str, Any] | None = None, *, actor: str) -> tuple[User, str]:
     """A new user and its first key, in full (shown this once); 409 if the name is taken."""
-    valid_name(name)
-    valid_role(role)
-    given = validate_limits({} if limits is None else limits)
-    kept = {k: v for k, v in given.items() if v is not None}  # null = the default anyway
+    kept = {k: v for k, v in (limits or {}).items() if v is not None}  # null = the default
     with transaction(conn):
         user = _insert_user(conn, name, role, kept)
         key, prefix = _new_key(conn, secret, user.id, None)
-        _changed(conn, actor, "user.create", name, {"role": role, "limits": kept, "key": prefix})
+        _changed(conn, actor, "user.create", name,
+                 {"role": role, "limits": shown_limits(kept), "key": prefix})
     return user, key
 
 
@@ -226,15 +180,10 @@ def get_user(conn: sqlite3.Connection, name: str) -> User:
 def update_user(conn: sqlite3.Connection, name: str, *, limits: dict[str, Any] | None = None,
                 suspended: bool | None = None, role: str | None = None, actor: str) -> User:
     """Change a user; limits given are merged, a limit set to null falls back to the default."""
-    given = None if limits is None else validate_limits(limits)
-    if suspended is not None and not isinstance(suspended, bool):
-        raise BadRequest('"suspended" must be true or false')
-    if role is not None:
-        valid_role(role)
     with transaction(conn):
         user = get_user(conn, name)
         merged = dict(user.limits)
-        for limit, value in (given or {}).items():
+        for limit, value in (limits or {}).items():
             if value is None:
                 merged.pop(limit, None)
             else:
@@ -245,7 +194,8 @@ def update_user(conn: sqlite3.Connection, name: str, *, limits: dict[str, Any] |
             _keep_an_admin(conn, user, "demote or suspend")
         conn.execute("UPDATE users SET limits = ?, suspended = ?, role = ? WHERE id = ?",
                      (json.dumps(merged), int(new_suspended), new_role, user.id))
-        detail: dict[str, Any] = {"limits": given, "suspended": suspended, "role": role}
+        detail: dict[str, Any] = {"limits": None if limits is None else shown_limits(limits),
+                                  "suspended": suspended, "role": role}
         _changed(conn, actor, "user.update", name,
                  {k: v for k, v in detail.items() if v is not None})
     return User(id=user.id, name=name, role=new_role, limits=merged, suspended=new_suspended,
@@ -278,13 +228,13 @@ def delete_user(conn: sqlite3.Connection, name: str, *, actor: str) -> None:
 # --- keys ---------------------------------------------------------------------
 
 def create_key(conn: sqlite3.Connection, secret: bytes, name: str, *,
-               expires_at: str | float | None = None, actor: str) -> tuple[str, str]:
+               expires_at: float | None = None, actor: str) -> tuple[str, str]:
     """A new key for user ``name``: (the key in full, shown this once; its prefix)."""
-    expiry = parse_time(expires_at, "expires_at") if isinstance(expires_at, str) else expires_at
     with transaction(conn):
         user = get_user(conn, name)
-        key, prefix = _new_key(conn, secret, user.id, expiry)
-        _changed(conn, actor, "key.create", prefix, {"user": name, "expires_at": iso(expiry)})
+        key, prefix = _new_key(conn, secret, user.id, expires_at)
+        _changed(conn, actor, "key.create", prefix,
+                 {"user": name, "expires_at": iso(expires_at)})
     return key, prefix
 
 
@@ -320,11 +270,6 @@ def key_index(conn: sqlite3.Connection, now: float) -> dict[str, KeyEntry]:
         "AND (k.expires_at IS NULL OR k.expires_at > ?)", (now,))
     return {r[0]: KeyEntry(prefix=r[0], hash=r[1], user=r[2], role=r[3], suspended=bool(r[4]),
                            expires_at=r[5], user_limits=json.loads(r[6])) for r in rows}
-
-
-def authenticate(entry: KeyEntry, secret: bytes, key: str) -> bool:
-    """Whether ``key`` is the key ``entry`` was made from (constant time)."""
-    return keys.verify(secret, key, entry.hash)
 
 
 def accounts_seq(conn: sqlite3.Connection) -> int:

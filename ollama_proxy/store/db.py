@@ -186,6 +186,14 @@ MIGRATIONS: list[str] = [
     );
     """,
     _summaries_migration(),
+    # 3: a user's expires_at limit is kept in Unix seconds, as every other time is (it was
+    # ISO 8601 text, always as isotime.iso writes it, which SQLite's strftime reads).
+    """
+    UPDATE users SET limits = json_set(limits, '$.expires_at',
+        CAST(strftime('%s', json_extract(limits, '$.expires_at')) AS INTEGER))
+    WHERE json_type(limits, '$.expires_at') = 'text'
+        AND strftime('%s', json_extract(limits, '$.expires_at')) IS NOT NULL;
+    """,
     # Migration 4: whether a request counts for the limits (a generation or an
     # embedding), known when it is relayed and stored with it, so that a start
     # rebuilds the counters from the rows without matching their paths again.

@@ -32,6 +32,7 @@ def utc(*ymdhms: int) -> float:
 
 
 BASE = utc(2025, 1, 31, 23, 58, 0)  # two minutes before a month ends
+EXPIRED = utc(2025, 1, 1, 0, 0, 0)  # an expires_at before BASE, as the store keeps it
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "x" * 40}]}  # ~10 tokens
 
 
@@ -310,14 +311,14 @@ async def test_embeddings_are_charged_their_prompt_without_a_cap():
 
 
 @pytest.mark.parametrize(("limits", "path", "body", "status", "code", "kind"), [
-    ({"expires_at": "2025-01-01"}, "/api/tags", None, 403, "user_expired", "permission_error"),
+    ({"expires_at": EXPIRED}, "/api/tags", None, 403, "user_expired", "permission_error"),
     ({"allowed_models": ["qwen*"]}, "/api/chat", CHAT, 403, "model_not_allowed",
      "permission_error"),
     ({"allowed_models": ["qwen*"]}, "/api/show", {"model": "llama3.2"}, 403,
      "model_not_allowed", "permission_error"),
     ({"allowed_models": ["qwen*"]}, "/v1/models/llama3.2", None, 404, "model_not_found",
      "invalid_request_error"),
-    ({"expires_at": "2025-01-01"}, "/v1/models/llama3.2", None, 403, "user_expired",
+    ({"expires_at": EXPIRED}, "/v1/models/llama3.2", None, 403, "user_expired",
      "permission_error"),
     ({"token_quota": 0}, "/v1/chat/completions", CHAT, 429, "insufficient_quota",
      "insufficient_quota"),
@@ -342,8 +343,8 @@ async def test_refusals_in_the_api_familys_shape(limits, path, body, status, cod
     ({"allowed_models": ["qwen*"]}, "/v1/chat/completions", CHAT),
     ({"allowed_models": ["qwen*"]}, "/api/show", {"model": "llama3.2"}),
     ({"allowed_models": ["qwen*"]}, "/v1/models/llama3.2", None),
-    ({"expires_at": "2025-01-01"}, "/api/embed", {"model": "m", "input": "x"}),
-    ({"expires_at": "2025-01-01"}, "/api/tags", None),
+    ({"expires_at": EXPIRED}, "/api/embed", {"model": "m", "input": "x"}),
+    ({"expires_at": EXPIRED}, "/api/tags", None),
 ])
 async def test_forbidden_answers_carry_the_ratelimit_headers(limits, path, body):
     """A user with limits gets the x-ratelimit-* headers on a 403 (or the hidden model's

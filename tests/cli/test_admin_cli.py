@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from ledger_rows import insert as insert_rows
+from ollama_proxy.access.limits import LIMIT_NAMES
 from ollama_proxy.store import accounts, db
 from ollama_proxy.__main__ import main
 from ollama_proxy.cli.admin import STORE_IT, actor
@@ -224,7 +225,7 @@ def test_limits_print_set_and_unset(cli: Cli) -> None:
     """`users limits` prints every limit; --set merges typed values; --unset goes back to default."""
     cli.create("alice")
     text = cli("users", "limits", "alice").out
-    for name in accounts.LIMIT_NAMES:
+    for name in LIMIT_NAMES:
         assert re.search(rf"^{name}\s+default$", text, re.MULTILINE), name
     body = cli.json("users", "limits", "alice",
                     "--set", "requests_per_minute=60", "--set", "tokens_per_day=0",

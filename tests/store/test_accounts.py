@@ -1,4 +1,4 @@
-"""Users, keys, audit and bootstrap: the rules of PRODUCT §8 on a real file."""
+"""Users, keys, audit and bootstrap on a real file (their validation: test_admin_ops)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,15 @@ import time
 import pytest
 
 from ledger_rows import insert as insert_rows
-from ollama_proxy.store import accounts, db, reports
 from ollama_proxy.access import keys
-from ollama_proxy.errors import BadRequest, Conflict, NotFound, StoreError
+from ollama_proxy.access.identity import KeyIndex
 from ollama_proxy.api.usage import UsageRecord
+from ollama_proxy.errors import Conflict, NotFound, StoreError, Unauthorized
+from ollama_proxy.http.server import Request
+from ollama_proxy.isotime import iso
+from ollama_proxy.store import accounts, db, reports
+from ollama_proxy.store.accounts import KeyEntry
+from ollama_proxy.store.threads import Store
 
 
 @pytest.fixture
@@ -32,6 +37,21 @@ def secret(path):
     return keys.load_or_create_secret(path)
 
 
+async def identified(path: str, secret: bytes, key: str) -> KeyEntry:
+    """The key's entry as the server finds it: from a key index loaded from the file,
+    for a request that carries the key (Unauthorized when it does not work)."""
+    store = Store(path)
+    await store.open()
+    try:
+        index = KeyIndex(store, secret)
+        await index.reload()
+        return index.identify(Request(method="GET", target="/api/tags", path="/api/tags",
+                                      query="", body=b"", client="127.0.0.1",
+                                      headers=[(b"authorization", f"Bearer {key}".encode())]))
+    finally:
+        await store.aclose()
+
+
 def record(user: str, prefix: str, when: float) -> UsageRecord:
     return UsageRecord(request_id="r", time=when, endpoint="/api/chat", model="m", backend="b",
                        status=200, outcome="ok", prompt_tokens=1, completion_tokens=2,
@@ -39,17 +59,18 @@ def record(user: str, prefix: str, when: float) -> UsageRecord:
                        client="127.0.0.1", user=user, key_prefix=prefix)
 
 
-def test_create_user_returns_a_working_key(conn, secret):
-    """A new user gets a first key whose prefix is in the index and verifies."""
+async def test_create_user_returns_a_working_key(path, conn, secret):
+    """A new user gets a first key that the server's key index identifies."""
     user, key = accounts.create_user(conn, secret, "alice", limits={"requests_per_day": 5},
                                      actor="root")
     assert user.to_json() == {"name": "alice", "role": "user", "limits": {"requests_per_day": 5},
-                              "suspended": False, "created_at": accounts.iso(user.created_at)}
-    entry = accounts.key_index(conn, time.time())[keys.key_prefix(key)]
-    assert (entry.user, entry.role, entry.suspended) == ("alice", "user", False)
+                              "suspended": False, "created_at": iso(user.created_at)}
+    entry = await identified(path, secret, key)
+    assert (entry.prefix, entry.user, entry.role, entry.suspended) == (
+        keys.key_prefix(key), "alice", "user", False)
     assert entry.user_limits == {"requests_per_day": 5}
-    assert accounts.authenticate(entry, secret, key)
-    assert not accounts.authenticate(entry, secret, keys.new_key())
+    with pytest.raises(Unauthorized):
+        await identified(path, secret, keys.new_key())
 
 
 def test_duplicate_name_is_409(conn, secret):
@@ -58,19 +79,6 @@ def test_duplicate_name_is_409(conn, secret):
     with pytest.raises(Conflict, match="alice"):
         accounts.create_user(conn, secret, "alice", role="admin", actor="root")
     assert [u.name for u in accounts.list_users(conn)] == ["alice"]
-
-
-@pytest.mark.parametrize("name", ["", "a" * 65, "has space", "slash/", "é", 7, None])
-def test_bad_names_are_400(conn, secret, name):
-    """Names are 1-64 of A-Z a-z 0-9 . _ @ -; the error names the field."""
-    with pytest.raises(BadRequest, match='"name" must be'):
-        accounts.create_user(conn, secret, name, actor="root")
-
-
-def test_bad_role_is_400(conn, secret):
-    """Only admin and user are roles."""
-    with pytest.raises(BadRequest, match='"role"'):
-        accounts.create_user(conn, secret, "alice", role="root", actor="root")
 
 
 def test_list_and_get(conn, secret):
@@ -94,8 +102,6 @@ def test_update_merges_and_null_falls_back(conn, secret):
     assert (user.limits, user.suspended, user.role) == (expected, True, "admin")
     assert accounts.get_user(conn, "alice") == user
     assert accounts.update_user(conn, "alice", suspended=False, actor="root").limits == expected
-    with pytest.raises(BadRequest, match='"suspended"'):
-        accounts.update_user(conn, "alice", suspended="yes", actor="root")  # type: ignore[arg-type]
     with pytest.raises(NotFound):
         accounts.update_user(conn, "bob", suspended=True, actor="root")
 
@@ -126,8 +132,8 @@ def test_delete_revokes_keys_and_keeps_ledger_rows(conn, secret):
 def test_create_list_and_revoke_keys(conn, secret):
     """More keys per user; revoking is immediate, idempotent, and 404 for unknown prefixes."""
     _, first = accounts.create_user(conn, secret, "alice", actor="root")
-    second, prefix = accounts.create_key(conn, secret, "alice",
-                                         expires_at="2999-01-01T00:00:00Z", actor="root")
+    second, prefix = accounts.create_key(conn, secret, "alice", expires_at=32472144000.0,
+                                         actor="root")  # 2999-01-01
     assert keys.key_prefix(second) == prefix and keys.looks_like_key(second)
     listed = accounts.list_keys(conn, "alice")
     assert [k.prefix for k in listed] == [keys.key_prefix(first), prefix]
@@ -144,8 +150,6 @@ def test_create_list_and_revoke_keys(conn, secret):
         accounts.revoke_key(conn, "op-unknown", actor="root")
     with pytest.raises(NotFound):
         accounts.create_key(conn, secret, "bob", actor="root")
-    with pytest.raises(BadRequest, match='"expires_at"'):
-        accounts.create_key(conn, secret, "alice", expires_at="soon", actor="root")
 
 
 def test_key_index_excludes_revoked_expired_and_deleted(conn, secret):
@@ -161,58 +165,6 @@ def test_key_index_excludes_revoked_expired_and_deleted(conn, secret):
     assert set(index) == {keys.key_prefix(live), keys.key_prefix(expiring)}
     assert index[keys.key_prefix(expiring)].expires_at == now + 60
     assert set(accounts.key_index(conn, now + 61)) == {keys.key_prefix(live)}
-
-
-@pytest.mark.parametrize(("limits", "message"), [
-    ([], '"limits" must be a JSON object'),
-    ({"rpm": 1}, 'unknown limit "limits.rpm"; allowed: requests_per_minute'),
-    ({"requests_per_day": -1}, '"limits.requests_per_day" must be a whole number'),
-    ({"tokens_per_day": 1.5}, '"limits.tokens_per_day" must be a whole number'),
-    ({"max_concurrent": True}, '"limits.max_concurrent" must be a whole number'),
-    ({"token_quota": "100"}, '"limits.token_quota" must be a whole number'),
-    ({"quota_period": "week"}, '"limits.quota_period" must be "total", "month" or null'),
-    ({"allowed_models": "llama3"}, '"limits.allowed_models" must be a list'),
-    ({"allowed_models": [""]}, '"limits.allowed_models" must be a list'),
-    ({"expires_at": "tomorrow"}, '"limits.expires_at" must be an ISO 8601'),
-])
-def test_validate_limits_errors_name_the_field(limits, message):
-    """Every bad limit is a 400 that names limits.<name>."""
-    with pytest.raises(BadRequest) as info:
-        accounts.validate_limits(limits)
-    assert message in str(info.value)
-
-
-def test_validate_limits_normalises():
-    """Whole floats become ints, expiry becomes ISO Z, nulls stay."""
-    assert accounts.validate_limits({
-        "tokens_per_minute": 1000.0, "max_tokens_per_request": 0, "quota_period": "month",
-        "expires_at": "2026-11-27T08:14:39+01:00", "allowed_models": ["a", "b*"],
-        "token_quota": None,
-    }) == {"tokens_per_minute": 1000, "max_tokens_per_request": 0, "quota_period": "month",
-           "expires_at": "2026-11-27T07:14:39Z", "allowed_models": ["a", "b*"],
-           "token_quota": None}
-
-
-@pytest.mark.parametrize(("text", "expected"), [
-    ("2026-11-27", "2026-11-27T00:00:00Z"),
-    ("2026-11-27T07:14:39Z", "2026-11-27T07:14:39Z"),
-    ("2026-11-27T07:14:39", "2026-11-27T07:14:39Z"),
-    ("2026-11-27T07:14:39.5z", "2026-11-27T07:14:39Z"),
-    ("2026-11-27T09:14:39+02:00", "2026-11-27T07:14:39Z"),
-    ("2026-11-27 07:14", "2026-11-27T07:14:00Z"),
-    ("2026-11-27T07:14:39.123456789-0130", "2026-11-27T08:44:39Z"),
-])
-def test_parse_time_and_iso(text, expected):
-    """ISO 8601 dates and times, naive meaning UTC, come back as UTC Z."""
-    assert accounts.iso(accounts.parse_time(text, "since")) == expected
-
-
-@pytest.mark.parametrize("text", ["", "yesterday", "2026-13-01", "2026-11-27T07", "20261127",
-                                  "2026-11-27T07:14+25:00", "２０２６-11-27", 1700000000, None])
-def test_parse_time_errors_name_the_field(text):
-    """Anything else is a 400 naming the field."""
-    with pytest.raises(BadRequest, match='"until" must be an ISO 8601'):
-        accounts.parse_time(text, "until")
 
 
 def test_every_change_is_audited_and_bumps_the_seq(conn, secret):
@@ -254,13 +206,12 @@ def test_no_key_anywhere_in_the_database_files(path, conn, secret):
         assert keys.key_prefix(key).encode() in blobs  # while the prefix is kept
 
 
-def test_ensure_admin_without_env_key(conn, secret):
+async def test_ensure_admin_without_env_key(path, conn, secret):
     """An empty database gets an admin and a key, once; later starts print nothing."""
     key = accounts.ensure_admin(conn, secret, None)
     assert key is not None
-    entry = accounts.key_index(conn, time.time())[keys.key_prefix(key)]
+    entry = await identified(path, secret, key)
     assert (entry.user, entry.role) == ("admin", "admin")
-    assert accounts.authenticate(entry, secret, key)
     assert accounts.ensure_admin(conn, secret, None) is None
     assert accounts.audit_log(conn)[0]["actor"] == "bootstrap"
 
@@ -272,13 +223,12 @@ def test_ensure_admin_without_env_key_leaves_populated_database(conn, secret):
     assert [u.name for u in accounts.list_users(conn)] == ["alice"]
 
 
-def test_ensure_admin_with_env_key(conn, secret):
+async def test_ensure_admin_with_env_key(path, conn, secret):
     """OLLAMA_PROXY_ADMIN_KEY is stored once for an admin user, and a revoked one stays revoked."""
     env_key = keys.new_key()
     assert accounts.ensure_admin(conn, secret, env_key) is None
-    entry = accounts.key_index(conn, time.time())[keys.key_prefix(env_key)]
+    entry = await identified(path, secret, env_key)
     assert (entry.user, entry.role) == ("admin", "admin")
-    assert accounts.authenticate(entry, secret, env_key)
     seq = accounts.accounts_seq(conn)
     assert accounts.ensure_admin(conn, secret, env_key) is None  # known: nothing to do
     assert accounts.accounts_seq(conn) == seq
