@@ -22,7 +22,9 @@ from .access.limiter import Backlog, Limiter, load_counters
 from .api.prompt_overhead import PromptOverheads
 from .proxy.recount import Recounter
 from .proxy.relay import Relay, UsageLog, UsageObserver
-from .http.server import HttpServer, Request, Responder, ServerSettings
+from .http.messages import Request
+from .http.responder import Responder
+from .http.server import HttpServer, ServerSettings
 from .store.threads import LedgerWriter, Store
 from .http.client import PoolSettings, UpstreamPool
 

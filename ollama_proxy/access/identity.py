@@ -18,7 +18,7 @@ from ..store import accounts
 from . import keys
 from ..store.accounts import KeyEntry
 from ..errors import ProxyError
-from ..http.server import Request
+from ..http.messages import Request
 from ..store.threads import Store
 
 log = logging.getLogger("ollama_proxy.auth")

@@ -23,10 +23,10 @@ from ..backends.registry import Router
 from ..errors import BadRequest, NotFound, ProxyError
 from ..api.jsonbody import decode_object
 from ..access.limiter import Limiter
-from ..http.server import Request, Responder
+from ..http.messages import JSON_TYPE, Request
+from ..http.responder import Responder
 from ..store.threads import Store
 
-JSON_TYPE = b"application/json; charset=utf-8"
 SELF_SERVICE = ("/v1/me", "/v1/usage")
 
 Handler = Callable[["AdminApi", Request, KeyEntry, dict[str, str]], Awaitable[tuple[int, Any]]]

@@ -28,7 +28,9 @@ from typing import Any
 
 import trio
 
-from ..http.server import HttpServer, Request, Responder, ServerSettings
+from ..http.messages import Request
+from ..http.responder import Responder
+from ..http.server import HttpServer, ServerSettings
 
 FLAVORS = ("llama-cpp-python", "llama-server")
 BOS = "<s>"

@@ -33,7 +33,9 @@ from typing import Any
 
 import trio
 
-from ..http.server import ClientGone, HttpServer, Request, Responder, ServerSettings
+from ..http.messages import Request
+from ..http.responder import ClientGone, Responder
+from ..http.server import HttpServer, ServerSettings
 from .frames import (
     JSON_CT,
     MODEL_ERROR,

@@ -17,7 +17,9 @@ from ledger_rows import insert
 from ollama_proxy.store import accounts, db, ledger
 from ollama_proxy.access import limiter
 from ollama_proxy.app import Gateway
-from ollama_proxy.http.server import HttpServer, Request, Responder
+from ollama_proxy.http.messages import Request
+from ollama_proxy.http.responder import Responder
+from ollama_proxy.http.server import HttpServer
 from ollama_proxy.api.usage import UsageRecord
 
 TIMEOUT_S = 20

@@ -4,21 +4,15 @@ body framing, limits with clean errors, client-gone cancellation, drain."""
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import trio
 
 from wire import read_until_close
-from ollama_proxy.http.server import (
-    ClientGone,
-    _Connection,
-    Delivery,
-    HttpServer,
-    Request,
-    Responder,
-    ServerSettings,
-)
+from ollama_proxy.http.connection import ServerConnection
+from ollama_proxy.http.messages import Request
+from ollama_proxy.http.responder import ClientGone, Responder
+from ollama_proxy.http.server import HttpServer, ServerSettings
 
 
 TICKS = 50  # /slow streams this many 10 ms ticks
@@ -224,61 +218,11 @@ async def test_drain_grace_expiry_cancels(autojump_clock):
             await handler.cancelled.wait()
 
 
-async def test_a_delivery_is_sent_once_by_whoever_takes_it():
-    """Responder.deliver sends what another thread did not: all, the rest, or nothing."""
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    with a, b:
-        class Conn:  # what Responder.deliver needs of a connection
-            raw = a
-            sent = bytearray()
-            failed = False
-
-            class h11:  # noqa: N801
-                @staticmethod
-                def send_failed() -> None:
-                    Conn.failed = True
-
-            @staticmethod
-            async def send_bytes(data: bytes) -> None:
-                Conn.sent.extend(data)
-
-        responder = Responder.__new__(Responder)
-        responder._conn = Conn
-
-        untaken = Delivery(a, b"hello")  # no other thread got to it: we send it all
-        await responder.deliver(untaken)
-        assert bytes(Conn.sent) == b"hello"
-        untaken.from_thread()  # too late for the thread: it sends nothing
-        with pytest.raises(BlockingIOError):
-            b.recv(16, socket.MSG_DONTWAIT)
-
-        Conn.sent.clear()
-        early = Delivery(a, b"world")
-        early.from_thread()  # the thread sent it all
-        await responder.deliver(early)
-        assert b.recv(16) == b"world" and Conn.sent == bytearray()
-
-        partial = Delivery(a, b"abcdef")
-        partial.from_thread()
-        partial.sent = 2  # as if the socket had taken two bytes only
-        await responder.deliver(partial)
-        assert bytes(Conn.sent) == b"cdef"
-
-        Conn.sent.clear()
-        broken = Delivery(a, b"zz")
-        broken.take()
-        broken.failed = broken.done = True  # the thread's send failed: the client is gone
-        with pytest.raises(ClientGone):
-            await responder.deliver(broken)
-        assert Conn.failed and Conn.sent == bytearray()
-
-
 async def test_eof_seen_by_the_watcher_reaches_h11(autojump_clock, monkeypatch):
     """A client that pipelines part of a head and leaves while a finished response's
     handler runs on: the request loop hears the EOF (400), it does not spin on it."""
     feeds = 0
-    feed = _Connection._feed_h11
+    feed = ServerConnection._feed_h11
 
     async def counted_feed(self, *, idle=False):  # a spin never checkpoints: stop it here
         nonlocal feeds
@@ -286,7 +230,7 @@ async def test_eof_seen_by_the_watcher_reaches_h11(autojump_clock, monkeypatch):
         assert feeds < 100, "the request loop feeds h11 in a loop that never waits"
         await feed(self, idle=idle)
 
-    monkeypatch.setattr(_Connection, "_feed_h11", counted_feed)
+    monkeypatch.setattr(ServerConnection, "_feed_h11", counted_feed)
 
     async def answer_then_linger(request: Request, responder: Responder) -> None:
         await responder.respond(200, [], b"ok")
@@ -390,3 +334,33 @@ async def test_a_pipelined_request_whose_body_trickles_is_still_watched(autojump
             await stream.aclose()
             await cancelled.wait()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_pipelined_request_of_a_client_gone_is_cancelled_quietly(autojump_clock, caplog):
+    """A whole request pipelined before the client left: its handler is cancelled at its
+    first checkpoint, and reading the body already buffered on the way is no failure."""
+    cancelled = trio.Event()
+
+    async def handler(request: Request, responder: Responder) -> None:
+        if request.path == "/a":
+            await responder.respond(200, [], b"ok")
+            await trio.sleep(1)  # the watcher sees the EOF meanwhile
+            return
+        assert await request.read_body() == b"12345"  # buffered: no checkpoint
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.set()
+            raise
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            _, _, port = await start(nursery, handler=handler)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+                                  b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n12345")
+            await stream.send_eof()
+            assert (await read_until_close(stream)).startswith(b"HTTP/1.1 200")
+            await cancelled.wait()
+            nursery.cancel_scope.cancel()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []

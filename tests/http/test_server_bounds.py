@@ -15,7 +15,9 @@ import trio
 import trio.testing
 
 from ollama_proxy.http.clientip import AddressPolicy
-from ollama_proxy.http.server import ClientStalled, HttpServer, Request, Responder, ServerSettings
+from ollama_proxy.http.messages import Request
+from ollama_proxy.http.responder import ClientStalled, Responder
+from ollama_proxy.http.server import HttpServer, ServerSettings
 
 from wire import read_until_close
 

@@ -10,7 +10,9 @@ import pytest
 import trio
 
 from ollama_proxy.proxy.relay import UsageLog
-from ollama_proxy.http.server import HttpServer, Request, Responder
+from ollama_proxy.http.messages import Request
+from ollama_proxy.http.responder import Responder
+from ollama_proxy.http.server import HttpServer
 from ollama_proxy.sim.server import Simulator
 from ollama_proxy.api.usage import UsageRecord
 
