@@ -27,19 +27,22 @@ log = logging.getLogger("ollama_proxy.upstream")
 
 # Bodies below this go out with the head in one write.
 SMALL_BODY_BYTES = 64 * 1024
+# A pooled connection unused this long is closed, not reused: its backend may have
+# dropped it meanwhile.
+IDLE_EXPIRY_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
-    """One backend's address, pool size and timeouts (seconds)."""
+    """One backend's address, pool size and timeouts in seconds: an ``[upstream.NAME]``
+    of the config (its one source; ``app`` builds this)."""
 
     host: str
     port: int
-    max_connections: int = 1024
-    connect_timeout_s: float = 5.0
-    first_byte_timeout_s: float = 600.0
-    chunk_gap_timeout_s: float = 300.0
-    idle_expiry_s: float = 60.0  # a pooled connection unused this long is closed
+    max_connections: int
+    connect_timeout_s: float
+    first_byte_timeout_s: float
+    chunk_gap_timeout_s: float
 
 
 class _Conn:
@@ -121,7 +124,7 @@ class UpstreamPool:
 
     async def _request(self, method: str, target: str, headers: list[tuple[bytes, bytes]],
                        body: bytes | bytearray, on_sent: Callable[[], None] | None) -> UpstreamResponse:
-        conn, stale = checkout(self._idle, trio.current_time(), self.settings.idle_expiry_s)
+        conn, stale = checkout(self._idle, trio.current_time(), IDLE_EXPIRY_S)
         for old in stale:
             await old.aclose()
         if conn is not None:

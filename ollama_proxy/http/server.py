@@ -34,17 +34,18 @@ FINISH_S = 2.0
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
-    """Limits of the HTTP server (``[server]`` section, in bytes and seconds)."""
+    """Limits of the HTTP server, in bytes and seconds: ``[server]`` of the config
+    (its one source; ``app`` builds this)."""
 
-    max_body_bytes: int = 64 * 1024 * 1024
-    max_header_bytes: int = 64 * 1024
-    header_timeout_s: float = 30.0
-    keepalive_timeout_s: float = 75.0
-    body_timeout_s: float = 60.0
-    send_timeout_s: float = 60.0
-    max_connections: int = 1024
-    max_connections_per_ip: int = 256
-    addresses: AddressPolicy = AddressPolicy()
+    max_body_bytes: int
+    max_header_bytes: int
+    header_timeout_s: float
+    keepalive_timeout_s: float
+    body_timeout_s: float
+    send_timeout_s: float
+    max_connections: int
+    max_connections_per_ip: int
+    addresses: AddressPolicy
 
 
 Handler = Callable[[Request, Responder], Awaitable[None]]
@@ -66,9 +67,9 @@ class HttpServer:
     there is none.
     """
 
-    def __init__(self, handler: Handler, settings: ServerSettings | None = None) -> None:
+    def __init__(self, handler: Handler, settings: ServerSettings) -> None:
         self.handler = handler
-        self.settings = settings or ServerSettings()
+        self.settings = settings
         self.draining = False
         self._accept_scope = trio.CancelScope()
         self.table: ConnectionTable[ServerConnection] = ConnectionTable(

@@ -8,10 +8,11 @@ import json
 import pytest
 import trio
 
+from default_settings import server_settings
 from wire import read_until_close
 from ollama_proxy.http.messages import Request
 from ollama_proxy.http.responder import ClientGone, Responder
-from ollama_proxy.http.server import HttpServer, ServerSettings
+from ollama_proxy.http.server import HttpServer
 
 
 TICKS = 50  # /stream writes this many lines
@@ -60,7 +61,7 @@ class Echo:
 
 async def start(nursery, settings=None, handler=None):
     handler = handler or Echo()
-    server = HttpServer(handler, settings or ServerSettings())
+    server = HttpServer(handler, settings or server_settings())
     host, port = await nursery.start(server.serve, "127.0.0.1", 0)
     return server, handler, port
 
@@ -127,7 +128,7 @@ async def test_chunked_request_body_and_expect_continue():
 ], ids=["431", "413-length", "413-chunked", "400-garbage", "400-length"])
 async def test_limits_and_malformed_get_clean_errors(request_bytes, status):
     """Header too big → 431, body too big → 413, malformed → 400; then close."""
-    settings = ServerSettings(max_body_bytes=1000, max_header_bytes=2000)
+    settings = server_settings(max_body_bytes=1000, max_header_bytes=2000)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             _, _, port = await start(nursery, settings)
@@ -142,7 +143,7 @@ async def test_limits_and_malformed_get_clean_errors(request_bytes, status):
 
 async def test_openai_paths_get_openai_error_shape():
     """A 413 on /v1 is rendered {"error": {"message", "type", "code"}}."""
-    settings = ServerSettings(max_body_bytes=10)
+    settings = server_settings(max_body_bytes=10)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             _, _, port = await start(nursery, settings)
@@ -157,7 +158,7 @@ async def test_openai_paths_get_openai_error_shape():
 
 async def test_header_timeout_gives_408(autojump_clock):
     """A request head that never completes gets 408 after header_timeout_s."""
-    settings = ServerSettings(header_timeout_s=5)
+    settings = server_settings(header_timeout_s=5)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             _, _, port = await start(nursery, settings)
@@ -170,7 +171,7 @@ async def test_header_timeout_gives_408(autojump_clock):
 
 async def test_idle_keepalive_connection_closed_silently(autojump_clock):
     """An idle keep-alive connection is closed after keepalive_timeout_s, no bytes."""
-    settings = ServerSettings(keepalive_timeout_s=3)
+    settings = server_settings(keepalive_timeout_s=3)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             _, _, port = await start(nursery, settings)
@@ -274,7 +275,7 @@ async def test_handler_failing_after_render_closes_the_connection(autojump_clock
         responder.render(200, [], b"never delivered")
         raise RuntimeError("the usage sink broke")
 
-    settings = ServerSettings(keepalive_timeout_s=30)
+    settings = server_settings(keepalive_timeout_s=30)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             _, _, port = await start(nursery, settings, render_then_fail)
