@@ -10,6 +10,7 @@ at the cap the longest-idle connection makes room), and per connection the times
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 from dataclasses import dataclass
@@ -30,6 +31,11 @@ log = logging.getLogger("ollama_proxy.server")
 # After a drain's grace, interrupted handlers get this long to end their responses
 # well (an error line, the ledger row) before they are cancelled outright.
 FINISH_S = 2.0
+# accept() failing for want of a resource (file descriptors, memory) is retried after
+# a pause, as trio's serve_listeners does: connections closing free them. Any other
+# failure is the listener's and ends the server.
+ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+ACCEPT_RETRY_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,9 +142,11 @@ class HttpServer:
         while True:
             try:
                 stream = await listener.accept()
-            except OSError as exc:  # EMFILE and friends: back off, keep serving
-                log.warning("accept failed: %s", exc)
-                await trio.sleep(0.1)
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.warning("accept failed: %s; retrying in %g s", exc, ACCEPT_RETRY_S)
+                await trio.sleep(ACCEPT_RETRY_S)
                 continue
             conn = self._admit(stream)
             if conn is None:

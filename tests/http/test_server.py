@@ -3,7 +3,9 @@ body framing, limits with clean errors, client-gone cancellation, drain."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 import pytest
 import trio
@@ -331,6 +333,31 @@ async def test_a_pipelined_request_whose_body_trickles_is_still_watched(autojump
             await stream.aclose()
             await cancelled.wait()
             nursery.cancel_scope.cancel()
+
+
+class FlakyListener:
+    """A listener whose ``accept`` fails with each errno in turn."""
+
+    def __init__(self, errnos: list[int]) -> None:
+        self.errnos = errnos
+        self.calls = 0
+
+    async def accept(self):
+        self.calls += 1
+        code = self.errnos.pop(0)
+        raise OSError(code, os.strerror(code))
+
+
+async def test_accept_retries_only_when_out_of_resources(autojump_clock, caplog):
+    """Running out of file descriptors or buffers is waited out (closing connections free
+    them); any other accept failure is the listener's and ends the server."""
+    server = HttpServer(Echo(), server_settings())
+    listener = FlakyListener([errno.EMFILE, errno.ENOBUFS, errno.EBADF])
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(OSError) as info:
+            await server._accept_loop(listener, nursery)  # type: ignore[arg-type]
+    assert info.value.errno == errno.EBADF and listener.calls == 3
+    assert len([r for r in caplog.records if "accept failed" in r.getMessage()]) == 2
 
 
 async def test_a_pipelined_request_of_a_client_gone_is_cancelled_quietly(autojump_clock, caplog):
