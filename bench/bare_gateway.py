@@ -14,7 +14,7 @@ import trio
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from ollama_proxy.app import make_backend  # noqa: E402
+from ollama_proxy.app import make_backend, server_settings  # noqa: E402
 from ollama_proxy.backends.registry import BackendSet  # noqa: E402
 from ollama_proxy.config import load_config  # noqa: E402
 from ollama_proxy.dispatch import DispatchTable, proxied_rows  # noqa: E402
@@ -37,7 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(None, env={}, listen=args.listen, upstream_urls=[args.upstream])
     router = BackendSet([make_backend(u) for u in config.upstreams])
-    server = HttpServer(DispatchTable(proxied_rows(Relay(router, NoSink()).handle)).handle)
+    server = HttpServer(DispatchTable(proxied_rows(Relay(router, NoSink()).handle)).handle,
+                        server_settings(config.server))
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:

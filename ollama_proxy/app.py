@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import trio
 
@@ -24,7 +24,9 @@ from .access.limiter import Backlog, Limiter, load_counters
 from .api.prompt_overhead import PromptOverheads
 from .proxy.recount import Recounter
 from .proxy.relay import Relay, UsageLog, UsageObserver
-from .http.server import HttpServer, Request, Responder, ServerSettings
+from .http.messages import Request
+from .http.responder import Responder
+from .http.server import HttpServer, ServerSettings
 from .store.threads import LedgerWriter, Store
 from .http.client import PoolSettings, UpstreamPool
 
@@ -74,35 +76,32 @@ def connection_cap(nofile: int | None, pool_connections: int) -> int:
                min(MAX_DEFAULT_CONNECTIONS, budget - min(pool_connections, budget // 2)))
 
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+Settings = TypeVar("Settings", bound="DataclassInstance")
+
+
+def from_section(cls: type[Settings], section: object, **derived: Any) -> Settings:
+    """A settings dataclass of a lower layer, each field the config section's value of the
+    same name, but those ``derived`` here: the config stays the one source of values."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    return cls(**{name: getattr(section, name) for name in names if name not in derived},
+               **derived)
+
+
 def server_settings(cfg: ServerConfig, upstreams: tuple[UpstreamConfig, ...] = ()) -> ServerSettings:
     max_connections = cfg.max_connections
     if max_connections is None:
         max_connections = connection_cap(open_file_limit(),
                                          sum(u.max_connections for u in upstreams))
-    return ServerSettings(
-        max_body_bytes=cfg.max_body_bytes,
-        max_header_bytes=cfg.max_header_bytes,
-        header_timeout_s=cfg.header_timeout_s,
-        keepalive_timeout_s=cfg.keepalive_timeout_s,
-        body_timeout_s=cfg.body_timeout_s,
-        send_timeout_s=cfg.send_timeout_s,
-        max_connections=max_connections,
-        max_connections_per_ip=cfg.max_connections_per_ip,
-        addresses=AddressPolicy(cfg.allow, cfg.deny, cfg.trusted_proxies),
-    )
+    return from_section(ServerSettings, cfg, max_connections=max_connections,
+                        addresses=AddressPolicy(cfg.allow, cfg.deny, cfg.trusted_proxies))
 
 
 def make_backend(cfg: UpstreamConfig) -> Backend:
-    pool = UpstreamPool(PoolSettings(
-        host=cfg.host,
-        port=cfg.port,
-        max_connections=cfg.max_connections,
-        connect_timeout_s=cfg.connect_timeout_s,
-        first_byte_timeout_s=cfg.first_byte_timeout_s,
-        chunk_gap_timeout_s=cfg.chunk_gap_timeout_s,
-    ))
     return Backend(cfg.name, kind=cfg.kind, url=cfg.url, base_path=cfg.base_path,
-                   api_key=cfg.api_key, pool=pool)
+                   api_key=cfg.api_key, pool=UpstreamPool(from_section(PoolSettings, cfg)))
 
 
 def _flat_settings(config: Config) -> dict[str, str]:

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from .errors import ConfigError
 from .isotime import iso, parse_time
 from .access.limits import Limits
+from .http.messages import host_port
 
 DEFAULT_CONFIG_FILE = "ollama-proxy.ini"
 ENV_PREFIX = "OLLAMA_PROXY_"
@@ -231,8 +232,7 @@ def _url(text: str) -> str:
         port = 0
     if parts.scheme != "http" or not parts.hostname or "@" in parts.netloc or port == 0:
         raise ValueError(allowed)
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"http://{host}{'' if port in (None, 80) else f':{port}'}{parts.path.rstrip('/')}"
+    return f"http://{host_port(parts.hostname, None if port == 80 else port)}{parts.path.rstrip('/')}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -599,8 +599,7 @@ def settings(config: Config) -> dict[str, dict[str, str]]:
             if row.field is not None:
                 values[row.name] = _show(row, getattr(obj, row.field))
             elif row.name == "listen":
-                host = f"[{obj.host}]" if ":" in obj.host else obj.host
-                values["listen"] = f"{host}:{obj.port}"
+                values["listen"] = host_port(obj.host, obj.port)
             elif row.name == "api_key_env":
                 values["api_key"] = "(set)" if obj.api_key else "(not set)"
     return out

@@ -19,7 +19,7 @@ SUBPACKAGES = ("http", "api", "access", "backends", "proxy", "store", "observe",
 # added here on purpose, not by accident.
 SHELLS = {
     "__main__", "app",
-    "http.server", "http.client", "http.sockio",
+    "http.server", "http.connection", "http.responder", "http.watch", "http.client", "http.sockio",
     "access.identity",
     "backends.registry",
     "proxy.relay", "proxy.recount",

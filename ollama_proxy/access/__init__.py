@@ -2,4 +2,4 @@
 (arithmetic, counters, the per-request step).
 
 May import: ``errors``, ``isotime``, ``api``, ``store`` (to read keys and rebuild counters),
-``http.server`` types. Never ``backends``, ``proxy``, ``admin`` or ``sim``."""
+``http.messages`` types. Never ``backends``, ``proxy``, ``admin`` or ``sim``."""

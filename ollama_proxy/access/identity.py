@@ -19,7 +19,7 @@ from ..store import accounts
 from . import keys
 from ..store.accounts import KeyEntry
 from ..errors import Forbidden, Unauthorized
-from ..http.server import Request
+from ..http.messages import Request
 from ..store.threads import Store
 
 log = logging.getLogger("ollama_proxy.auth")

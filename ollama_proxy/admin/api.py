@@ -24,10 +24,10 @@ from ..backends.registry import BackendSet
 from ..errors import BadRequest, Forbidden
 from ..api.jsonbody import decode_object
 from ..access.limiter import Limiter
-from ..http.server import Request, Responder
+from ..http.messages import JSON_TYPE, Request
+from ..http.responder import Responder
 from ..store.threads import Store
 
-JSON_TYPE = b"application/json; charset=utf-8"
 
 Params = Mapping[str, str]
 # One endpoint: the request of a caller the row admits → (status, JSON payload or None).

@@ -27,7 +27,7 @@ from .routes import Route, RouteKind
 if TYPE_CHECKING:  # the pure core needs the types, not the trio server
     from ..store.accounts import KeyEntry
     from ..access.counters import Reservation
-    from ..http.server import Request
+    from ..http.messages import Request
 
 
 @dataclass(slots=True)

@@ -15,6 +15,7 @@ import trio
 
 from ..errors import ProxyError
 from ..http.client import UpstreamPool
+from ..http.messages import host_port
 
 if TYPE_CHECKING:
     from ..api.exchange import Exchange
@@ -42,9 +43,7 @@ class Backend:
         self.base_path = base_path
         self.api_key = api_key
         self.pool = pool
-        host = pool.settings.host
-        host = f"[{host}]" if ":" in host else host  # IPv6 literal
-        self.host_header = f"{host}:{pool.settings.port}".encode()
+        self.host_header = host_port(pool.settings.host, pool.settings.port).encode()
         self.state = BackendState()
 
     def target(self, request_target: str) -> str:

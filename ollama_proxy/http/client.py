@@ -12,37 +12,37 @@ from __future__ import annotations
 
 import logging
 import select
-from typing import Callable, cast
 from dataclasses import dataclass
+from typing import Callable, cast
 
 import h11
-
-from . import sockio
 import trio
 
+from . import sockio
 from .bodies import body_reader
+from .messages import find_header
 from ..errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 
 log = logging.getLogger("ollama_proxy.upstream")
 
-RECEIVE_SIZE = 64 * 1024
 # Bodies below this go out with the head in one write.
 SMALL_BODY_BYTES = 64 * 1024
-# Bounded, shielded close: a dead peer cannot hold a task.
-CLOSE_TIMEOUT_S = 1.0
+# A pooled connection unused this long is closed, not reused: its backend may have
+# dropped it meanwhile.
+IDLE_EXPIRY_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
-    """One backend's address, pool size and timeouts (seconds)."""
+    """One backend's address, pool size and timeouts in seconds: an ``[upstream.NAME]``
+    of the config (its one source; ``app`` builds this)."""
 
     host: str
     port: int
-    max_connections: int = 1024
-    connect_timeout_s: float = 5.0
-    first_byte_timeout_s: float = 600.0
-    chunk_gap_timeout_s: float = 300.0
-    idle_expiry_s: float = 60.0  # a pooled connection unused this long is closed
+    max_connections: int
+    connect_timeout_s: float
+    first_byte_timeout_s: float
+    chunk_gap_timeout_s: float
 
 
 class _Conn:
@@ -67,9 +67,7 @@ class _Conn:
         return not readable
 
     async def aclose(self) -> None:
-        with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
-            scope.shield = True
-            await self.stream.aclose()
+        await sockio.aclose(self.stream)
 
 
 def checkout(idle: list[_Conn], now: float, expiry_s: float) -> tuple[_Conn | None, list[_Conn]]:
@@ -126,7 +124,7 @@ class UpstreamPool:
 
     async def _request(self, method: str, target: str, headers: list[tuple[bytes, bytes]],
                        body: bytes | bytearray, on_sent: Callable[[], None] | None) -> UpstreamResponse:
-        conn, stale = checkout(self._idle, trio.current_time(), self.settings.idle_expiry_s)
+        conn, stale = checkout(self._idle, trio.current_time(), IDLE_EXPIRY_S)
         for old in stale:
             await old.aclose()
         if conn is not None:
@@ -199,7 +197,7 @@ class UpstreamPool:
         while True:
             event = conn.h11.next_event()
             if event is h11.NEED_DATA:
-                data = await sockio.recv(conn.raw, RECEIVE_SIZE, wait_first=True)
+                data = await sockio.recv(conn.raw, sockio.RECEIVE_SIZE, wait_first=True)
                 if not data and conn.h11.their_state is h11.SEND_RESPONSE and not conn.h11.trailing_data[0]:
                     # EOF before a single byte of response: closed keep-alive race
                     raise _StaleConnection()
@@ -271,10 +269,8 @@ class UpstreamResponse:
             raw.close()
 
     def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        """First value of header ``name`` (lower-case), or None."""
+        return find_header(self.headers, name)
 
     async def receive(self) -> bytes:
         """The body bytes available now, or b"" at its end.
@@ -302,7 +298,7 @@ class UpstreamResponse:
         with trio.CancelScope(deadline=trio.current_time() + gap_s) as scope:
             try:
                 # straight on the socket (sockio): once per relayed chunk
-                return await sockio.recv(self._conn.raw, RECEIVE_SIZE)
+                return await sockio.recv(self._conn.raw, sockio.RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise UpstreamProtocolError(f"backend connection broke: {exc}") from exc
         assert scope.cancelled_caught

@@ -1,4 +1,5 @@
-"""Socket reads and writes on the hot path, without trio's schedule point per call.
+"""Socket reads and writes on the hot path, without trio's schedule point per call,
+and the read size and bounded close that the server and the upstream client share.
 
 A trio socket method yields to the scheduler after every call that succeeds:
 a full pass of the run loop (an epoll call and the task queue), so a small
@@ -18,6 +19,10 @@ import trio
 
 YIELD_EVERY = 16
 _unyielded = 0  # calls since the last one that waited or yielded (one trio thread)
+# Large reads keep per-request work low; h11 buffers what it is not asked for yet.
+RECEIVE_SIZE = 64 * 1024
+# A polite close is shielded from cancellation but bounded: a stuck peer cannot hold a task.
+CLOSE_TIMEOUT_S = 1.0
 
 
 def raw_socket(sock: trio.socket.SocketType) -> socket.socket:
@@ -82,3 +87,10 @@ async def send_all(sock: socket.socket, data: bytes, stall_timeout_s: float | No
             return
         if view is None:
             view = memoryview(data)
+
+
+async def aclose(stream: trio.SocketStream) -> None:
+    """Close ``stream``, even in a cancelled scope, within ``CLOSE_TIMEOUT_S``."""
+    with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
+        scope.shield = True
+        await stream.aclose()

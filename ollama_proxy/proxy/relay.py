@@ -35,7 +35,8 @@ from ..api.headers import client_response_headers, upstream_request_headers
 from ..api.exchange import Exchange, PolicyStep, apply_openai_rules, parse_body, wants_stream
 from ..access.identity import KeyIndex, authorize
 from ..api.routes import Route, RouteKind
-from ..http.server import ClientGone, ClientStalled, Request, Responder
+from ..http.messages import JSON_TYPE, Request
+from ..http.responder import ClientGone, ClientStalled, Responder
 from ..http.client import ResponseTooLarge, UpstreamResponse
 from ..api.usage import (
     StreamScanner,
@@ -47,7 +48,6 @@ from ..api.usage import (
 
 log = logging.getLogger("ollama_proxy.relay")
 
-JSON_TYPE = b"application/json; charset=utf-8"
 # A JSON body this big, or with this many objects and arrays, is decoded in a worker
 # thread: a hostile one (a megabyte of tiny objects) costs tens of milliseconds to
 # seconds of CPU, which must not stall every other request; at most BIG_PARSES at once.

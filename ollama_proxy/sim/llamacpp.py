@@ -28,7 +28,10 @@ from typing import Any
 
 import trio
 
-from ..http.server import HttpServer, Request, Responder, ServerSettings
+from ..http.messages import Request
+from ..http.responder import Responder
+from ..http.server import HttpServer
+from .server import SERVER_SETTINGS
 
 FLAVORS = ("llama-cpp-python", "llama-server")
 BOS = "<s>"
@@ -185,4 +188,4 @@ async def run_llamacpp_sim(sim: LlamaCppSim, host: str, port: int, *,
                            task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
                            ) -> None:
     """Serve ``sim`` on ``host:port`` (0 = any free port) until cancelled."""
-    await HttpServer(sim.handle, ServerSettings()).serve(host, port, task_status=task_status)
+    await HttpServer(sim.handle, SERVER_SETTINGS).serve(host, port, task_status=task_status)

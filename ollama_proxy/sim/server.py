@@ -33,7 +33,10 @@ from typing import Any
 
 import trio
 
-from ..http.server import ClientGone, HttpServer, Request, Responder, ServerSettings
+from ..http.clientip import AddressPolicy
+from ..http.messages import Request
+from ..http.responder import ClientGone, Responder
+from ..http.server import HttpServer, ServerSettings
 from .frames import (
     JSON_CT,
     MODEL_ERROR,
@@ -623,6 +626,22 @@ def _base64_f32(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
+# The simulated backend's own server limits. A real Ollama has none of these; they only
+# need to be no tighter than what the gateway forwards (its default body and head caps)
+# and to keep a connection longer than the gateway's pool does (60 s).
+SERVER_SETTINGS = ServerSettings(
+    max_body_bytes=64 * 1024 * 1024,
+    max_header_bytes=64 * 1024,
+    header_timeout_s=30.0,
+    keepalive_timeout_s=75.0,
+    body_timeout_s=60.0,
+    send_timeout_s=60.0,
+    max_connections=1024,
+    max_connections_per_ip=256,
+    addresses=AddressPolicy(),
+)
+
+
 async def run_simulator(
     sim: Simulator,
     host: str,
@@ -634,5 +653,5 @@ async def run_simulator(
 
     ``task_status.started`` reports the bound ``(host, port)``.
     """
-    server = HttpServer(sim.handle, ServerSettings())
+    server = HttpServer(sim.handle, SERVER_SETTINGS)
     await server.serve(host, port, task_status=task_status)

@@ -23,7 +23,7 @@ from ollama_proxy.access.limiter import Limiter, load_counters
 from ollama_proxy.access.limits import Limits
 from ollama_proxy.api.exchange import Exchange, apply_openai_rules, parse_body, wants_stream
 from ollama_proxy.api.routes import match_route
-from ollama_proxy.http.server import Request
+from ollama_proxy.http.messages import Request
 from ollama_proxy.api.usage import UsageRecord
 
 

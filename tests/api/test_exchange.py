@@ -12,7 +12,7 @@ import pytest
 from ollama_proxy.errors import BadRequest
 from ollama_proxy.api.exchange import MAX_MODEL_CHARS, Exchange, apply_openai_rules, parse_body
 from ollama_proxy.api.routes import match_route
-from ollama_proxy.http.server import Request
+from ollama_proxy.http.messages import Request
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
 

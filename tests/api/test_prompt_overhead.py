@@ -16,7 +16,7 @@ from ollama_proxy.api.prompt_overhead import (
     prompt_shape,
 )
 from ollama_proxy.api.routes import match_route
-from ollama_proxy.http.server import Request
+from ollama_proxy.http.messages import Request
 from ollama_proxy.api.usage import UsageRecord
 
 USER = {"role": "user", "content": "Say hello."}

@@ -10,13 +10,14 @@ import pytest
 import trio
 
 from ollama_proxy.backends.registry import HEALTH_TIMEOUT_S, Backend, BackendSet
-from ollama_proxy.http.client import PoolSettings, UpstreamPool
+from default_settings import pool_settings
+from ollama_proxy.http.client import UpstreamPool
 
 
 def backend(name: str = "b", *, port: int = 1, host: str = "127.0.0.1", kind: str = "ollama",
             base_path: str = "", api_key: str | None = None) -> Backend:
     return Backend(name, kind=kind, url=f"http://{host}:{port}{base_path}", base_path=base_path,
-                   api_key=api_key, pool=UpstreamPool(PoolSettings(host=host, port=port)))
+                   api_key=api_key, pool=UpstreamPool(pool_settings(port, host=host)))
 
 
 class HealthServer:

@@ -17,7 +17,10 @@ from ledger_rows import insert
 from ollama_proxy.store import accounts, db, ledger
 from ollama_proxy.access import limiter
 from ollama_proxy.app import Gateway
-from ollama_proxy.http.server import HttpServer, Request, Responder
+from ollama_proxy.http.messages import Request
+from ollama_proxy.http.responder import Responder
+from ollama_proxy.http.server import HttpServer
+from ollama_proxy.sim.server import SERVER_SETTINGS
 from ollama_proxy.api.usage import UsageRecord
 
 TIMEOUT_S = 20
@@ -66,7 +69,7 @@ def ledger_rows(path: str) -> dict[str, tuple]:
 async def test_hostile_values_cost_no_row_and_survive_a_restart(nursery):
     """Honest rows of another user all land; the surrogate model is stored as U+FFFD, the
     2**63 count as 10**9 (estimated); after a restart the attacker's quota still counts them."""
-    server = HttpServer(hostile_backend)
+    server = HttpServer(hostile_backend, SERVER_SETTINGS)
     host, port = await nursery.start(server.serve, "127.0.0.1", 0)
     config = gateway_config([f"http://{host}:{port}"])
     path = config.server.database

@@ -22,7 +22,7 @@ from ollama_proxy.__main__ import main as cli_main
 from ollama_proxy.app import Gateway
 from ollama_proxy.config import load_config
 from ollama_proxy.http.server import HttpServer
-from ollama_proxy.sim.server import SimRecord, Simulator
+from ollama_proxy.sim.server import SERVER_SETTINGS, SimRecord, Simulator
 from ollama_proxy.store import db
 
 TIMEOUT_S = 20
@@ -520,7 +520,8 @@ class BackendLimits:
 async def test_a_backends_own_ratelimit_headers_give_way_to_ours(nursery):
     """A user with limits sees the gateway's x-ratelimit-* only; one without sees the backend's."""
     sim = Simulator()
-    backend = HttpServer(lambda request, responder: sim.handle(request, BackendLimits(responder)))
+    backend = HttpServer(lambda request, responder: sim.handle(request, BackendLimits(responder)),
+                         SERVER_SETTINGS)
     host, port = await nursery.start(backend.serve, "127.0.0.1", 0)
     gateway, url, _sink, admin = await start_gateway(
         nursery, gateway_config([f"http://{host}:{port}"]))

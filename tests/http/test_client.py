@@ -8,8 +8,12 @@ import pytest
 import trio
 import trio.testing
 
+from ollama_proxy.app import make_backend
+from ollama_proxy.config import load_config
 from ollama_proxy.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
-from ollama_proxy.http.client import PoolSettings, UpstreamPool
+from ollama_proxy.http.client import UpstreamPool
+
+from default_settings import pool_settings
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 HEADERS = [(b"host", b"backend"), (b"content-length", b"0")]
@@ -54,7 +58,7 @@ class CannedServer:
 async def start(nursery, server, **settings) -> UpstreamPool:
     listeners = await nursery.start(functools.partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
     port = listeners[0].socket.getsockname()[1]
-    return UpstreamPool(PoolSettings(host="127.0.0.1", port=port, **settings))
+    return UpstreamPool(pool_settings(port, **settings))
 
 
 async def get(pool) -> bytes:
@@ -102,7 +106,7 @@ async def test_connection_refused_is_unreachable():
     with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    pool = UpstreamPool(PoolSettings(host="127.0.0.1", port=port))
+    pool = UpstreamPool(pool_settings(port))
     with pytest.raises(UpstreamUnreachable) as info:
         await get(pool)
     assert info.value.status == 502
@@ -139,14 +143,24 @@ async def test_broken_backend_is_protocol_error(nursery, reply):
         await get(pool)
 
 
-async def test_pool_is_bounded(nursery):
+async def test_pool_is_bounded(nursery, autojump_clock):
     """At most max_connections requests run at once; the next waits for a slot."""
     server = CannedServer([OK])
     pool = await start(nursery, server, max_connections=1)
     first = await pool.request("GET", "/", HEADERS, b"")
-    with trio.move_on_after(0.2) as scope:
+    with trio.move_on_after(60) as scope:  # in trio time: the wait has no end of its own
         await pool.request("GET", "/", HEADERS, b"")
     assert scope.cancelled_caught
     await first.read_all(100)
     await first.aclose()
     assert await get(pool) == b"ok"
+
+
+def test_a_pools_settings_are_its_upstreams():
+    """Each pool setting is its [upstream.NAME] value, built by the app: no second default."""
+    config = load_config(None, env={}, upstream_urls=["http://[::1]:9000"])
+    backend = make_backend(config.upstreams[0])
+    pool = backend.pool
+    assert (pool.settings.host, pool.settings.port) == ("::1", 9000)
+    assert pool.settings.first_byte_timeout_s == config.upstreams[0].first_byte_timeout_s
+    assert backend.host_header == b"[::1]:9000"

@@ -3,42 +3,51 @@ body framing, limits with clean errors, client-gone cancellation, drain."""
 
 from __future__ import annotations
 
+import errno
 import json
-import socket
+import os
 
 import pytest
 import trio
 
+from default_settings import server_settings
 from wire import read_until_close
-from ollama_proxy.http.server import (
-    ClientGone,
-    _Connection,
-    Delivery,
-    HttpServer,
-    Request,
-    Responder,
-    ServerSettings,
-)
+from ollama_proxy.http.messages import Request
+from ollama_proxy.http.responder import ClientGone, Responder
+from ollama_proxy.http.server import HttpServer
 
 
-TICKS = 50  # /slow streams this many 10 ms ticks
+TICKS = 50  # /stream writes this many lines
+
+
+async def sleep_until_cancelled(cancelled: trio.Event) -> None:
+    """Never return (a cold model load, a stream waiting for its backend); set
+    ``cancelled`` when cancelled."""
+    try:
+        await trio.sleep_forever()
+    except trio.Cancelled:
+        cancelled.set()
+        raise
 
 
 class Echo:
-    """A handler that echoes the body, or streams slowly when asked to."""
+    """A handler that echoes the body, streams when asked to (its first line at once,
+    the rest once the test sets ``go_on``), or never answers."""
 
     def __init__(self) -> None:
         self.cancelled = trio.Event()
         self.started = trio.Event()
+        self.go_on = trio.Event()
 
     async def __call__(self, request: Request, responder: Responder) -> None:
-        if request.path == "/slow":
-            self.started.set()
+        if request.path == "/stream":
             try:
                 await responder.start(200, [(b"content-type", b"text/plain")])
-                for _ in range(TICKS):
+                await responder.write(b"tick\n")
+                self.started.set()
+                await self.go_on.wait()  # mid-stream
+                for _ in range(TICKS - 1):
                     await responder.write(b"tick\n")
-                    await trio.sleep(0.01)
                 await responder.end()
             except (trio.Cancelled, ClientGone):  # whichever notices first: watcher or write
                 self.cancelled.set()
@@ -46,11 +55,7 @@ class Echo:
             return
         if request.path == "/wait":  # never answers: like a cold model load
             self.started.set()
-            try:
-                await trio.sleep_forever()
-            except trio.Cancelled:
-                self.cancelled.set()
-                raise
+            await sleep_until_cancelled(self.cancelled)
         body = json.dumps({"method": request.method, "path": request.path,
                            "body": (await request.read_body()).decode()}).encode()
         await responder.respond(200, [(b"content-type", b"application/json")], body)
@@ -58,7 +63,7 @@ class Echo:
 
 async def start(nursery, settings=None, handler=None):
     handler = handler or Echo()
-    server = HttpServer(handler, settings or ServerSettings())
+    server = HttpServer(handler, settings or server_settings())
     host, port = await nursery.start(server.serve, "127.0.0.1", 0)
     return server, handler, port
 
@@ -125,7 +130,7 @@ async def test_chunked_request_body_and_expect_continue():
 ], ids=["431", "413-length", "413-chunked", "400-garbage", "400-length"])
 async def test_limits_and_malformed_get_clean_errors(request_bytes, status):
     """Header too big → 431, body too big → 413, malformed → 400; then close."""
-    settings = ServerSettings(max_body_bytes=1000, max_header_bytes=2000)
+    settings = server_settings(max_body_bytes=1000, max_header_bytes=2000)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             _, _, port = await start(nursery, settings)
@@ -140,7 +145,7 @@ async def test_limits_and_malformed_get_clean_errors(request_bytes, status):
 
 async def test_openai_paths_get_openai_error_shape():
     """A 413 on /v1 is rendered {"error": {"message", "type", "code"}}."""
-    settings = ServerSettings(max_body_bytes=10)
+    settings = server_settings(max_body_bytes=10)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             _, _, port = await start(nursery, settings)
@@ -155,7 +160,7 @@ async def test_openai_paths_get_openai_error_shape():
 
 async def test_header_timeout_gives_408(autojump_clock):
     """A request head that never completes gets 408 after header_timeout_s."""
-    settings = ServerSettings(header_timeout_s=5)
+    settings = server_settings(header_timeout_s=5)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             _, _, port = await start(nursery, settings)
@@ -168,7 +173,7 @@ async def test_header_timeout_gives_408(autojump_clock):
 
 async def test_idle_keepalive_connection_closed_silently(autojump_clock):
     """An idle keep-alive connection is closed after keepalive_timeout_s, no bytes."""
-    settings = ServerSettings(keepalive_timeout_s=3)
+    settings = server_settings(keepalive_timeout_s=3)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             _, _, port = await start(nursery, settings)
@@ -181,9 +186,10 @@ async def test_idle_keepalive_connection_closed_silently(autojump_clock):
             nursery.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("path", ["/slow", "/wait"])
-async def test_client_gone_cancels_handler(path):
-    """Closing the client mid-stream or before any byte cancels the handler at once."""
+@pytest.mark.parametrize("path", ["/stream", "/wait"])
+async def test_client_gone_cancels_handler(path, autojump_clock):
+    """Closing the client mid-stream or before any byte cancels the handler at once
+    (neither writes meanwhile: the watcher notices)."""
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             _, handler, port = await start(nursery)
@@ -202,11 +208,12 @@ async def test_drain_finishes_inflight_then_stops():
         async with trio.open_nursery() as nursery:
             server, handler, port = await start(nursery)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
-            await stream.send_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            await stream.send_all(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
             await handler.started.wait()
             server.drain(30)
             with pytest.raises(OSError):
                 await trio.open_tcp_stream("127.0.0.1", port)
+            handler.go_on.set()
             data = await read_until_close(stream, limit=1 << 30)
             assert data.count(b"tick\n") == TICKS and data.endswith(b"0\r\n\r\n")
             assert not handler.cancelled.is_set()
@@ -224,69 +231,9 @@ async def test_drain_grace_expiry_cancels(autojump_clock):
             await handler.cancelled.wait()
 
 
-async def test_a_delivery_is_sent_once_by_whoever_takes_it():
-    """Responder.deliver sends what another thread did not: all, the rest, or nothing."""
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    with a, b:
-        class Conn:  # what Responder.deliver needs of a connection
-            raw = a
-            sent = bytearray()
-            failed = False
-
-            class h11:  # noqa: N801
-                @staticmethod
-                def send_failed() -> None:
-                    Conn.failed = True
-
-            @staticmethod
-            async def send_bytes(data: bytes) -> None:
-                Conn.sent.extend(data)
-
-        responder = Responder.__new__(Responder)
-        responder._conn = Conn
-
-        untaken = Delivery(a, b"hello")  # no other thread got to it: we send it all
-        await responder.deliver(untaken)
-        assert bytes(Conn.sent) == b"hello"
-        untaken.from_thread()  # too late for the thread: it sends nothing
-        with pytest.raises(BlockingIOError):
-            b.recv(16, socket.MSG_DONTWAIT)
-
-        Conn.sent.clear()
-        early = Delivery(a, b"world")
-        early.from_thread()  # the thread sent it all
-        await responder.deliver(early)
-        assert b.recv(16) == b"world" and Conn.sent == bytearray()
-
-        partial = Delivery(a, b"abcdef")
-        partial.from_thread()
-        partial.sent = 2  # as if the socket had taken two bytes only
-        await responder.deliver(partial)
-        assert bytes(Conn.sent) == b"cdef"
-
-        Conn.sent.clear()
-        broken = Delivery(a, b"zz")
-        broken.take()
-        broken.failed = broken.done = True  # the thread's send failed: the client is gone
-        with pytest.raises(ClientGone):
-            await responder.deliver(broken)
-        assert Conn.failed and Conn.sent == bytearray()
-
-
-async def test_eof_seen_by_the_watcher_reaches_h11(autojump_clock, monkeypatch):
+async def test_eof_seen_by_the_watcher_reaches_h11(autojump_clock):
     """A client that pipelines part of a head and leaves while a finished response's
-    handler runs on: the request loop hears the EOF (400), it does not spin on it."""
-    feeds = 0
-    feed = _Connection._feed_h11
-
-    async def counted_feed(self, *, idle=False):  # a spin never checkpoints: stop it here
-        nonlocal feeds
-        feeds += 1
-        assert feeds < 100, "the request loop feeds h11 in a loop that never waits"
-        await feed(self, idle=idle)
-
-    monkeypatch.setattr(_Connection, "_feed_h11", counted_feed)
+    handler runs on: the request loop hears the EOF (400), it does not wait for more."""
 
     async def answer_then_linger(request: Request, responder: Responder) -> None:
         await responder.respond(200, [], b"ok")
@@ -330,7 +277,7 @@ async def test_handler_failing_after_render_closes_the_connection(autojump_clock
         responder.render(200, [], b"never delivered")
         raise RuntimeError("the usage sink broke")
 
-    settings = ServerSettings(keepalive_timeout_s=30)
+    settings = server_settings(keepalive_timeout_s=30)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             _, _, port = await start(nursery, settings, render_then_fail)
@@ -371,11 +318,7 @@ async def test_a_pipelined_request_whose_body_trickles_is_still_watched(autojump
         if request.path == "/a":
             await responder.respond(200, [], b"ok")
             return
-        try:
-            await trio.sleep_forever()
-        except trio.Cancelled:
-            cancelled.set()
-            raise
+        await sleep_until_cancelled(cancelled)
 
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
@@ -390,3 +333,54 @@ async def test_a_pipelined_request_whose_body_trickles_is_still_watched(autojump
             await stream.aclose()
             await cancelled.wait()
             nursery.cancel_scope.cancel()
+
+
+class FlakyListener:
+    """A listener whose ``accept`` fails with each errno in turn."""
+
+    def __init__(self, errnos: list[int]) -> None:
+        self.errnos = errnos
+        self.calls = 0
+
+    async def accept(self):
+        self.calls += 1
+        code = self.errnos.pop(0)
+        raise OSError(code, os.strerror(code))
+
+
+async def test_accept_retries_only_when_out_of_resources(autojump_clock, caplog):
+    """Running out of file descriptors or buffers is waited out (closing connections free
+    them); any other accept failure is the listener's and ends the server."""
+    server = HttpServer(Echo(), server_settings())
+    listener = FlakyListener([errno.EMFILE, errno.ENOBUFS, errno.EBADF])
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(OSError) as info:
+            await server._accept_loop(listener, nursery)  # type: ignore[arg-type]
+    assert info.value.errno == errno.EBADF and listener.calls == 3
+    assert len([r for r in caplog.records if "accept failed" in r.getMessage()]) == 2
+
+
+async def test_a_pipelined_request_of_a_client_gone_is_cancelled_quietly(autojump_clock, caplog):
+    """A whole request pipelined before the client left: its handler is cancelled at its
+    first checkpoint, and reading the body already buffered on the way is no failure."""
+    cancelled = trio.Event()
+
+    async def handler(request: Request, responder: Responder) -> None:
+        if request.path == "/a":
+            await responder.respond(200, [], b"ok")
+            await trio.sleep(1)  # the watcher sees the EOF meanwhile
+            return
+        assert await request.read_body() == b"12345"  # buffered: no checkpoint
+        await sleep_until_cancelled(cancelled)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            _, _, port = await start(nursery, handler=handler)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+                                  b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n12345")
+            await stream.send_eof()
+            assert (await read_until_close(stream)).startswith(b"HTTP/1.1 200")
+            await cancelled.wait()
+            nursery.cancel_scope.cancel()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []

@@ -14,9 +14,14 @@ import pytest
 import trio
 import trio.testing
 
+from ollama_proxy.app import server_settings as server_settings_of
+from ollama_proxy.config import load_config
 from ollama_proxy.http.clientip import AddressPolicy
-from ollama_proxy.http.server import ClientStalled, HttpServer, Request, Responder, ServerSettings
+from ollama_proxy.http.messages import Request
+from ollama_proxy.http.responder import ClientStalled, Responder
+from ollama_proxy.http.server import HttpServer
 
+from default_settings import server_settings
 from wire import read_until_close
 
 
@@ -54,7 +59,7 @@ class Gate:
 
 async def serve(nursery: trio.Nursery, **settings: object) -> tuple[HttpServer, Gate, int]:
     gate = Gate()
-    server = HttpServer(gate, ServerSettings(**settings))  # type: ignore[arg-type]
+    server = HttpServer(gate, server_settings(**settings))
     _, port = await nursery.start(server.serve, "127.0.0.1", 0)
     return server, gate, port
 
@@ -97,7 +102,7 @@ async def test_a_body_takes_memory_as_it_arrives_not_as_announced():
     try:
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
-                server = HttpServer(reader, ServerSettings())
+                server = HttpServer(reader, server_settings())
                 _, port = await nursery.start(server.serve, "127.0.0.1", 0)
                 stream = await trio.open_tcp_stream("127.0.0.1", port)
                 await stream.send_all(b"POST /api/chat HTTP/1.1\r\nHost: x\r\n"
@@ -368,3 +373,14 @@ async def test_x_forwarded_for_is_ignored_from_other_peers():
                                   b"X-Forwarded-For: 10.1.1.1\r\nConnection: close\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200") and body["client"] == "127.0.0.1"
             nursery.cancel_scope.cancel()
+
+
+def test_the_bounds_are_the_configs():
+    """Each server setting is its [server] value, built by the app: no second default."""
+    config = load_config(None, env={"OLLAMA_PROXY_SERVER_MAX_BODY_MB": "2",
+                                    "OLLAMA_PROXY_SERVER_SEND_TIMEOUT_S": "7",
+                                    "OLLAMA_PROXY_SERVER_MAX_CONNECTIONS": "99"})
+    settings = server_settings_of(config.server)
+    assert (settings.max_body_bytes, settings.send_timeout_s, settings.max_connections) == \
+        (2 * 1024 * 1024, 7.0, 99)
+    assert settings.max_header_bytes == config.server.max_header_bytes

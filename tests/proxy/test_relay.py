@@ -10,8 +10,10 @@ import pytest
 import trio
 
 from ollama_proxy.proxy.relay import UsageLog
-from ollama_proxy.http.server import HttpServer, Request, Responder
-from ollama_proxy.sim.server import Simulator
+from ollama_proxy.http.messages import Request
+from ollama_proxy.http.responder import Responder
+from ollama_proxy.http.server import HttpServer
+from ollama_proxy.sim.server import SERVER_SETTINGS, Simulator
 from ollama_proxy.api.usage import UsageRecord
 
 from gateway_stack import MemorySink, Stack, gateway_config, start_gateway, start_stack
@@ -64,7 +66,7 @@ class Tap:
 async def tapped_stack(nursery, **overrides) -> tuple[Stack, Tap]:
     sim = Simulator()
     tap = Tap(sim)
-    server = HttpServer(tap)
+    server = HttpServer(tap, SERVER_SETTINGS)
     host, port = await nursery.start(server.serve, "127.0.0.1", 0)
     sim_url = f"http://{host}:{port}"
     gateway, url, sink, key = await start_gateway(nursery, gateway_config([sim_url], **overrides))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from ollama_proxy.app import connection_cap
-from ollama_proxy.http.connections import ConnectionTable, address_key
+from ollama_proxy.http.conntable import ConnectionTable, address_key
 
 
 @pytest.mark.parametrize(("peer", "key"), [
