@@ -170,12 +170,14 @@ class Simulator:
 
     # ------------------------------------------------------------------ records
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
+        """Wake ``wait_for``: call after changing a record."""
         self._changed.unpark_all()
 
-    def _finish(self, record: SimRecord, outcome: str) -> None:
+    def finish(self, record: SimRecord, outcome: str) -> None:
+        """Record how ``record`` ended (see ``SimRecord``)."""
         record.outcome = outcome
-        self._notify()
+        self.notify()
 
     async def wait_for(
         self, predicate: Callable[[Simulator], bool], timeout_s: float = 5.0
@@ -208,13 +210,13 @@ class Simulator:
         self.records.append(record)
         if self.max_records is not None and len(self.records) > 2 * self.max_records:
             del self.records[: -self.max_records]
-        self._notify()
+        self.notify()
         try:
             await request.read_body()  # the simulator wants every body
             await self._dispatch(request, responder, record)
         except (trio.Cancelled, ClientGone):
             if record.outcome == "pending":
-                self._finish(record, "cancelled")
+                self.finish(record, "cancelled")
             raise
 
     async def _dispatch(self, request: Request, responder: Responder, record: SimRecord) -> None:
@@ -223,12 +225,12 @@ class Simulator:
             endpoints = self._model_endpoints
         # gin's own answers: the bare 403 of the Host/CORS checks, text/plain 404/405.
         if not allowed(request.header(b"host"), request.header(b"origin")):
-            await self._send(responder, record, 403, b"", None, "refused")
+            await self.send(responder, record, 403, b"", None, "refused")
         elif endpoints is None:
-            await self._send(responder, record, 404, b"404 page not found", GIN_TEXT_CT, "refused")
+            await self.send(responder, record, 404, b"404 page not found", GIN_TEXT_CT, "refused")
         elif request.method not in endpoints:
             text = b"405 method not allowed"
-            await self._send(responder, record, 405, text, GIN_TEXT_CT, "refused")
+            await self.send(responder, record, 405, text, GIN_TEXT_CT, "refused")
         else:
             try:
                 await endpoints[request.method](request, responder, record)
@@ -236,11 +238,11 @@ class Simulator:
                 content_type, body = error_body(
                     refusal.api, refusal.status, refusal.message, early=refusal.early
                 )
-                await self._send(
+                await self.send(
                     responder, record, refusal.status, body, content_type, refusal.outcome
                 )
 
-    async def _send(
+    async def send(
         self,
         responder: Responder,
         record: SimRecord,
@@ -254,7 +256,7 @@ class Simulator:
         headers = [] if content_type is None else [(b"content-type", content_type)]
         if len(body) < GO_CHUNKING_THRESHOLD:
             await responder.start(status, headers, length=len(body))
-            await self._last(responder, record, outcome, body, chunked=False)
+            await self.last(responder, record, outcome, body, chunked=False)
             return
         await responder.start(status, headers)
         pieces = [
@@ -263,9 +265,9 @@ class Simulator:
         ]
         for piece in pieces[:-1]:
             await responder.write(piece)
-        await self._last(responder, record, outcome, pieces[-1], chunked=True)
+        await self.last(responder, record, outcome, pieces[-1], chunked=True)
 
-    async def _last(
+    async def last(
         self, responder: Responder, record: SimRecord, outcome: str, data: bytes, *, chunked: bool
     ) -> None:
         """Write the last bytes and end the body, with ``outcome`` recorded first.
@@ -275,28 +277,52 @@ class Simulator:
         ``cancelled`` if those bytes (or, when chunked, the end marker) never
         left. A Content-Length body is complete without its end marker.
         """
-        self._finish(record, outcome)
+        self.finish(record, outcome)
         try:
             await responder.write(data)
             if chunked:
                 await responder.end()
         except (trio.Cancelled, ClientGone):
-            self._finish(record, "cancelled")
+            self.finish(record, "cancelled")
             raise
         if not chunked:
             await responder.end()
 
-    def _decode(self, request: Request, record: SimRecord, api: Api, go_type: str) -> Body:
+    async def open_stream(
+        self, responder: Responder, record: SimRecord, content_type: bytes
+    ) -> None:
+        """Start a streamed 200 reply (chunked); ``last`` ends it."""
+        record.status = 200
+        await responder.start(200, [(b"content-type", content_type)])
+
+    def decode(self, request: Request, record: SimRecord, api: Api, go_type: str) -> Body:
+        """The body read as Ollama reads it into ``go_type``; the record keeps the JSON."""
         record.body, body = decode(request.body, api, go_type)
         return body
 
-    def _touch(self, model: SimModel, keep_ns: int | None) -> None:
+    # ------------------------------------------------------------------ loaded models
+
+    def touch(self, model: SimModel, keep_ns: int | None) -> None:
         """Mark ``model`` loaded until now + keep_alive; keep_alive 0 unloads it."""
-        key = normalize_name(model.name)
         if keep_ns == 0:
-            self._loaded.pop(key, None)
+            self.unload(model.name)
         else:
+            key = normalize_name(model.name)
             self._loaded[key] = now_ns() + (DEFAULT_KEEP_ALIVE_NS if keep_ns is None else keep_ns)
+
+    def unload(self, name: str) -> None:
+        """Forget that ``name`` is loaded (if it was)."""
+        self._loaded.pop(normalize_name(name), None)
+
+    def loaded_models(self) -> list[tuple[SimModel, int]]:
+        """The installed models still loaded, with their expiry (ns), latest expiry first."""
+        now = now_ns()
+        live = [
+            (expiry, key)
+            for key, expiry in self._loaded.items()
+            if expiry > now and key in self.models
+        ]
+        return [(self.models[key], expiry) for expiry, key in sorted(live, reverse=True)]
 
     async def _load(self, directives: Directives) -> None:
         delay = self.first_byte_delay_s if directives.delay is None else directives.delay
@@ -306,24 +332,18 @@ class Simulator:
     # ------------------------------------------------------------------ model endpoints
 
     async def _root(self, request: Request, responder: Responder, record: SimRecord) -> None:
-        await self._send(responder, record, 200, b"Ollama is running", TEXT_CT)
+        await self.send(responder, record, 200, b"Ollama is running", TEXT_CT)
 
     async def _version(self, request: Request, responder: Responder, record: SimRecord) -> None:
-        await self._send(responder, record, 200, go_json({"version": VERSION}))
+        await self.send(responder, record, 200, go_json({"version": VERSION}))
 
     async def _tags(self, request: Request, responder: Responder, record: SimRecord) -> None:
         models = [tags_entry(model) for model in self.models.values()]
-        await self._send(responder, record, 200, go_json({"models": models}))
+        await self.send(responder, record, 200, go_json({"models": models}))
 
     async def _ps(self, request: Request, responder: Responder, record: SimRecord) -> None:
-        now = now_ns()
-        live = [
-            (expiry, key)
-            for key, expiry in self._loaded.items()
-            if expiry > now and key in self.models
-        ]
-        models = [ps_entry(self.models[key], expiry) for expiry, key in sorted(live, reverse=True)]
-        await self._send(responder, record, 200, go_json({"models": models}))
+        models = [ps_entry(model, expiry) for model, expiry in self.loaded_models()]
+        await self.send(responder, record, 200, go_json({"models": models}))
 
     def _named(self, body: Body, record: SimRecord) -> str:
         """``model``, or the deprecated ``name``; required."""
@@ -333,12 +353,12 @@ class Simulator:
         return record.model
 
     async def _show(self, request: Request, responder: Responder, record: SimRecord) -> None:
-        body = self._decode(request, record, Api.NATIVE, "api.ShowRequest")
+        body = self.decode(request, record, Api.NATIVE, "api.ShowRequest")
         model = find_model(self.models, self._named(body, record), Api.NATIVE)
-        await self._send(responder, record, 200, go_json(show_body(model)))
+        await self.send(responder, record, 200, go_json(show_body(model)))
 
     async def _pull(self, request: Request, responder: Responder, record: SimRecord) -> None:
-        body = self._decode(request, record, Api.NATIVE, "api.PullRequest")
+        body = self.decode(request, record, Api.NATIVE, "api.PullRequest")
         model = self.models.get(normalize_name(self._named(body, record)))
         record.stream = body.get("stream", "bool") is not False
         lines: list[dict[str, Any]] = [{"status": "pulling manifest"}]
@@ -356,19 +376,18 @@ class Simulator:
         if not record.stream:
             if failure is not None:
                 raise Refusal(500, failure, Api.NATIVE)
-            await self._send(responder, record, 200, go_json(lines[-1]))
+            await self.send(responder, record, 200, go_json(lines[-1]))
             return
         if failure is not None:
             lines.append({"error": failure})
-        record.status = 200
-        await responder.start(200, [(b"content-type", NDJSON_CT)])
+        await self.open_stream(responder, record, NDJSON_CT)
         for line in lines[:-1]:
             await responder.write(go_json(line) + b"\n")
         outcome = "completed" if failure is None else "error"
-        await self._last(responder, record, outcome, go_json(lines[-1]) + b"\n", chunked=True)
+        await self.last(responder, record, outcome, go_json(lines[-1]) + b"\n", chunked=True)
 
     async def _copy(self, request: Request, responder: Responder, record: SimRecord) -> None:
-        body = self._decode(request, record, Api.NATIVE, "api.CopyRequest")
+        body = self.decode(request, record, Api.NATIVE, "api.CopyRequest")
         source, destination = body.text("source"), body.text("destination")
         record.model = source
         if not source or not destination:
@@ -377,33 +396,33 @@ class Simulator:
         if model is None:
             raise Refusal(404, f'model "{source}" not found', Api.NATIVE)
         self.models[normalize_name(destination)] = replace(model, name=normalize_name(destination))
-        await self._send(responder, record, 200, b"", None)
+        await self.send(responder, record, 200, b"", None)
 
     async def _delete(self, request: Request, responder: Responder, record: SimRecord) -> None:
-        body = self._decode(request, record, Api.NATIVE, "api.DeleteRequest")
+        body = self.decode(request, record, Api.NATIVE, "api.DeleteRequest")
         name = self._named(body, record)
         if self.models.pop(normalize_name(name), None) is None:
             raise Refusal(404, f"model '{name}' not found", Api.NATIVE)
-        self._loaded.pop(normalize_name(name), None)
-        await self._send(responder, record, 200, b"", None)
+        self.unload(name)
+        await self.send(responder, record, 200, b"", None)
 
     async def _v1_models(self, request: Request, responder: Responder, record: SimRecord) -> None:
         # Go marshals a list it never appended to as null.
         data = [openai_model(model.name, model) for model in self.models.values()] or None
         body = go_json({"object": "list", "data": data}) + b"\n"
-        await self._send(responder, record, 200, body, OPENAI_JSON_CT)
+        await self.send(responder, record, 200, body, OPENAI_JSON_CT)
 
     async def _v1_model(self, request: Request, responder: Responder, record: SimRecord) -> None:
         record.model = urllib.parse.unquote(request.path[len("/v1/models/") :])
         model = find_model(self.models, record.model, Api.OPENAI)
         body = go_json(openai_model(record.model, model)) + b"\n"
-        await self._send(responder, record, 200, body, OPENAI_JSON_CT)
+        await self.send(responder, record, 200, body, OPENAI_JSON_CT)
 
     # ------------------------------------------------------------------ generation endpoints
 
     async def _generation(self, request: Request, responder: Responder, record: SimRecord) -> None:
         api, go_type, reader = GENERATION_READERS[request.path]
-        body = self._decode(request, record, api, go_type)
+        body = self.decode(request, record, api, go_type)
         record.model, record.stream = body.text("model"), body.stream()
         generation = reader(body, self.models, record.id)
         if generation.load_only:
@@ -414,23 +433,23 @@ class Simulator:
     async def _load_only(self, responder: Responder, record: SimRecord, gen: Generation) -> None:
         """No prompt: load (or, with keep_alive 0, unload) the model; one JSON reply."""
         await self._load(Directives())
-        self._touch(gen.model, gen.keep_alive_ns)
+        self.touch(gen.model, gen.keep_alive_ns)
         reason = "unload" if gen.keep_alive_ns == 0 else "load"
         content_type, body = gen.dialect.whole([], Stats(0, 0, reason))
-        await self._send(responder, record, 200, body, content_type)
+        await self.send(responder, record, 200, body, content_type)
 
     async def _run(self, responder: Responder, record: SimRecord, gen: Generation) -> None:
         """Load, then answer or stream the tokens, failing where the directives say."""
         directives, dialect = gen.directives, gen.dialect
         record.prompt_tokens = gen.prompt_tokens
-        self._notify()
+        self.notify()
         started = trio.current_time()
         await self._load(directives)
         loaded = trio.current_time()
         if directives.status is not None:
             message = status_message(directives.status, dialect.model)
             raise Refusal(directives.status, message, dialect.api)
-        self._touch(gen.model, gen.keep_alive_ns)
+        self.touch(gen.model, gen.keep_alive_ns)
         natural = self.default_tokens if directives.tokens is None else directives.tokens
         tokens, reason = plan_tokens(gen.prompt, natural, gen.cap, gen.thinking)
         rate = self.tokens_per_s if directives.rate is None else directives.rate
@@ -446,14 +465,14 @@ class Simulator:
         if sent and interval:
             await trio.sleep(sent * interval)  # the time the tokens would take
         if failure == "drop":
-            self._finish(record, "dropped")
+            self.finish(record, "dropped")
             await responder.abort()
             return
         if failure == "error":
             raise Refusal(500, MODEL_ERROR, dialect.api, outcome="error")
         record.completion_tokens = len(tokens)
         content_type, body = dialect.whole(tokens, stats(len(tokens)))
-        await self._send(responder, record, 200, body, content_type)
+        await self.send(responder, record, 200, body, content_type)
 
     async def _stream(
         self,
@@ -466,13 +485,12 @@ class Simulator:
         stats: Callable[[int], Stats],
     ) -> None:
         """One frame per token, ``interval`` apart, then the end ``failure`` asks for."""
-        record.status = 200
-        await responder.start(200, [(b"content-type", dialect.stream_type)])
+        await self.open_stream(responder, record, dialect.stream_type)
         for index, token in enumerate(tokens):
             if index and interval:
                 await trio.sleep(interval)
             record.completion_tokens += 1  # counted before the client can see it
-            self._notify()
+            self.notify()
             try:
                 await responder.write(dialect.frame(token, index == 0))
             except (trio.Cancelled, ClientGone):
@@ -481,7 +499,7 @@ class Simulator:
         if tokens and interval:
             await trio.sleep(interval)
         if failure == "drop":
-            self._finish(record, "dropped")
+            self.finish(record, "dropped")
             await responder.abort()
             return
         if failure == "error":
@@ -491,7 +509,7 @@ class Simulator:
         for piece in pieces[:-1]:
             await responder.write(piece)
         outcome = "error" if failure else "completed"
-        await self._last(responder, record, outcome, pieces[-1], chunked=True)
+        await self.last(responder, record, outcome, pieces[-1], chunked=True)
 
     # ------------------------------------------------------------------ embeddings
 
@@ -506,14 +524,14 @@ class Simulator:
         """Vectors for ``texts`` after the load: ``(vectors, total_ns, load_ns)``."""
         directives = directives_in("\n".join(texts), api)
         record.prompt_tokens = embed_tokens(texts)
-        self._notify()
+        self.notify()
         started = trio.current_time()
         await self._load(directives)
         load_ns = _ns(trio.current_time() - started)
         if directives.status is not None:
             message = status_message(directives.status, record.model or "")
             raise Refusal(directives.status, message, api)
-        self._touch(model, None)
+        self.touch(model, None)
         dim = self.embedding_dim
         if dimensions is not None and 0 < dimensions < dim:
             dim = int(dimensions)
@@ -521,13 +539,13 @@ class Simulator:
         return vectors, _ns(trio.current_time() - started), load_ns
 
     async def _embed(self, request: Request, responder: Responder, record: SimRecord) -> None:
-        body = self._decode(request, record, Api.NATIVE, "api.EmbedRequest")
+        body = self.decode(request, record, Api.NATIVE, "api.EmbedRequest")
         record.model = name = body.text("model")
         model = find_model(self.models, name, Api.NATIVE)
         texts = embed_inputs(body.data.get("input"), Api.NATIVE)
         if not texts:  # nothing to embed: just load
             await self._load(Directives())
-            await self._send(responder, record, 200, go_json({"model": name, "embeddings": []}))
+            await self.send(responder, record, 200, go_json({"model": name, "embeddings": []}))
             return
         dimensions = body.get("dimensions", "int")
         vectors, total_ns, load_ns = await self._vectors(
@@ -536,10 +554,10 @@ class Simulator:
         stats = Stats(record.prompt_tokens, 0, "", total_ns=total_ns, load_ns=load_ns)
         embeddings = [GoFloats(tuple(vector)) for vector in vectors]
         reply = {"model": name, "embeddings": embeddings, **stats.metrics()}
-        await self._send(responder, record, 200, go_json(reply))
+        await self.send(responder, record, 200, go_json(reply))
 
     async def _embeddings(self, request: Request, responder: Responder, record: SimRecord) -> None:
-        body = self._decode(request, record, Api.NATIVE, "api.EmbeddingRequest")
+        body = self.decode(request, record, Api.NATIVE, "api.EmbeddingRequest")
         record.model, prompt = body.text("model"), body.text("prompt")
         model = find_model(self.models, record.model, Api.NATIVE)
         vector: tuple[float, ...] = ()
@@ -549,12 +567,12 @@ class Simulator:
         else:
             await self._load(Directives())
         legacy = GoFloats(vector, f32=False)  # []float64: the float32 values, widened
-        await self._send(responder, record, 200, go_json({"embedding": legacy}))
+        await self.send(responder, record, 200, go_json({"embedding": legacy}))
 
     async def _v1_embeddings(
         self, request: Request, responder: Responder, record: SimRecord
     ) -> None:
-        body = self._decode(request, record, Api.OPENAI, "openai.EmbedRequest")
+        body = self.decode(request, record, Api.OPENAI, "openai.EmbedRequest")
         encoding = body.text("encoding_format").lower()
         if encoding not in ("", "float", "base64"):
             message = (
@@ -582,7 +600,7 @@ class Simulator:
         ]
         usage = {"prompt_tokens": record.prompt_tokens, "total_tokens": record.prompt_tokens}
         reply = go_json({"object": "list", "data": data, "model": name, "usage": usage})
-        await self._send(responder, record, 200, reply + b"\n", OPENAI_JSON_CT)
+        await self.send(responder, record, 200, reply + b"\n", OPENAI_JSON_CT)
 
 
 def _ns(seconds: float) -> int:
