@@ -26,18 +26,17 @@ from __future__ import annotations
 
 import base64
 import struct
-import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from ..http.server import ClientGone, HttpServer, Request, Responder, ServerSettings
+from .catalogue_endpoints import CatalogueEndpoints
 from .frames import (
     JSON_CT,
     MODEL_ERROR,
-    NDJSON_CT,
     OPENAI_JSON_CT,
     Api,
     Dialect,
@@ -51,10 +50,6 @@ from .models import (
     DEFAULT_MODELS,
     SimModel,
     normalize_name,
-    openai_model,
-    ps_entry,
-    show_body,
-    tags_entry,
 )
 from .requests import (
     GENERATION_READERS,
@@ -148,25 +143,26 @@ class Simulator:
         warm = next((key for key, model in self.models.items() if model.generates), None)
         if warm is not None:
             self._loaded[warm] = now_ns() + DEFAULT_KEEP_ALIVE_NS
+        catalogue = CatalogueEndpoints(self)
         self._endpoints: dict[str, dict[str, Endpoint]] = {
             "/": {"GET": self._root, "HEAD": self._root},
             "/api/version": {"GET": self._version, "HEAD": self._version},
-            "/api/tags": {"GET": self._tags, "HEAD": self._tags},
-            "/api/ps": {"GET": self._ps},
-            "/api/show": {"POST": self._show},
+            "/api/tags": {"GET": catalogue.tags, "HEAD": catalogue.tags},
+            "/api/ps": {"GET": catalogue.ps},
+            "/api/show": {"POST": catalogue.show},
             "/api/generate": {"POST": self._generation},
             "/api/chat": {"POST": self._generation},
             "/api/embed": {"POST": self._embed},
             "/api/embeddings": {"POST": self._embeddings},
-            "/api/pull": {"POST": self._pull},
-            "/api/copy": {"POST": self._copy},
-            "/api/delete": {"DELETE": self._delete},
+            "/api/pull": {"POST": catalogue.pull},
+            "/api/copy": {"POST": catalogue.copy},
+            "/api/delete": {"DELETE": catalogue.delete},
             "/v1/chat/completions": {"POST": self._generation},
             "/v1/completions": {"POST": self._generation},
             "/v1/embeddings": {"POST": self._v1_embeddings},
-            "/v1/models": {"GET": self._v1_models},
+            "/v1/models": {"GET": catalogue.v1_models},
         }
-        self._model_endpoints: dict[str, Endpoint] = {"GET": self._v1_model}
+        self._model_endpoints: dict[str, Endpoint] = {"GET": catalogue.v1_model}
 
     # ------------------------------------------------------------------ records
 
@@ -329,94 +325,13 @@ class Simulator:
         if delay > 0:
             await trio.sleep(delay)
 
-    # ------------------------------------------------------------------ model endpoints
+    # ------------------------------------------------------------------ the server itself
 
     async def _root(self, request: Request, responder: Responder, record: SimRecord) -> None:
         await self.send(responder, record, 200, b"Ollama is running", TEXT_CT)
 
     async def _version(self, request: Request, responder: Responder, record: SimRecord) -> None:
         await self.send(responder, record, 200, go_json({"version": VERSION}))
-
-    async def _tags(self, request: Request, responder: Responder, record: SimRecord) -> None:
-        models = [tags_entry(model) for model in self.models.values()]
-        await self.send(responder, record, 200, go_json({"models": models}))
-
-    async def _ps(self, request: Request, responder: Responder, record: SimRecord) -> None:
-        models = [ps_entry(model, expiry) for model, expiry in self.loaded_models()]
-        await self.send(responder, record, 200, go_json({"models": models}))
-
-    def _named(self, body: Body, record: SimRecord) -> str:
-        """``model``, or the deprecated ``name``; required."""
-        record.model = body.text("model") or body.text("name")
-        if not record.model:
-            raise Refusal(400, "model is required", Api.NATIVE)
-        return record.model
-
-    async def _show(self, request: Request, responder: Responder, record: SimRecord) -> None:
-        body = self.decode(request, record, Api.NATIVE, "api.ShowRequest")
-        model = find_model(self.models, self._named(body, record), Api.NATIVE)
-        await self.send(responder, record, 200, go_json(show_body(model)))
-
-    async def _pull(self, request: Request, responder: Responder, record: SimRecord) -> None:
-        body = self.decode(request, record, Api.NATIVE, "api.PullRequest")
-        model = self.models.get(normalize_name(self._named(body, record)))
-        record.stream = body.get("stream", "bool") is not False
-        lines: list[dict[str, Any]] = [{"status": "pulling manifest"}]
-        failure = "pull model manifest: file does not exist" if model is None else None
-        if model is not None:
-            layer = {
-                "status": f"pulling {model.digest[:12]}",
-                "digest": f"sha256:{model.digest}",
-                "total": model.size,
-            }
-            lines.append(layer)  # omitempty: no "completed" before the first byte
-            lines += [{**layer, "completed": model.size * part // 4} for part in (1, 4)]
-            lines += [{"status": s} for s in ("verifying sha256 digest", "writing manifest")]
-            lines.append({"status": "success"})
-        if not record.stream:
-            if failure is not None:
-                raise Refusal(500, failure, Api.NATIVE)
-            await self.send(responder, record, 200, go_json(lines[-1]))
-            return
-        if failure is not None:
-            lines.append({"error": failure})
-        await self.open_stream(responder, record, NDJSON_CT)
-        for line in lines[:-1]:
-            await responder.write(go_json(line) + b"\n")
-        outcome = "completed" if failure is None else "error"
-        await self.last(responder, record, outcome, go_json(lines[-1]) + b"\n", chunked=True)
-
-    async def _copy(self, request: Request, responder: Responder, record: SimRecord) -> None:
-        body = self.decode(request, record, Api.NATIVE, "api.CopyRequest")
-        source, destination = body.text("source"), body.text("destination")
-        record.model = source
-        if not source or not destination:
-            raise Refusal(400, "source and destination are required", Api.NATIVE)
-        model = self.models.get(normalize_name(source))
-        if model is None:
-            raise Refusal(404, f'model "{source}" not found', Api.NATIVE)
-        self.models[normalize_name(destination)] = replace(model, name=normalize_name(destination))
-        await self.send(responder, record, 200, b"", None)
-
-    async def _delete(self, request: Request, responder: Responder, record: SimRecord) -> None:
-        body = self.decode(request, record, Api.NATIVE, "api.DeleteRequest")
-        name = self._named(body, record)
-        if self.models.pop(normalize_name(name), None) is None:
-            raise Refusal(404, f"model '{name}' not found", Api.NATIVE)
-        self.unload(name)
-        await self.send(responder, record, 200, b"", None)
-
-    async def _v1_models(self, request: Request, responder: Responder, record: SimRecord) -> None:
-        # Go marshals a list it never appended to as null.
-        data = [openai_model(model.name, model) for model in self.models.values()] or None
-        body = go_json({"object": "list", "data": data}) + b"\n"
-        await self.send(responder, record, 200, body, OPENAI_JSON_CT)
-
-    async def _v1_model(self, request: Request, responder: Responder, record: SimRecord) -> None:
-        record.model = urllib.parse.unquote(request.path[len("/v1/models/") :])
-        model = find_model(self.models, record.model, Api.OPENAI)
-        body = go_json(openai_model(record.model, model)) + b"\n"
-        await self.send(responder, record, 200, body, OPENAI_JSON_CT)
 
     # ------------------------------------------------------------------ generation endpoints
 
