@@ -17,9 +17,12 @@ messages or embedding input::
     [[sim:drop_after=N]]   N frames, then drop the connection
     [[sim:status=CODE]]    answer CODE before any frame, in the endpoint's error shape
 
-The pure parts live in ``sim.text`` (Go JSON, words, directives),
-``sim.frames`` (the dialects' bytes), ``sim.models`` (the catalogue) and
-``sim.requests`` (reading requests as Ollama does).
+This module holds the ``Simulator`` itself (records, dispatch, whole replies,
+loaded models); its endpoints live in ``sim.generation`` (generation and
+embeddings) and ``sim.catalogue_endpoints`` (model management). The pure parts
+live in ``sim.text`` (Go JSON, words, directives), ``sim.frames`` (the
+dialects' bytes), ``sim.models`` (the catalogue) and ``sim.requests`` (reading
+requests as Ollama does).
 """
 
 from __future__ import annotations
@@ -205,6 +208,8 @@ class Simulator:
                 await self.send(
                     responder, record, refusal.status, body, content_type, refusal.outcome
                 )
+
+    # ------------------------------------------------------------------ replies
 
     async def send(
         self,
