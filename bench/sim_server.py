@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 
@@ -10,13 +11,13 @@ import trio
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from ollama_proxy.http.server import HttpServer, ServerSettings  # noqa: E402
-from ollama_proxy.sim.server import Simulator  # noqa: E402
+from ollama_proxy.http.server import HttpServer  # noqa: E402
+from ollama_proxy.sim.server import SERVER_SETTINGS, Simulator  # noqa: E402
 
 # All the load comes from one address, 1,000 streams at once (and the relays' idle pooled
 # connections besides): the server's default caps, 256 connections an address and 1,024 in
 # all, refused most of compare.py's 1,000 streams.
-SETTINGS = ServerSettings(max_connections=8192, max_connections_per_ip=8192)
+SETTINGS = dataclasses.replace(SERVER_SETTINGS, max_connections=8192, max_connections_per_ip=8192)
 
 
 def main() -> None:

@@ -31,7 +31,8 @@ from .admin.api import AdminApi, Call
 from .admin.status import Status
 from .api.routes import PREFIX_ROUTES, ROUTES, Route
 from .errors import ApiFamily, MethodNotAllowed, NotFound, ProxyError, family_of, render
-from .http.server import Request, Responder
+from .http.messages import Request
+from .http.responder import Responder
 
 JSON_TYPE = b"application/json; charset=utf-8"
 

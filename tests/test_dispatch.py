@@ -13,7 +13,7 @@ import pytest
 from ollama_proxy.api.routes import PREFIX_ROUTES, ROUTES
 from ollama_proxy.dispatch import Caller, DispatchTable, Row, gateway_table
 from ollama_proxy.errors import ApiFamily, Conflict, family_of
-from ollama_proxy.http.server import Request
+from ollama_proxy.http.messages import Request
 
 NATIVE, OPENAI = ApiFamily.NATIVE, ApiFamily.OPENAI
 ANYONE, KEY, ADMIN = Caller.ANYONE, Caller.KEY, Caller.ADMIN

@@ -25,7 +25,7 @@ SHELLS = {
     "proxy.relay", "proxy.recount",
     "store.threads",
     "cli.demo",
-    "sim.server", "sim.llamacpp",
+    "sim.server", "sim.generation", "sim.llamacpp",
 }
 
 

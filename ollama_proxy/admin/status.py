@@ -10,7 +10,8 @@ from collections.abc import Mapping
 
 from .. import __version__
 from ..backends.registry import BackendSet
-from ..http.server import Request, Responder
+from ..http.messages import Request
+from ..http.responder import Responder
 
 JSON_TYPE = b"application/json; charset=utf-8"
 

@@ -13,7 +13,7 @@ from ollama_proxy.access import keys
 from ollama_proxy.access.identity import KeyIndex
 from ollama_proxy.api.usage import UsageRecord
 from ollama_proxy.errors import Conflict, NotFound, StoreError, Unauthorized
-from ollama_proxy.http.server import Request
+from ollama_proxy.http.messages import Request
 from ollama_proxy.isotime import iso
 from ollama_proxy.store import accounts, db, reports
 from ollama_proxy.store.accounts import KeyEntry
