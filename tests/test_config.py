@@ -9,15 +9,13 @@ import pytest
 
 from ollama_proxy.config import (
     DEFAULT_CONFIG_FILE,
-    SCHEMA,
-    UPSTREAM,
     Config,
-    Key,
     ServerConfig,
     UpstreamConfig,
     describe,
     load_config,
 )
+from ollama_proxy.config_schema import SCHEMA, UPSTREAM, Key
 from ollama_proxy.errors import ConfigError
 from ollama_proxy.access.limits import Limits
 
