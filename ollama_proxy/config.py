@@ -24,7 +24,8 @@ from .config_parsers import IpNetwork
 from .config_schema import ENV_PREFIX, SECTIONS, UPSTREAM, Key, env_name, rows
 
 DEFAULT_CONFIG_FILE = "ollama-proxy.ini"
-ADMIN_KEY_ENV = "OLLAMA_PROXY_ADMIN_KEY"  # bootstrap admin key (PRODUCT §8): outside the scheme
+# The bootstrap admin key: the one OLLAMA_PROXY_ variable outside the scheme, never an error.
+ADMIN_KEY_ENV = "OLLAMA_PROXY_ADMIN_KEY"
 _UPSTREAM_NAME = re.compile(r"[a-z0-9_-]+")
 _API_KEY_CHARS = re.compile(r"[\x21-\x7e]+")  # it goes into an HTTP header: no spaces, no CR/LF
 
@@ -75,7 +76,7 @@ class UpstreamConfig:
 class Config:
     server: ServerConfig
     log: LogConfig
-    limits: Limits  # every user's defaults (PRODUCT §4)
+    limits: Limits  # every user's defaults; a user's own limits override them
     upstreams: tuple[UpstreamConfig, ...]
     source: str | None
 

@@ -1,4 +1,5 @@
-"""ollama_proxy.config: ini + environment + CLI -> frozen dataclasses (PRODUCT §1)."""
+"""ollama_proxy.config: ini + environment + CLI -> frozen dataclasses; every key in the
+shipped example, overridable by OLLAMA_PROXY_<SECTION>_<KEY>, errors naming where."""
 
 from __future__ import annotations
 
