@@ -26,7 +26,7 @@ from ollama_proxy.api.usage import UsageRecord  # noqa: E402
 class NoSink:
     """Usage goes nowhere."""
 
-    async def record(self, record: UsageRecord, then: object = None) -> None:
+    async def record(self, record: UsageRecord) -> None:
         return None
 
 

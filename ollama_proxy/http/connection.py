@@ -281,7 +281,7 @@ class ServerConnection:
                 log.exception("handler failed for %s %s", request.method, request.path)
                 if not self.answer_begun():
                     await self.error(500, "internal error", request.path)
-                else:  # h11 counts a rendered response as sent, delivered or not: close
+                else:  # too late for a status: cut the body short
                     self.abort()
             finally:
                 self._handler_scope = None

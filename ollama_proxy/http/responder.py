@@ -9,7 +9,6 @@ connection is kept alive after it is the connection's decision.
 
 from __future__ import annotations
 
-import socket
 from typing import TYPE_CHECKING, Callable
 
 import h11
@@ -29,47 +28,6 @@ class ClientGone(Exception):
 class ClientStalled(ClientGone):
     """The client accepted no byte of its response for ``send_timeout_s``: the
     connection is cut as if it had left."""
-
-
-class Delivery:
-    """A whole response, rendered, that another thread may send first.
-
-    The ledger writer sends it right after committing the response's usage, so
-    the client has it a hand-over back to the event loop sooner. Whoever
-    ``take``s it sends it; the other thread sends once, without blocking, and
-    ``Responder.deliver`` sends whatever is left.
-    """
-
-    __slots__ = ("sock", "data", "sent", "failed", "done", "_token")
-
-    def __init__(self, sock: socket.socket, data: bytes) -> None:
-        self.sock = sock
-        self.data = data
-        self.sent = 0
-        self.failed = False
-        self.done = False  # the other thread's send is over
-        self._token = [True]
-
-    def take(self) -> bool:
-        """True for the one caller that may send (``list.pop`` is atomic)."""
-        try:
-            self._token.pop()
-        except IndexError:
-            return False
-        return True
-
-    def from_thread(self) -> None:
-        """In another thread: one non-blocking send, if nobody took it yet."""
-        if not self.take():
-            return
-        try:
-            self.sent = self.sock.send(self.data)
-        except BlockingIOError:
-            pass
-        except OSError:
-            self.failed = True
-        finally:
-            self.done = True
 
 
 class Responder:
@@ -145,35 +103,14 @@ class Responder:
 
     async def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         """A whole response in one go (one write to the socket)."""
-        await self.deliver(self.render(status, headers, body))
-
-    def render(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> Delivery:
-        """A whole response as bytes, to send with ``deliver`` (after another thread
-        may have sent it first); h11 counts it as sent from here on."""
         headers = [(b"date", http_date()), *headers, (b"content-length", str(len(body)).encode())]
         self._closing_headers(headers)
         self._conn.answered()
-        h = self._conn.h11
-        data = h.send(h11.Response(status_code=status, headers=headers)) or b""
+        response = h11.Response(status_code=status, headers=headers)
         if body and not self._head_only:
-            data += h.send(h11.Data(data=body)) or b""
-        h.send(h11.EndOfMessage())  # a Content-Length body ends with no bytes
-        return Delivery(self._conn.raw, data)
-
-    async def deliver(self, delivery: Delivery) -> None:
-        """Send what another thread did not send of ``delivery``."""
-        start = 0
-        if not delivery.take():  # the other thread did: its send is over by now, or nearly
-            # Wait for it to end (it never blocks): closing the socket under it could let
-            # it write into whatever connection gets the same file descriptor next.
-            while not delivery.done:
-                await trio.sleep(0.001)
-            if delivery.failed:
-                self._conn.h11.send_failed()
-                raise ClientGone()
-            start = delivery.sent
-        if start < len(delivery.data):
-            await self._conn.send_bytes(delivery.data[start:] if start else delivery.data)
+            await self._conn.send(response, h11.Data(data=body), h11.EndOfMessage())
+        else:  # a Content-Length body ends with no bytes
+            await self._conn.send(response, h11.EndOfMessage())
 
     async def abort(self) -> None:
         """Drop the connection without finishing the body (a simulated crash)."""

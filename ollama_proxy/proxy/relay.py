@@ -65,14 +65,9 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
 class UsageSink(Protocol):
-    """Where usage goes durably; awaited before a response's last bytes are sent.
+    """Where usage goes durably; awaited before a response's last bytes are sent."""
 
-    ``then``, when given, may be run by the sink right after the record is
-    durable (without blocking): it sends the response's last bytes early.
-    """
-
-    async def record(self, record: UsageRecord,
-                     then: Callable[[], None] | None = None) -> None: ...
+    async def record(self, record: UsageRecord) -> None: ...
 
 
 class UsageObserver(Protocol):
@@ -386,10 +381,8 @@ class Relay:
             body = ex.rewrite_reply(body)
         result = "ok" if upstream.status < 500 else "upstream_error"
         if ex.request.method != "HEAD":
-            # Rendered before the commit: the ledger's thread sends it right after.
-            delivery = responder.render(upstream.status, headers, body)
-            await self._record(meter, result, then=delivery.from_thread)
-            await responder.deliver(delivery)
+            await self._record(meter, result)
+            await responder.respond(upstream.status, headers, body)
             return
         await self._record(meter, result)
         # HEAD: no body, but the length the backend announced
@@ -456,8 +449,7 @@ class Relay:
         if self._counter is not None and meter.record is not None:
             self._counter.stream_ended(ex, meter.backend, meter.record, scanner)
 
-    async def _record(self, meter: _Meter, outcome: str,
-                      then: Callable[[], None] | None = None) -> None:
+    async def _record(self, meter: _Meter, outcome: str) -> None:
         """Hand the usage to the sink once; a client leaving meanwhile cannot stop it."""
         if meter.recorded:
             return
@@ -468,7 +460,7 @@ class Relay:
         # A bare scope: move_on_after's generator costs more, once per request.
         with trio.CancelScope(deadline=trio.current_time() + RECORD_TIMEOUT_S,
                               shield=True) as scope:
-            await self._sink.record(record, then)
+            await self._sink.record(record)
         if scope.cancelled_caught:
             log.error("%s: usage sink did not take the record within %g s",
                       meter.exchange.request_id.decode(), RECORD_TIMEOUT_S)

@@ -78,7 +78,6 @@ class Store:
 class _Row(NamedTuple):
     seq: int
     record: UsageRecord
-    then: Callable[[], None] | None
 
 
 class _Amend(NamedTuple):
@@ -108,7 +107,7 @@ class _Written:
 
 
 class LedgerWriter:
-    """One writer thread, group commit; a usage sink whose ``record`` means "committed".
+    """One writer thread, group commit; ``record`` returns once the row is committed.
 
     Rows go to the thread through a queue; it commits whatever has queued up
     meanwhile in one transaction (group commit: under load one commit covers
@@ -150,16 +149,14 @@ class LedgerWriter:
         commits, amendments, ledger rows not yet folded into the summaries."""
         return dict(self._counts)
 
-    async def record(self, record: UsageRecord, then: Callable[[], None] | None = None) -> None:
-        """Return once ``record`` is committed. ``then`` runs in the writer thread right
-        after that commit (it must not block): the response's last bytes can go there.
-        Without waiting for commits, ``then`` is dropped."""
+    async def record(self, record: UsageRecord) -> None:
+        """Return once ``record`` is committed (without ``wait``: once it is queued)."""
         record, fixed = ledger.storable(record, time.time())
         if fixed:
             log.warning("request %s: its ledger row had unstorable values, fixed: %s",
                         record.request_id, ", ".join(fixed))
         self._queued += 1
-        self._jobs.put(_Row(self._queued, record, then if self._wait else None))
+        self._jobs.put(_Row(self._queued, record))
         if self._wait:
             await self._until(self._queued)
 
@@ -257,17 +254,8 @@ class LedgerWriter:
                 return
 
     def _after_commit(self, batch: list[_Job]) -> None:
-        """Send what waited for the commit; tell the waiters."""
-        last = 0
-        for job in batch:
-            if isinstance(job, _Touch):
-                continue
-            last = job.seq
-            if isinstance(job, _Row) and job.then is not None:
-                try:
-                    job.then()
-                except Exception:
-                    log.exception("after-commit callback failed")
+        """Tell the waiters."""
+        last = max((job.seq for job in batch if not isinstance(job, _Touch)), default=0)
         if last:
             self._done = last  # before the wake-up byte: the waiter reads it after
             try:

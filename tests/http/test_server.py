@@ -270,24 +270,6 @@ async def test_abort_while_watched_is_no_connection_failure(autojump_clock, capl
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
 
 
-async def test_handler_failing_after_render_closes_the_connection(autojump_clock, caplog):
-    """render counts a response as sent: a handler that fails before delivering it
-    leaves nothing on the wire, so the connection closes (no keep-alive wait)."""
-    async def render_then_fail(request: Request, responder: Responder) -> None:
-        responder.render(200, [], b"never delivered")
-        raise RuntimeError("the usage sink broke")
-
-    settings = server_settings(keepalive_timeout_s=30)
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            _, _, port = await start(nursery, settings, render_then_fail)
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-            await stream.send_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert await read_until_close(stream) == b""
-            assert trio.current_time() < settings.keepalive_timeout_s
-            nursery.cancel_scope.cancel()
-
-
 async def test_no_watch_after_abort(autojump_clock, caplog):
     """A handler still running after it dropped its connection gets no watcher (its
     socket is closed): nothing is logged as a connection failure."""

@@ -40,21 +40,26 @@ def rows(path) -> list[str]:
 
 
 class Gate:
-    """Holds the writer thread in the ``then`` of a first row, so that the rows queued
-    meanwhile make up the next batch, whole."""
+    """Holds the writer thread while it writes a first row, "gate", so that the rows
+    queued meanwhile make up the next batch, whole."""
 
-    def __init__(self) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self._open = threading.Event()
         self._holding = threading.Event()
+        insert_rows = ledger.insert_rows
 
-    def _hold(self) -> None:
-        self._holding.set()
-        self._open.wait(10)
+        def held(conn, records):
+            if any(r.request_id == "gate" for r in records):
+                self._holding.set()
+                self._open.wait(10)
+            return insert_rows(conn, records)
 
-    async def close(self, writer: LedgerWriter) -> None:
+        monkeypatch.setattr(ledger, "insert_rows", held)
+
+    async def close(self, writer: LedgerWriter, nursery: trio.Nursery) -> None:
         """Returns once the writer thread is held (else rows queued meanwhile could join
         the gate's own batch)."""
-        writer._jobs.put(threads._Row(0, record("gate"), self._hold))
+        nursery.start_soon(writer.record, record("gate"))
         await trio.to_thread.run_sync(self._holding.wait, 10)
 
     def open(self) -> None:
@@ -90,51 +95,26 @@ async def test_concurrent_records_share_commits(nursery, tmp_path):
         assert stats["rows_minimal"] == stats["rows_lost"] == 0
 
 
-async def test_no_wait_mode_returns_before_commit(nursery, tmp_path):
+async def test_no_wait_mode_returns_before_commit(nursery, tmp_path, monkeypatch):
     """ledger_wait = false: record() returns while the thread is busy; the row still arrives."""
     path = tmp_path / "l.db"
     writer = await start(nursery, path, wait=False)
-    gate = Gate()
+    gate = Gate(monkeypatch)
     with trio.fail_after(10):
-        await gate.close(writer)
+        await gate.close(writer, nursery)
         await writer.record(record("x"))
         gate.open()
         await writer.flush()
     assert rows(path)[-1] == "x"
 
 
-async def test_then_runs_in_the_writer_thread_right_after_the_commit(nursery, tmp_path):
-    """``then`` (the response's last bytes) runs once its row is visible to others."""
-    path = tmp_path / "l.db"
-    writer = await start(nursery, path)
-    seen: list[tuple[list[str], bool]] = []
-
-    def then() -> None:
-        seen.append((rows(path), threading.current_thread() is not threading.main_thread()))
-
-    with trio.fail_after(10):
-        await writer.record(record("a"), then)
-    assert seen == [(["a"], True)]
-
-
-async def test_then_is_dropped_when_records_are_not_waited_for(nursery, tmp_path):
-    """ledger_wait = false: nobody waits, so the caller sends its bytes itself."""
-    path = tmp_path / "l.db"
-    writer = await start(nursery, path, wait=False)
-    called = []
-    with trio.fail_after(10):
-        await writer.record(record("x"), lambda: called.append(1))
-        await writer.flush()
-    assert rows(path) == ["x"] and called == []
-
-
-async def test_a_cancelled_watcher_hands_the_watch_on(nursery, tmp_path):
+async def test_a_cancelled_watcher_hands_the_watch_on(nursery, tmp_path, monkeypatch):
     """The waiter watching the wake-up socket gives up (its deadline): another waiter
     takes the watch, and still returns once its own row is committed."""
     path = tmp_path / "l.db"
     writer = await start(nursery, path)
-    gate = Gate()
-    await gate.close(writer)
+    gate = Gate(monkeypatch)
+    await gate.close(writer, nursery)
     outcomes: list[str] = []
     first = trio.CancelScope()
 
@@ -169,12 +149,12 @@ def poison(path, when: str, how: str = "ABORT") -> None:
     conn.close()
 
 
-async def write_batch(nursery, path, batch: list[UsageRecord]) -> LedgerWriter:
+async def write_batch(nursery, monkeypatch, path, batch: list[UsageRecord]) -> LedgerWriter:
     """Start a writer and have it write ``batch`` in one transaction (then the gate row)."""
     writer = await start(nursery, path)
-    gate = Gate()
+    gate = Gate(monkeypatch)
     with trio.fail_after(10):
-        await gate.close(writer)
+        await gate.close(writer, nursery)
         async with trio.open_nursery() as inner:
             for r in batch:
                 inner.start_soon(writer.record, r)
@@ -184,7 +164,7 @@ async def write_batch(nursery, path, batch: list[UsageRecord]) -> LedgerWriter:
 
 
 @pytest.mark.parametrize("how", ["ABORT", "FAIL", "ROLLBACK"])
-async def test_a_poison_row_costs_no_other_row(nursery, tmp_path, how, caplog):
+async def test_a_poison_row_costs_no_other_row(nursery, tmp_path, how, caplog, monkeypatch):
     """SQLite refuses one row in the middle of a batch (a trigger): the batch is written
     again row by row; the honest rows are all there, the refused one in minimal form."""
     path = tmp_path / "l.db"
@@ -192,7 +172,7 @@ async def test_a_poison_row_costs_no_other_row(nursery, tmp_path, how, caplog):
     poison(path, "new.model = 'poison'", how)
     batch = [record(f"h{i}") for i in range(5)]
     batch.insert(2, record("bad", model="poison", user="mallory", prompt_tokens=7))
-    writer = await write_batch(nursery, path, batch)
+    writer = await write_batch(nursery, monkeypatch, path, batch)
     assert sorted(rows(path)) == ["bad", "gate", "h0", "h1", "h2", "h3", "h4"]
     assert query(path, "SELECT user, model, outcome, prompt_tokens, backend FROM ledger "
                        "WHERE request_id = 'bad'") == [("mallory", None, "unrecorded", 7, None)]
@@ -201,12 +181,13 @@ async def test_a_poison_row_costs_no_other_row(nursery, tmp_path, how, caplog):
     assert "request bad: SQLite refused its ledger row" in caplog.text
 
 
-async def test_a_row_refused_even_minimal_is_counted_and_logged(nursery, tmp_path, caplog):
+async def test_a_row_refused_even_minimal_is_counted_and_logged(nursery, tmp_path, caplog,
+                                                              monkeypatch):
     """A row SQLite refuses in every form is counted lost and logged whole; the others stay."""
     path = tmp_path / "l.db"
     db.connect(str(path)).close()
     poison(path, "new.user = 'mallory'")
-    writer = await write_batch(nursery, path, [record("h0"), record("bad", user="mallory"),
+    writer = await write_batch(nursery, monkeypatch, path, [record("h0"), record("bad", user="mallory"),
                                                record("h1")])
     assert sorted(rows(path)) == ["gate", "h0", "h1"]
     assert writer.stats()["rows_lost"] == 1
@@ -230,7 +211,7 @@ async def test_a_transient_error_retries_the_rows_never_twice(nursery, tmp_path,
     path = tmp_path / "l.db"
     db.connect(str(path)).close()
     poison(path, "new.model = 'poison'")
-    await write_batch(nursery, path, [record("h1"), record("bad", model="poison"),
+    await write_batch(nursery, monkeypatch, path, [record("h1"), record("bad", model="poison"),
                                       record("h2"), record("h3")])
     assert failures == ["h2"]
     assert sorted(rows(path)) == ["bad", "gate", "h1", "h2", "h3"]
@@ -302,13 +283,13 @@ async def test_amend_updates_the_row_and_the_summaries(nursery, tmp_path, caplog
         in caplog.text
 
 
-async def test_amend_sees_a_row_of_the_same_batch(nursery, tmp_path):
+async def test_amend_sees_a_row_of_the_same_batch(nursery, tmp_path, monkeypatch):
     """An amendment queued right behind its row, in the same batch, finds it."""
     path = tmp_path / "l.db"
     writer = await start(nursery, path)
-    gate = Gate()
+    gate = Gate(monkeypatch)
     with trio.fail_after(10):
-        await gate.close(writer)
+        await gate.close(writer, nursery)
         async with trio.open_nursery() as inner:
             inner.start_soon(writer.record, record("a", estimated=True))
             await trio.testing.wait_all_tasks_blocked()
