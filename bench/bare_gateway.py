@@ -20,13 +20,13 @@ from ollama_proxy.config import load_config  # noqa: E402
 from ollama_proxy.dispatch import DispatchTable, proxied_rows  # noqa: E402
 from ollama_proxy.proxy.relay import Relay  # noqa: E402
 from ollama_proxy.http.server import HttpServer  # noqa: E402
-from ollama_proxy.api.usage import UsageRecord  # noqa: E402
+from ollama_proxy.api.record import RequestRecord  # noqa: E402
 
 
 class NoSink:
     """Usage goes nowhere."""
 
-    async def record(self, record: UsageRecord) -> None:
+    async def record(self, record: RequestRecord) -> None:
         return None
 
 

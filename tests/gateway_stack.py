@@ -17,7 +17,7 @@ import trio
 from ollama_proxy.app import Gateway
 from ollama_proxy.config import Config, load_config
 from ollama_proxy.access.keys import new_key
-from ollama_proxy.api.usage import UsageRecord
+from ollama_proxy.api.record import RequestRecord
 from ollama_proxy.sim.server import SimRecord, Simulator, run_simulator
 from ollama_proxy.store import db
 
@@ -26,21 +26,21 @@ class MemorySink:
     """Keeps usage records in memory; ``wait_for`` wakes on every new record."""
 
     def __init__(self) -> None:
-        self.records: list[UsageRecord] = []
+        self.records: list[RequestRecord] = []
         self._changed = trio.Event()
 
-    def observe(self, record: UsageRecord) -> None:
+    def observe(self, record: RequestRecord) -> None:
         self.records.append(record)
         self._changed.set()
         self._changed = trio.Event()
 
-    async def wait_for(self, predicate: Callable[[list[UsageRecord]], bool],
+    async def wait_for(self, predicate: Callable[[list[RequestRecord]], bool],
                        timeout_s: float = 5.0) -> None:
         with trio.fail_after(timeout_s):
             while not predicate(self.records):
                 await self._changed.wait()
 
-    async def record_of(self, request_id: str) -> UsageRecord:
+    async def record_of(self, request_id: str) -> RequestRecord:
         """The record of one request. Observers hear of it after its response went out
         (the ledger's thread may have sent it), so a client can be quicker: wait."""
         await self.wait_for(lambda records: any(r.request_id == request_id for r in records))

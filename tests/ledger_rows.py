@@ -6,10 +6,10 @@ import sqlite3
 from collections.abc import Sequence
 
 from ollama_proxy.store import db, ledger
-from ollama_proxy.api.usage import UsageRecord
+from ollama_proxy.api.record import RequestRecord
 
 
-def insert(conn: sqlite3.Connection, records: Sequence[UsageRecord], *,
+def insert(conn: sqlite3.Connection, records: Sequence[RequestRecord], *,
            fold: bool = False) -> list[int]:
     """Insert ``records`` (their row ids); ``fold``: into the summaries too, as the
     writer does a moment later."""

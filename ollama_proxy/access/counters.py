@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Protocol
 
 from ..api.models import model_allowed
+from ..api.record import Outcome
 from .limits import Limits
 from .windows import DAY_BUCKET_S, DAY_S, MINUTE_BUCKET_S, MINUTE_S, Quota, Window, format_reset
 
@@ -68,7 +69,7 @@ class LedgerRow(Protocol):
     @property
     def completion_tokens(self) -> int: ...
     @property
-    def outcome(self) -> str: ...
+    def outcome(self) -> Outcome: ...
     @property
     def metered(self) -> bool: ...
 
@@ -372,7 +373,7 @@ def rebuild(rows: Iterable[LedgerRow], now: float, *,
 
     for row in sorted(rows, key=lambda r: r.time):
         if (row.user is None or row.time > now or not row.metered
-                or row.outcome == "refused"):
+                or row.outcome == Outcome.REFUSED):
             continue
         user(row.user).record(row.time, (row.prompt_tokens or 0) + (row.completion_tokens or 0),
                               now)

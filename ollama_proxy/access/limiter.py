@@ -38,7 +38,7 @@ from .windows import DAY_BUCKET_S, DAY_S, month_start
 from ..api.exchange import Exchange, requested_cap, set_cap
 from ..api.prompt_overhead import PromptOverheads
 from ..api.routes import Route, RouteKind
-from ..api.usage import UsageRecord
+from ..api.record import RequestRecord
 
 LISTINGS = frozenset({"tags", "ps", "openai_models"})  # route names of the model lists
 TOKEN_LIMITS = frozenset({"tokens_per_minute", "tokens_per_day", "token_quota"})
@@ -189,14 +189,14 @@ class Limiter:
             if month_start(now) == backlog.month_start:
                 quota.month_used += month
 
-    def settle(self, ex: Exchange, record: UsageRecord) -> None:
+    def settle(self, ex: Exchange, record: RequestRecord) -> None:
         """Replace the exchange's reservation by the usage its record reports."""
         reservation = ex.reservation
         if reservation is not None and ex.principal is not None:
             self.store.get(ex.principal.user).settle(
                 reservation, self.clock(), record.prompt_tokens, record.completion_tokens)
 
-    def amend(self, ex: Exchange, record: UsageRecord, prompt_tokens: int,
+    def amend(self, ex: Exchange, record: RequestRecord, prompt_tokens: int,
               completion_tokens: int) -> None:
         """Exact counts of a settled request that its ``record`` had estimated: the
         difference goes where the reservation was counted."""

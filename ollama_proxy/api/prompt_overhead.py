@@ -27,7 +27,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .models import canonical_model
-from .usage import UsageRecord, estimate_prompt_tokens
+from .record import RequestRecord
+from .usage import estimate_prompt_tokens
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -137,7 +138,7 @@ class PromptOverheads:
         text, overhead = self.text_estimate(ex.route.name, ex.model, ex.body_obj)
         return text + overhead
 
-    def observe(self, ex: Exchange, record: UsageRecord) -> None:
+    def observe(self, ex: Exchange, record: RequestRecord) -> None:
         """Learn from a record the backend counted (a usage hook: runs per request)."""
         if (record.estimated or record.prompt_tokens <= 0 or not ex.model
                 or not ex.route.metered):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from .framing import FrameBuffer, FrameKind, ndjson_lines, sse_data, sse_events
@@ -254,36 +254,3 @@ def _text_length(value: Any) -> int:
                 total += len(item["text"])
         return total
     return 0
-
-
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
-    """What the ledger keeps of one proxied request."""
-
-    request_id: str
-    time: float  # start, Unix seconds
-    endpoint: str  # the path, e.g. /api/chat
-    model: str | None
-    backend: str | None
-    status: int
-    # ok | client_closed | client_stalled | upstream_error | unreachable | timeout | refused
-    # | cancelled (shutdown) | error (a bug: status 500) | unrecorded (the ledger's minimal row)
-    outcome: str
-    prompt_tokens: int
-    completion_tokens: int
-    estimated: bool
-    stream: bool
-    duration_s: float
-    ttfb_s: float | None
-    client: str
-    user: str | None = None  # who (None: no key was needed, or none was valid)
-    key_prefix: str | None = None  # which key, by its non-secret prefix
-    metered: bool = False  # a generation or an embedding: it counts for the limits
-
-    def to_json(self) -> str:
-        """One compact JSON object (asdict's deep copy is too slow per request)."""
-        return json.dumps({name: getattr(self, name) for name in RECORD_FIELDS},
-                          separators=(",", ":"))
-
-
-RECORD_FIELDS = tuple(f.name for f in fields(UsageRecord))

@@ -42,7 +42,8 @@ from ..api.tokenizer import (
     stream_counts,
     template_overhead,
 )
-from ..api.usage import StreamScanner, UsageRecord, estimate_prompt_tokens
+from ..api.record import RequestRecord
+from ..api.usage import StreamScanner, estimate_prompt_tokens
 
 log = logging.getLogger("ollama_proxy.recount")
 
@@ -54,8 +55,8 @@ JOB_TIMEOUT_S = 10.0  # a busy llama-cpp-python answers behind its running gener
 RETRY_DISCOVERY_S = 60.0  # after a failed discovery (not a 404), ask again this much later
 MAX_ANSWER_BYTES = 1 << 20  # /extras/tokenize lists every token of a long text
 
-Amend = Callable[[UsageRecord, int, int], Awaitable[None]]
-ExactHook = Callable[[Exchange, UsageRecord, int, int], None]
+Amend = Callable[[RequestRecord, int, int], Awaitable[None]]
+ExactHook = Callable[[Exchange, RequestRecord, int, int], None]
 _UNKNOWN = object()  # the backend's tokenizer was not looked for yet
 
 
@@ -112,7 +113,7 @@ class Recounter:
             return 0
         return CAPTURE_BYTES
 
-    def stream_ended(self, ex: Exchange, backend: Backend, record: UsageRecord,
+    def stream_ended(self, ex: Exchange, backend: Backend, record: RequestRecord,
                      scanner: StreamScanner) -> None:
         """A stream is over and its row committed: learn whether the backend counted
         it, and count it if it did not."""
@@ -125,7 +126,7 @@ class Recounter:
         if record.estimated and not tally.exact and frames is not None and ex.model:
             self._start(state, ex, self._count_stream(state, ex, record, frames))
 
-    def observe(self, ex: Exchange, record: UsageRecord) -> None:
+    def observe(self, ex: Exchange, record: RequestRecord) -> None:
         """Usage hook: on a backend whose streams come without usage, a non-streamed
         chat it counted teaches what its template adds, for a tokenizer that cannot
         apply it (llama-cpp-python)."""
@@ -188,7 +189,7 @@ class Recounter:
                          else "has no tokenize endpoint; streams without usage stay estimated")
         return None if state.tokenizer is _UNKNOWN else state.tokenizer
 
-    async def _count_stream(self, state: _BackendState, ex: Exchange, record: UsageRecord,
+    async def _count_stream(self, state: _BackendState, ex: Exchange, record: RequestRecord,
                             frames: list[bytes]) -> None:
         model = ex.model
         assert model is not None
@@ -213,7 +214,7 @@ class Recounter:
                  prompt, record.prompt_tokens, completion, record.completion_tokens)
 
     async def _learn_template(self, state: _BackendState, ex: Exchange,
-                              record: UsageRecord) -> None:
+                              record: RequestRecord) -> None:
         model = ex.model
         assert model is not None
         tok = await self._tokenizer(state, model)

@@ -38,13 +38,8 @@ from ..api.routes import Route, RouteKind
 from ..http.messages import JSON_TYPE, Request
 from ..http.responder import ClientGone, ClientStalled, Responder
 from ..http.client import ResponseTooLarge, UpstreamResponse
-from ..api.usage import (
-    StreamScanner,
-    UsageRecord,
-    UsageTally,
-    estimate_prompt_tokens,
-    scan_whole_body,
-)
+from ..api.record import Outcome, RequestRecord
+from ..api.usage import StreamScanner, UsageTally, estimate_prompt_tokens, scan_whole_body
 
 log = logging.getLogger("ollama_proxy.relay")
 
@@ -67,13 +62,13 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 class UsageSink(Protocol):
     """Where usage goes durably; awaited before a response's last bytes are sent."""
 
-    async def record(self, record: UsageRecord) -> None: ...
+    async def record(self, record: RequestRecord) -> None: ...
 
 
 class UsageObserver(Protocol):
     """Told of each usage record after its response ended (off the latency path)."""
 
-    def observe(self, record: UsageRecord) -> None: ...
+    def observe(self, record: RequestRecord) -> None: ...
 
 
 class StreamCounter(Protocol):
@@ -83,7 +78,7 @@ class StreamCounter(Protocol):
         """How many bytes of this stream to keep for that (0: none)."""
         ...
 
-    def stream_ended(self, ex: Exchange, backend: Backend, record: UsageRecord,
+    def stream_ended(self, ex: Exchange, backend: Backend, record: RequestRecord,
                      scanner: StreamScanner) -> None:
         """The stream is over, its record committed; must not block."""
         ...
@@ -91,7 +86,7 @@ class StreamCounter(Protocol):
 
 # Told of each usage record the moment it is built, before the sink and before the
 # response's last bytes (the limits settle their reservation here). Must not block.
-UsageHook = Callable[[Exchange, UsageRecord], None]
+UsageHook = Callable[[Exchange, RequestRecord], None]
 
 
 class UsageLog:
@@ -108,9 +103,9 @@ class UsageLog:
 
     def __init__(self) -> None:
         self._log = logging.getLogger("ollama_proxy.usage")
-        self._pending: list[UsageRecord] = []
+        self._pending: list[RequestRecord] = []
 
-    def observe(self, record: UsageRecord) -> None:
+    def observe(self, record: RequestRecord) -> None:
         self._pending.append(record)
         if len(self._pending) >= self.MAX_PENDING:
             self.flush()
@@ -131,16 +126,16 @@ class UsageLog:
             self.flush()
 
 
-def _outcome_of_error(err: ProxyError) -> str:
+def _outcome_of_error(err: ProxyError) -> Outcome:
     if isinstance(err, ShuttingDown):
-        return "cancelled"
+        return Outcome.CANCELLED
     if isinstance(err, UpstreamUnreachable):
-        return "unreachable"
+        return Outcome.UNREACHABLE
     if isinstance(err, UpstreamTimeout):
-        return "timeout"
+        return Outcome.TIMEOUT
     if isinstance(err, UpstreamProtocolError):
-        return "upstream_error"
-    return "refused"
+        return Outcome.UPSTREAM_ERROR
+    return Outcome.REFUSED
 
 
 class _Meter:
@@ -156,15 +151,15 @@ class _Meter:
         self.tally = UsageTally(exact=True)  # nothing used until a backend is asked
         self.ttfb_s: float | None = None
         self.recorded = False
-        self.record: UsageRecord | None = None
+        self.record: RequestRecord | None = None
         self.started = time.perf_counter()
 
-    def build(self, outcome: str, estimate_prompt: Callable[[Exchange], int]) -> UsageRecord:
+    def build(self, outcome: Outcome, estimate_prompt: Callable[[Exchange], int]) -> RequestRecord:
         ex = self.exchange
         tally = self.tally
         if not tally.exact:  # walking the request body only when it is needed
             tally.estimate(estimate_prompt(ex))
-        return UsageRecord(
+        return RequestRecord(
             request_id=ex.request_id.decode(),
             time=ex.started_at,
             endpoint=ex.request.path,
@@ -286,15 +281,16 @@ class Relay:
             else:
                 await self._relay_stream(ex, upstream, responder, meter, kind)
         except ClientGone as gone:
-            await self._record(meter, "client_stalled" if isinstance(gone, ClientStalled)
-                               else "client_closed")
+            await self._record(meter, Outcome.CLIENT_STALLED if isinstance(gone, ClientStalled)
+                               else Outcome.CLIENT_CLOSED)
         except Exception:  # a bug: the server logs it once and answers 500
             meter.status = 500
-            await self._record(meter, "error")
+            await self._record(meter, Outcome.ERROR)
             raise
         finally:
             if not meter.recorded:  # cancelled: the client left, or shutdown
-                await self._record(meter, "client_closed" if responder.client_gone else "cancelled")
+                await self._record(meter, Outcome.CLIENT_CLOSED if responder.client_gone
+                                   else Outcome.CANCELLED)
             if upstream is not None:
                 await upstream.aclose()
             if meter.record is not None:
@@ -379,7 +375,7 @@ class Relay:
             meter.tally = UsageTally(exact=True)
         if ex.rewrite_reply is not None and 200 <= upstream.status < 300 and body:
             body = ex.rewrite_reply(body)
-        result = "ok" if upstream.status < 500 else "upstream_error"
+        result = Outcome.OK if upstream.status < 500 else Outcome.UPSTREAM_ERROR
         if ex.request.method != "HEAD":
             await self._record(meter, result)
             await responder.respond(upstream.status, headers, body)
@@ -406,11 +402,11 @@ class Relay:
         failure: str | None = None
         cut = False  # by a drain
 
-        def outcome() -> str:
+        def outcome() -> Outcome:
             if cut:
-                return "cancelled"
+                return Outcome.CANCELLED
             bad = failure is not None or tally.error is not None or upstream.status >= 500
-            return "upstream_error" if bad else "ok"
+            return Outcome.UPSTREAM_ERROR if bad else Outcome.OK
 
         # A drain's grace ends the stream by closing its backend connection: a write to a
         # slow client is never cut in the middle.
@@ -449,7 +445,7 @@ class Relay:
         if self._counter is not None and meter.record is not None:
             self._counter.stream_ended(ex, meter.backend, meter.record, scanner)
 
-    async def _record(self, meter: _Meter, outcome: str) -> None:
+    async def _record(self, meter: _Meter, outcome: Outcome) -> None:
         """Hand the usage to the sink once; a client leaving meanwhile cannot stop it."""
         if meter.recorded:
             return

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from .db import SUMMARIES, WATERMARK, fold_sql
-from ..api.usage import UsageRecord
+from ..api.record import Outcome, RequestRecord
 
 _COLUMNS = ("time", "user", "key_prefix", "backend", "model", "endpoint", "status", "outcome",
             "prompt_tokens", "completion_tokens", "estimated", "stream", "duration_s", "ttfb_s",
@@ -57,7 +57,7 @@ def _text(value: object) -> str:
 
 
 def _text_ok(value: object) -> bool:
-    return type(value) is str and len(value) <= MAX_TEXT_CHARS and (
+    return (type(value) is str or type(value) is Outcome) and len(value) <= MAX_TEXT_CHARS and (
         value.isascii() or _SURROGATE.search(value) is None)
 
 
@@ -77,7 +77,7 @@ def _seconds(value: object, top: float, fallback: float) -> float:
     return fallback
 
 
-def storable(record: UsageRecord, now: float) -> tuple[UsageRecord, tuple[str, ...]]:
+def storable(record: RequestRecord, now: float) -> tuple[RequestRecord, tuple[str, ...]]:
     """``record`` as SQLite can always store it, and the fields that had to change.
 
     Text becomes valid UTF-8 (lone surrogates replaced by U+FFFD), at most
@@ -121,7 +121,7 @@ def storable_count(value: object) -> tuple[int, bool]:
     return _whole(value, MAX_TOKENS), True
 
 
-def _row(r: UsageRecord) -> tuple[Any, ...]:
+def _row(r: RequestRecord) -> tuple[Any, ...]:
     return (r.time, r.user, r.key_prefix, r.backend, r.model, r.endpoint, r.status, r.outcome,
             r.prompt_tokens, r.completion_tokens, int(r.estimated), int(r.stream), r.duration_s,
             r.ttfb_s, r.request_id, r.client, int(r.metered))
@@ -129,7 +129,6 @@ def _row(r: UsageRecord) -> tuple[Any, ...]:
 
 # --- writing (inside the caller's transaction) --------------------------------------
 
-UNRECORDED = "unrecorded"  # the outcome of a row written in its minimal form
 _MINIMAL = ("time", "user", "key_prefix", "request_id", "endpoint", "status", "outcome",
             "prompt_tokens", "completion_tokens", "estimated", "stream", "metered")
 _INSERT_MINIMAL = (f"INSERT INTO ledger ({', '.join(_MINIMAL)}) "
@@ -138,7 +137,7 @@ _INSERT_MINIMAL = (f"INSERT INTO ledger ({', '.join(_MINIMAL)}) "
 _TOUCH = "UPDATE keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE prefix = ?"
 
 
-def insert_rows(conn: sqlite3.Connection, records: Sequence[UsageRecord]) -> list[int]:
+def insert_rows(conn: sqlite3.Connection, records: Sequence[RequestRecord]) -> list[int]:
     """Insert ``records``; their row ids, in order."""
     conn.executemany(_INSERT, [_row(r) for r in records])
     last: int = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
@@ -146,20 +145,20 @@ def insert_rows(conn: sqlite3.Connection, records: Sequence[UsageRecord]) -> lis
     return list(range(last - len(records) + 1, last + 1))
 
 
-def insert_row(conn: sqlite3.Connection, record: UsageRecord) -> int:
+def insert_row(conn: sqlite3.Connection, record: RequestRecord) -> int:
     row_id = conn.execute(_INSERT, _row(record)).lastrowid
     assert row_id is not None
     return row_id
 
 
-def insert_minimal(conn: sqlite3.Connection, r: UsageRecord) -> int:
+def insert_minimal(conn: sqlite3.Connection, r: RequestRecord) -> int:
     """The row of a record SQLite refused whole: who, when, which request, its status,
     tokens and whether the limits count it, outcome ``unrecorded``; no model, backend,
     client or durations.
     Made storable again: this is the last chance of the row."""
     r = storable(r, 0.0)[0]
     row_id = conn.execute(_INSERT_MINIMAL, (
-        r.time, r.user, r.key_prefix, r.request_id, r.endpoint, r.status, UNRECORDED,
+        r.time, r.user, r.key_prefix, r.request_id, r.endpoint, r.status, Outcome.UNRECORDED,
         r.prompt_tokens, r.completion_tokens, int(r.estimated), int(r.stream),
         int(r.metered))).lastrowid
     assert row_id is not None
@@ -240,13 +239,22 @@ def token_sums(conn: sqlite3.Connection, after_id: int, upto_id: int,
     return {r[0]: (r[1], r[2]) for r in rows}
 
 
-def rows_since(conn: sqlite3.Connection, since: float) -> list[UsageRecord]:
+def rows_since(conn: sqlite3.Connection, since: float) -> list[RequestRecord]:
     """Every row from ``since`` on, oldest first (to rebuild limit counters)."""
     rows = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger WHERE time >= ? "
                         "ORDER BY time, id", (since,))
-    return [UsageRecord(request_id=r[14] or "", time=r[0], endpoint=r[5], model=r[4],
-                        backend=r[3], status=r[6], outcome=r[7], prompt_tokens=r[8],
+    return [RequestRecord(request_id=r[14] or "", time=r[0], endpoint=r[5], model=r[4],
+                        backend=r[3], status=r[6], outcome=_outcome(r[7]), prompt_tokens=r[8],
                         completion_tokens=r[9], estimated=bool(r[10]), stream=bool(r[11]),
                         duration_s=r[12] if r[12] is not None else 0.0, ttfb_s=r[13],
                         client=r[15] or "", user=r[1], key_prefix=r[2], metered=bool(r[16]))
             for r in rows]
+
+
+def _outcome(text: str) -> Outcome:
+    """The outcome of a stored row; one the gateway never writes (a row added by hand)
+    reads as ``unrecorded``."""
+    try:
+        return Outcome(text)
+    except ValueError:
+        return Outcome.UNRECORDED

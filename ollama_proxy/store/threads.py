@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple, TypeVar, Union
 import trio
 
 from . import db, ledger
-from ..api.usage import UsageRecord
+from ..api.record import Outcome, RequestRecord
 
 log = logging.getLogger("ollama_proxy.storage")
 
@@ -77,7 +77,7 @@ class Store:
 
 class _Row(NamedTuple):
     seq: int
-    record: UsageRecord
+    record: RequestRecord
 
 
 class _Amend(NamedTuple):
@@ -149,7 +149,7 @@ class LedgerWriter:
         commits, amendments, ledger rows not yet folded into the summaries."""
         return dict(self._counts)
 
-    async def record(self, record: UsageRecord) -> None:
+    async def record(self, record: RequestRecord) -> None:
         """Return once ``record`` is committed (without ``wait``: once it is queued)."""
         record, fixed = ledger.storable(record, time.time())
         if fixed:
@@ -160,7 +160,7 @@ class LedgerWriter:
         if self._wait:
             await self._until(self._queued)
 
-    async def amend(self, record: UsageRecord, prompt_tokens: int,
+    async def amend(self, record: RequestRecord, prompt_tokens: int,
                     completion_tokens: int) -> None:
         """Exact counts found after ``record``'s estimated row was committed: that row
         gets them, and ``estimated`` false; the summaries follow in the same
@@ -292,7 +292,7 @@ class LedgerWriter:
     def _apply(self, conn: sqlite3.Connection, batch: list[_Job], written: _Written) -> None:
         """The batch's rows and amendments in queue order (an amendment sees the
         rows queued before it)."""
-        rows: list[UsageRecord] = []
+        rows: list[RequestRecord] = []
 
         def insert() -> None:
             if rows:
@@ -331,7 +331,7 @@ class LedgerWriter:
             self._settle(written)
             return
 
-    def _write_row(self, conn: sqlite3.Connection, record: UsageRecord,
+    def _write_row(self, conn: sqlite3.Connection, record: RequestRecord,
                    written: _Written) -> None:
         """The row, else its minimal form, else count it lost; loudly in both cases."""
         try:
@@ -356,7 +356,7 @@ class LedgerWriter:
             return
         written.minimal += 1
         log.error("request %s: SQLite refused its ledger row (%s); written in minimal form "
-                  "(outcome %s)", record.request_id, reason, ledger.UNRECORDED)
+                  "(outcome %s)", record.request_id, reason, Outcome.UNRECORDED)
 
     def _write_other(self, conn: sqlite3.Connection, job: _Amend | dict[str, float],
                      written: _Written) -> None:

@@ -24,7 +24,7 @@ from ollama_proxy.access.limits import Limits
 from ollama_proxy.api.exchange import Exchange, apply_openai_rules, parse_body, wants_stream
 from ollama_proxy.api.routes import match_route
 from ollama_proxy.http.messages import Request
-from ollama_proxy.api.usage import UsageRecord
+from ollama_proxy.api.record import RequestRecord
 
 
 def utc(*ymdhms: int) -> float:
@@ -56,8 +56,8 @@ def exchange(path: str, body: dict[str, Any] | None = None, principal: KeyEntry 
     return ex
 
 
-def usage(ex: Exchange, prompt: int, completion: int) -> UsageRecord:
-    return UsageRecord(request_id="rid", time=BASE, endpoint=ex.request.path, model=ex.model,
+def usage(ex: Exchange, prompt: int, completion: int) -> RequestRecord:
+    return RequestRecord(request_id="rid", time=BASE, endpoint=ex.request.path, model=ex.model,
                        backend="b", status=200, outcome="ok", prompt_tokens=prompt,
                        completion_tokens=completion, estimated=False, stream=ex.stream,
                        duration_s=0.1, ttfb_s=0.05, client="127.0.0.1",
@@ -148,7 +148,7 @@ async def test_month_quota_rolls_over_on_the_first(autojump_clock):
     await refused(total, exchange("/api/chat", CHAT))
 
 
-def settled(lim: Limiter, ex: Exchange, record: UsageRecord) -> None:
+def settled(lim: Limiter, ex: Exchange, record: RequestRecord) -> None:
     """The relay's usage hooks as the gateway wires them: settle, then learn the overhead."""
     lim.settle(ex, record)
     lim.overheads.observe(ex, record)
@@ -401,8 +401,8 @@ async def test_merged_limits_follow_the_overrides_object_and_the_defaults():
 
 
 def row(t: float, endpoint: str = "/api/chat", outcome: str = "ok", prompt: int = 10,
-        completion: int = 20, user: str = "ann", metered: bool = True) -> UsageRecord:
-    return UsageRecord(request_id=f"r{t}{endpoint}", time=t, endpoint=endpoint, model="m",
+        completion: int = 20, user: str = "ann", metered: bool = True) -> RequestRecord:
+    return RequestRecord(request_id=f"r{t}{endpoint}", time=t, endpoint=endpoint, model="m",
                        backend="b", status=200, outcome=outcome, prompt_tokens=prompt,
                        completion_tokens=completion, estimated=False, stream=False,
                        duration_s=0.1, ttfb_s=0.05, client="c", user=user, metered=metered)

@@ -17,7 +17,7 @@ from ollama_proxy.api.prompt_overhead import (
 )
 from ollama_proxy.api.routes import match_route
 from ollama_proxy.http.messages import Request
-from ollama_proxy.api.usage import UsageRecord
+from ollama_proxy.api.record import RequestRecord
 
 USER = {"role": "user", "content": "Say hello."}
 
@@ -124,8 +124,8 @@ def exchange(path: str, body: bytes) -> Exchange:
     return ex
 
 
-def record(prompt: int, estimated: bool = False) -> UsageRecord:
-    return UsageRecord(request_id="rid", time=0.0, endpoint="/v1/chat/completions",
+def record(prompt: int, estimated: bool = False) -> RequestRecord:
+    return RequestRecord(request_id="rid", time=0.0, endpoint="/v1/chat/completions",
                        model="tiny", backend="b", status=200, outcome="ok",
                        prompt_tokens=prompt, completion_tokens=8, estimated=estimated,
                        stream=True, duration_s=0.1, ttfb_s=0.01, client="127.0.0.1")

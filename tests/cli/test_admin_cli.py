@@ -17,7 +17,7 @@ from ollama_proxy.store import accounts, db
 from ollama_proxy.__main__ import main
 from ollama_proxy.cli.admin import STORE_IT, actor
 from ollama_proxy.access.keys import key_prefix
-from ollama_proxy.api.usage import UsageRecord
+from ollama_proxy.api.record import RequestRecord
 from ollama_proxy.errors import Conflict
 
 KEY_RE = re.compile(r"op-[A-Za-z0-9_-]{20,}")
@@ -70,8 +70,8 @@ def _failed(result: Result) -> str:
 
 
 def _record(user: str | None, model: str, prompt: int, completion: int, *, status: int = 200,
-            when: float | None = None) -> UsageRecord:
-    return UsageRecord(
+            when: float | None = None) -> RequestRecord:
+    return RequestRecord(
         request_id=f"r{time.monotonic_ns()}", time=when or time.time(), endpoint="/api/chat",
         model=model, backend="default", status=status,
         outcome="ok" if status < 400 else "upstream_error", prompt_tokens=prompt,
@@ -79,7 +79,7 @@ def _record(user: str | None, model: str, prompt: int, completion: int, *, statu
         client="127.0.0.1", user=user, key_prefix=None)
 
 
-def _fill_ledger(cli: Cli, records: list[UsageRecord]) -> None:
+def _fill_ledger(cli: Cli, records: list[RequestRecord]) -> None:
     conn = db.connect(str(cli.db))
     try:
         insert_rows(conn, records)

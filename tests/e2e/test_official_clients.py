@@ -21,7 +21,7 @@ from gateway_stack import Stack, start_stack
 
 if TYPE_CHECKING:
     from ollama_proxy.sim.server import SimRecord
-    from ollama_proxy.api.usage import UsageRecord
+    from ollama_proxy.api.record import RequestRecord
 
 T = TypeVar("T")
 
@@ -111,7 +111,7 @@ async def direct_and_via(stack: Stack, call: Callable[[str], T]) -> tuple[T, T]:
     return await in_thread(call, stack.sim_url), await in_thread(call, stack.url)
 
 
-async def gateway_record(stack: Stack, endpoint: str) -> UsageRecord:
+async def gateway_record(stack: Stack, endpoint: str) -> RequestRecord:
     """The gateway's one usage record for ``endpoint``."""
     await stack.sink.wait_for(lambda recs: any(r.endpoint == endpoint for r in recs))
     [record] = [r for r in stack.sink.records if r.endpoint == endpoint]
@@ -127,7 +127,7 @@ async def forwarded(stack: Stack, path: str) -> SimRecord:
     return record
 
 
-async def assert_exact_usage(stack: Stack, endpoint: str) -> UsageRecord:
+async def assert_exact_usage(stack: Stack, endpoint: str) -> RequestRecord:
     """The ledger has exactly the backend's own counts for the request through the gateway."""
     record = await gateway_record(stack, endpoint)
     sim_record = await forwarded(stack, endpoint)

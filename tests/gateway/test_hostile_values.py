@@ -21,7 +21,7 @@ from ollama_proxy.http.messages import Request
 from ollama_proxy.http.responder import Responder
 from ollama_proxy.http.server import HttpServer
 from ollama_proxy.sim.server import SERVER_SETTINGS
-from ollama_proxy.api.usage import UsageRecord
+from ollama_proxy.api.record import RequestRecord
 
 TIMEOUT_S = 20
 HUGE = 2**63
@@ -43,8 +43,8 @@ async def hostile_backend(request: Request, responder: Responder) -> None:
                             json.dumps(body).encode())
 
 
-def record(request_id: str, when: float, prompt: int, completion: int) -> UsageRecord:
-    return UsageRecord(request_id=request_id, time=when, endpoint="/api/chat", model="m",
+def record(request_id: str, when: float, prompt: int, completion: int) -> RequestRecord:
+    return RequestRecord(request_id=request_id, time=when, endpoint="/api/chat", model="m",
                        backend="b", status=200, outcome="ok", prompt_tokens=prompt,
                        completion_tokens=completion, estimated=False, stream=False,
                        duration_s=0.1, ttfb_s=0.1, client="127.0.0.1", user="ann")

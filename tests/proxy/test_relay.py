@@ -14,7 +14,7 @@ from ollama_proxy.http.messages import Request
 from ollama_proxy.http.responder import Responder
 from ollama_proxy.http.server import HttpServer
 from ollama_proxy.sim.server import SERVER_SETTINGS, Simulator
-from ollama_proxy.api.usage import UsageRecord
+from ollama_proxy.api.record import RequestRecord
 
 from gateway_stack import MemorySink, Stack, gateway_config, start_gateway, start_stack
 
@@ -337,7 +337,7 @@ def test_usage_log_keeps_lines_until_flushed(caplog):
     """Writing a line costs tens of microseconds: observe only keeps it; flush writes."""
     caplog.set_level("INFO", logger="ollama_proxy.usage")
     log = UsageLog()
-    record = UsageRecord(request_id="r1", time=0.0, endpoint="/api/chat", model="m",
+    record = RequestRecord(request_id="r1", time=0.0, endpoint="/api/chat", model="m",
                          backend="b", status=200, outcome="ok", prompt_tokens=1,
                          completion_tokens=2, estimated=False, stream=False, duration_s=0.1,
                          ttfb_s=0.05, client="127.0.0.1")

@@ -11,7 +11,7 @@ import pytest
 from ledger_rows import insert as insert_rows
 from ollama_proxy.access import keys
 from ollama_proxy.access.identity import KeyIndex
-from ollama_proxy.api.usage import UsageRecord
+from ollama_proxy.api.record import RequestRecord
 from ollama_proxy.errors import Conflict, NotFound, StoreError, Unauthorized
 from ollama_proxy.http.messages import Request
 from ollama_proxy.isotime import iso
@@ -52,8 +52,8 @@ async def identified(path: str, secret: bytes, key: str) -> KeyEntry:
         await store.aclose()
 
 
-def record(user: str, prefix: str, when: float) -> UsageRecord:
-    return UsageRecord(request_id="r", time=when, endpoint="/api/chat", model="m", backend="b",
+def record(user: str, prefix: str, when: float) -> RequestRecord:
+    return RequestRecord(request_id="r", time=when, endpoint="/api/chat", model="m", backend="b",
                        status=200, outcome="ok", prompt_tokens=1, completion_tokens=2,
                        estimated=False, stream=True, duration_s=0.1, ttfb_s=0.01,
                        client="127.0.0.1", user=user, key_prefix=prefix)

@@ -11,7 +11,7 @@ import pytest
 
 from ledger_rows import insert as insert_rows
 from ollama_proxy.access import keys
-from ollama_proxy.api.usage import UsageRecord
+from ollama_proxy.api.record import RequestRecord
 from ollama_proxy.errors import BadRequest, NotFound
 from ollama_proxy.store import accounts, admin_ops, db, reports
 
@@ -32,8 +32,8 @@ def utc(*ymdhms: int) -> int:
     return calendar.timegm((*ymdhms, 0, 0, 0))
 
 
-def record(user: str, when: float, prompt: int, completion: int) -> UsageRecord:
-    return UsageRecord(request_id=f"r{when}", time=when, endpoint="/api/chat", model="m",
+def record(user: str, when: float, prompt: int, completion: int) -> RequestRecord:
+    return RequestRecord(request_id=f"r{when}", time=when, endpoint="/api/chat", model="m",
                        backend="b", status=200, outcome="ok", prompt_tokens=prompt,
                        completion_tokens=completion, estimated=False, stream=True,
                        duration_s=0.1, ttfb_s=0.01, client="127.0.0.1", user=user,

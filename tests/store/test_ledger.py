@@ -13,7 +13,7 @@ import pytest
 from ledger_rows import insert
 from ollama_proxy.store import accounts, db, ledger, reports
 from ollama_proxy.access import keys
-from ollama_proxy.api.usage import UsageRecord
+from ollama_proxy.api.record import RequestRecord
 
 T0 = calendar.timegm((2026, 11, 27, 7, 14, 39))  # 2026-11-27T07:14:39Z
 NOW = float(T0 + 1000)
@@ -23,8 +23,8 @@ TEXT_FIELDS = ("request_id", "endpoint", "outcome", "client", "model", "backend"
 
 def rec(time: float = T0, user: str | None = "alice", model: str | None = "llama3", *,
         status: int = 200, outcome: str = "ok", prompt: int = 10, completion: int = 20,
-        prefix: str | None = None, request_id: str | None = None) -> UsageRecord:
-    return UsageRecord(request_id=request_id or f"req-{time}", time=time, endpoint="/api/chat",
+        prefix: str | None = None, request_id: str | None = None) -> RequestRecord:
+    return RequestRecord(request_id=request_id or f"req-{time}", time=time, endpoint="/api/chat",
                        model=model, backend="gpu1", status=status, outcome=outcome,
                        prompt_tokens=prompt, completion_tokens=completion, estimated=False,
                        stream=True, duration_s=1.5, ttfb_s=0.25, client="10.0.0.7", user=user,
@@ -122,7 +122,7 @@ def test_the_reproductions_fail_raw_and_store_once_fixed(conn):
 # --- writing ----------------------------------------------------------------------------
 
 def test_rows_come_back_as_the_records_written(conn):
-    """Stored rows come back as the same UsageRecords, oldest first, with their ids in order."""
+    """Stored rows come back as the same RequestRecords, oldest first, with their ids in order."""
     written = [rec(T0 + 3600, user="bob", status=429, outcome="refused", prompt=0, completion=0),
                dataclasses.replace(rec(T0 + 86400, user=None, model=None),
                                    endpoint="/api/tags", metered=False)]

@@ -16,7 +16,7 @@ from ledger_rows import insert
 from ollama_proxy.store import db, ledger, reports
 from ollama_proxy.errors import BadRequest
 from ollama_proxy.store.reports import LEDGER, UNFOLDED, Part
-from ollama_proxy.api.usage import UsageRecord
+from ollama_proxy.api.record import RequestRecord
 
 T0 = calendar.timegm((2026, 11, 27, 7, 14, 39))  # 2026-11-27T07:14:39Z
 H = 3600
@@ -26,8 +26,8 @@ DAY0 = T0 - T0 % D  # 2026-11-27T00:00Z
 
 def rec(time: float, user: str | None = "alice", model: str | None = "llama3", *,
         status: int = 200, outcome: str = "ok", prompt: int = 10,
-        completion: int = 20) -> UsageRecord:
-    return UsageRecord(request_id=f"req-{time}", time=time, endpoint="/api/chat", model=model,
+        completion: int = 20) -> RequestRecord:
+    return RequestRecord(request_id=f"req-{time}", time=time, endpoint="/api/chat", model=model,
                        backend="gpu1", status=status, outcome=outcome, prompt_tokens=prompt,
                        completion_tokens=completion, estimated=False, stream=True,
                        duration_s=1.5, ttfb_s=0.25, client="10.0.0.7", user=user)

@@ -16,11 +16,11 @@ from ledger_rows import insert
 from ollama_proxy.store import accounts, db, ledger, reports, threads
 from ollama_proxy.access import keys
 from ollama_proxy.store.threads import LedgerWriter
-from ollama_proxy.api.usage import UsageRecord
+from ollama_proxy.api.record import RequestRecord
 
 
-def record(request_id: str, **changes) -> UsageRecord:
-    base = UsageRecord(request_id=request_id, time=1.0, endpoint="/api/chat", model="m",
+def record(request_id: str, **changes) -> RequestRecord:
+    base = RequestRecord(request_id=request_id, time=1.0, endpoint="/api/chat", model="m",
                        backend="b", status=200, outcome="ok", prompt_tokens=3,
                        completion_tokens=4, estimated=False, stream=True, duration_s=0.1,
                        ttfb_s=0.01, client="127.0.0.1", user="alice", key_prefix="op-AbCd1234")
@@ -149,7 +149,7 @@ def poison(path, when: str, how: str = "ABORT") -> None:
     conn.close()
 
 
-async def write_batch(nursery, monkeypatch, path, batch: list[UsageRecord]) -> LedgerWriter:
+async def write_batch(nursery, monkeypatch, path, batch: list[RequestRecord]) -> LedgerWriter:
     """Start a writer and have it write ``batch`` in one transaction (then the gate row)."""
     writer = await start(nursery, path)
     gate = Gate(monkeypatch)

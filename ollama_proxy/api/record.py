@@ -1,0 +1,60 @@
+"""What is kept of one proxied request: the ledger's row and the access log's line
+(``RequestRecord``), and how the request ended (``Outcome``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from enum import Enum
+
+
+class Outcome(str, Enum):
+    """How a proxied request ended; the ledger's ``outcome`` column holds the value.
+
+    A ``str`` too, so rows, JSON lines and comparisons with the stored text work as
+    they are (``StrEnum`` is Python 3.11+)."""
+
+    OK = "ok"  # answered, a backend's 4xx included (the client's mistake, relayed)
+    CLIENT_CLOSED = "client_closed"  # the client left before its response ended
+    CLIENT_STALLED = "client_stalled"  # the client read nothing for send_timeout_s
+    UPSTREAM_ERROR = "upstream_error"  # a 5xx, a broken stream or the backend's in-band error
+    UNREACHABLE = "unreachable"  # no backend took the connection
+    TIMEOUT = "timeout"  # the backend was too slow
+    REFUSED = "refused"  # the gateway said no (a limit, a bad body ...)
+    CANCELLED = "cancelled"  # the gateway shut down under it
+    ERROR = "error"  # a bug in the gateway: answered 500
+    UNRECORDED = "unrecorded"  # the ledger's minimal row: SQLite refused the whole one
+
+    def __str__(self) -> str:  # the stored text in f-strings and logs, on every Python
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """What the ledger keeps of one proxied request (and the access log writes)."""
+
+    request_id: str
+    time: float  # start, Unix seconds
+    endpoint: str  # the path, e.g. /api/chat
+    model: str | None
+    backend: str | None
+    status: int
+    outcome: Outcome
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool
+    stream: bool
+    duration_s: float
+    ttfb_s: float | None
+    client: str
+    user: str | None = None  # who (None: no key was needed, or none was valid)
+    key_prefix: str | None = None  # which key, by its non-secret prefix
+    metered: bool = False  # a generation or an embedding: it counts for the limits
+
+    def to_json(self) -> str:
+        """One compact JSON object (asdict's deep copy is too slow per request)."""
+        return json.dumps({name: getattr(self, name) for name in RECORD_FIELDS},
+                          separators=(",", ":"))
+
+
+RECORD_FIELDS = tuple(f.name for f in fields(RequestRecord))
