@@ -23,7 +23,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from ollama_proxy.api.jsonbody import decode_object  # noqa: E402
-from ollama_proxy.api.exchange import parse_body  # noqa: E402
+from ollama_proxy.api.body_rules import parse_body  # noqa: E402
 from ollama_proxy.api.routes import match_route  # noqa: E402
 
 

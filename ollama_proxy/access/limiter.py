@@ -24,7 +24,6 @@ from __future__ import annotations
 import sqlite3
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Awaitable, Callable
 
 from ..store import ledger, reports
@@ -32,10 +31,10 @@ from ..store.accounts import KeyEntry
 from ..store.db import snapshot
 from ..errors import LimitError, ProxyError
 from .counters import CounterStore, Decision, UserCounters, rebuild
-from ..api.models import filter_listing
 from .limits import Limits
 from .windows import DAY_BUCKET_S, DAY_S, month_start
-from ..api.exchange import Exchange, requested_cap, set_cap
+from ..api.body_rules import requested_cap, set_cap
+from ..api.exchange import Exchange
 from ..api.prompt_overhead import PromptOverheads
 from ..api.routes import Route, RouteKind
 from ..api.record import RequestRecord
@@ -162,7 +161,7 @@ class Limiter:
             if refused is not None:
                 raise refusal(refused, route, model, self._headers(counters, limits, now))
             if limits.allowed_models is not None and route.name in LISTINGS:
-                ex.rewrite_reply = partial(filter_listing, limits.allowed_models)
+                ex.visible_models = limits.allowed_models
             headers = self._headers(counters, limits, now)
         if headers:
             ex.extra_headers = _encode(headers)

@@ -32,7 +32,9 @@ from ..errors import (
 )
 from ..api.framing import FrameKind
 from ..api.headers import client_response_headers, upstream_request_headers
-from ..api.exchange import Exchange, PolicyStep, apply_openai_rules, parse_body, wants_stream
+from ..api.models import filter_listing
+from ..api.body_rules import apply_openai_rules, parse_body, wants_stream
+from ..api.exchange import Exchange, PolicyStep
 from ..access.identity import KeyIndex, authorize
 from ..api.routes import Route, RouteKind
 from ..http.messages import JSON_TYPE, Request
@@ -309,9 +311,6 @@ class Relay:
         """Send to the first backend that takes the connection."""
         request = ex.request
         body = ex.body()
-        # A HEAD of a reply we edit (a filtered model list) must announce the edited
-        # length: fetch the body with GET, and send none.
-        method = "GET" if request.method == "HEAD" and ex.rewrite_reply else request.method
         failure: ProxyError | None = None
         for backend in self._router.candidates(ex):
             headers = upstream_request_headers(
@@ -323,7 +322,7 @@ class Relay:
                 meter.tally = UsageTally()  # sent: from here on, usage is unknown until counted
             try:
                 response = await backend.pool.request(
-                    method, backend.target(request.target), headers, body,
+                    ex.upstream_method, backend.target(request.target), headers, body,
                     on_sent=self._waiting if self._while_waiting else None)
             except UpstreamUnreachable as err:
                 meter.tally = UsageTally(exact=True)  # never reached a backend: nothing used
@@ -373,21 +372,16 @@ class Relay:
             meter.tally = scan_whole_body(body)
         elif metered and upstream.status < 500:  # refused by the backend: nothing used
             meter.tally = UsageTally(exact=True)
-        if ex.rewrite_reply is not None and 200 <= upstream.status < 300 and body:
-            body = ex.rewrite_reply(body)
-        result = Outcome.OK if upstream.status < 500 else Outcome.UPSTREAM_ERROR
-        if ex.request.method != "HEAD":
-            await self._record(meter, result)
+        if ex.visible_models is not None and 200 <= upstream.status < 300 and body:
+            body = filter_listing(ex.visible_models, body)
+        await self._record(meter, Outcome.OK if upstream.status < 500 else Outcome.UPSTREAM_ERROR)
+        if ex.upstream_method == "HEAD":  # no body came: the length the backend announced
+            length = upstream.header(b"content-length")
+            await responder.start(upstream.status, headers,
+                                  length=int(length) if length and length.isdigit() else 0)
+            await responder.end()
+        else:  # a HEAD fetched with GET gets the length of what a GET gets, no body
             await responder.respond(upstream.status, headers, body)
-            return
-        await self._record(meter, result)
-        # HEAD: no body, but the length the backend announced
-        length = upstream.header(b"content-length")
-        if ex.rewrite_reply is not None:  # fetched with GET: the edited body's length
-            length = str(len(body)).encode()
-        await responder.start(upstream.status, headers,
-                              length=int(length) if length and length.isdigit() else 0)
-        await responder.end()
 
     async def _relay_stream(self, ex: Exchange, upstream: UpstreamResponse,
                             responder: Responder, meter: _Meter, kind: FrameKind) -> None:

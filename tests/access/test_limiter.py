@@ -21,7 +21,9 @@ from ollama_proxy.store.accounts import KeyEntry
 from ollama_proxy.errors import ApiFamily, LimitError, render
 from ollama_proxy.access.limiter import Limiter, load_counters
 from ollama_proxy.access.limits import Limits
-from ollama_proxy.api.exchange import Exchange, apply_openai_rules, parse_body, wants_stream
+from ollama_proxy.api.body_rules import apply_openai_rules, parse_body, wants_stream
+from ollama_proxy.api.exchange import Exchange
+from ollama_proxy.api.models import filter_listing
 from ollama_proxy.api.routes import match_route
 from ollama_proxy.http.messages import Request
 from ollama_proxy.api.record import RequestRecord
@@ -365,12 +367,13 @@ async def test_listings_count_nothing_and_are_filtered():
     for _ in range(5):
         ex = exchange("/api/tags", None, method="GET")
         await lim(ex)
-        assert ex.rewrite_reply is None
+        assert ex.visible_models is None
         assert dict(ex.extra_headers)[b"x-ratelimit-remaining-requests"] == b"1"
     ex = exchange("/v1/models", None, key({"allowed_models": ["qwen*"]}), "GET")
     await lim(ex)
     reply = {"object": "list", "data": [{"id": "llama3.2:latest"}, {"id": "qwen2.5:7b"}]}
-    assert json.loads(ex.rewrite_reply(json.dumps(reply).encode()))["data"] == [
+    assert ex.visible_models == ("qwen*",)
+    assert json.loads(filter_listing(ex.visible_models, json.dumps(reply).encode()))["data"] == [
         {"id": "qwen2.5:7b"}]
 
 

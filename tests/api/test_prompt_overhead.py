@@ -7,7 +7,8 @@ import dataclasses
 
 import pytest
 
-from ollama_proxy.api.exchange import Exchange, parse_body
+from ollama_proxy.api.body_rules import parse_body
+from ollama_proxy.api.exchange import Exchange
 from ollama_proxy.api.prompt_overhead import (
     FLOOR_OF,
     MAX_TEXT_OVERHEAD,
