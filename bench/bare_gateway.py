@@ -1,4 +1,4 @@
-"""The relay alone, for bench/compare.py: no keys, no ledger, no limits, no usage log.
+"""The relay alone, for bench/compare.py: no keys, no ledger, no limits, no access log.
 
 What the features cost is the gateway with them against this, in the same
 run. Prints ``listening on http://HOST:PORT`` like ``serve``.
@@ -18,13 +18,25 @@ from ollama_proxy.app import make_backend, server_settings  # noqa: E402
 from ollama_proxy.backends.registry import BackendSet  # noqa: E402
 from ollama_proxy.config import load_config  # noqa: E402
 from ollama_proxy.dispatch import DispatchTable, proxied_rows  # noqa: E402
-from ollama_proxy.proxy.relay import Relay  # noqa: E402
-from ollama_proxy.http.server import HttpServer  # noqa: E402
+from ollama_proxy.proxy.metering import Metering  # noqa: E402
+from ollama_proxy.proxy.relay import ProxyHandler  # noqa: E402
+from ollama_proxy.http.server import HttpServer, Request  # noqa: E402
 from ollama_proxy.api.record import RequestRecord  # noqa: E402
+from ollama_proxy.store.accounts import KeyEntry  # noqa: E402
+
+ANYONE = KeyEntry(prefix="op-bench", hash=b"", user="bench", role="admin", suspended=False,
+                  expires_at=None, user_limits={})
 
 
-class NoSink:
-    """Usage goes nowhere."""
+class NoKeys:
+    """Every caller is the same admin: no key is looked up or checked."""
+
+    def identify(self, request: Request) -> KeyEntry:
+        return ANYONE
+
+
+class NoLedger:
+    """Records go nowhere."""
 
     async def record(self, record: RequestRecord) -> None:
         return None
@@ -36,8 +48,9 @@ def main() -> None:
     parser.add_argument("--upstream", required=True)
     args = parser.parse_args()
     config = load_config(None, env={}, listen=args.listen, upstream_urls=[args.upstream])
-    router = BackendSet([make_backend(u) for u in config.upstreams])
-    server = HttpServer(DispatchTable(proxied_rows(Relay(router, NoSink()).handle)).handle,
+    backends = BackendSet([make_backend(u) for u in config.upstreams])
+    handler = ProxyHandler(backends, NoKeys(), Metering(NoLedger()))  # type: ignore[arg-type]
+    server = HttpServer(DispatchTable(proxied_rows(handler.handle)).handle,
                         server_settings(config.server))
 
     async def run() -> None:

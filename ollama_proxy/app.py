@@ -23,7 +23,10 @@ from .errors import BadRequest, ConfigError, ProxyError
 from .access.limiter import Backlog, Limiter, load_counters
 from .api.prompt_overhead import PromptOverheads
 from .proxy.recount import Recounter
-from .proxy.relay import Relay, UsageLog, UsageObserver
+from .api.record import RequestRecord
+from .observe.access_log import AccessLog
+from .proxy.metering import Metering
+from .proxy.relay import ProxyHandler
 from .http.messages import Request
 from .http.responder import Responder
 from .http.server import HttpServer, ServerSettings
@@ -113,12 +116,13 @@ def _flat_settings(config: Config) -> dict[str, str]:
 class Gateway:
     """The whole gateway for one ``Config``; ``run`` serves until drained.
 
-    The ledger gets every usage record before the response ends; the usage
-    log line and ``observer`` (tests read it) get it right after. ``loader``
+    The ledger gets every request's record before the response ends; the access
+    log and ``on_record`` (tests read it) get it right after. ``loader``
     re-reads the config (``reload``); without one there is nothing to re-read.
     """
 
-    def __init__(self, config: Config, *, observer: UsageObserver | None = None,
+    def __init__(self, config: Config, *,
+                 on_record: Callable[[RequestRecord], None] | None = None,
                  admin_key: str | None = None,
                  loader: Callable[[], Config] | None = None) -> None:
         self.config = config
@@ -135,12 +139,15 @@ class Gateway:
         self.recounter = Recounter(
             self.router.backends, [u.name for u in config.upstreams if u.tokenize == "auto"],
             self.overheads, self.ledger.amend, on_exact=[self.limiter.amend])
-        self.usage_log = UsageLog()
-        self.observers: list[UsageObserver] = [self.usage_log, *([observer] if observer else [])]
+        self.access_log = AccessLog()
+        self.metering = Metering(
+            self.ledger, on_built=[self.limiter.settle, self.overheads.observe],
+            estimate_prompt=self.overheads.estimate, access_log=self.access_log,
+            recounter=self.recounter, observers=[on_record] if on_record else [])
         self._admin_key = admin_key
         self.secret = b""  # the key-hashing secret, once the database is open
         self.index: KeyIndex | None = None
-        self.relay: Relay | None = None
+        self.relay: ProxyHandler | None = None
         self.admin: AdminApi | None = None
         self.table: DispatchTable | None = None  # every path, once relay and admin exist
         self.server = HttpServer(self._handle, server_settings(config.server, config.upstreams))
@@ -210,13 +217,8 @@ class Gateway:
             # Before the first request: a restart neither resets a window nor forgets a quota.
             self.limiter.store, backlog = await self.reports.call(load_counters,
                                                                   self.limiter.clock())
-            self.relay = Relay(self.router, self.ledger, observers=self.observers, index=index,
-                               steps=[self.limiter],
-                               on_usage=[self.limiter.settle, self.overheads.observe,
-                                         self.recounter.observe],
-                               while_waiting=[self.usage_log.flush],
-                               max_response_bytes=cfg.max_response_bytes,
-                               estimate_prompt=self.overheads.estimate, counter=self.recounter)
+            self.relay = ProxyHandler(self.router, index, self.metering, steps=[self.limiter],
+                                      max_response_bytes=cfg.max_response_bytes)
             assert self.admin is not None
             self.table = gateway_table(self.relay.handle, self.admin, Status(self.router))
             async with trio.open_nursery() as nursery:
@@ -226,7 +228,7 @@ class Gateway:
                 await nursery.start(self.recounter.run)
                 nursery.start_soon(index.keep_fresh)
                 nursery.start_soon(self.router.run_health_checks)
-                nursery.start_soon(self.usage_log.run)
+                nursery.start_soon(self.access_log.run)
                 if handle_signals:
                     nursery.start_soon(self._drain_on_signals)
                     if hasattr(signal, "SIGHUP"):  # not on Windows

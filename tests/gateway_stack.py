@@ -79,7 +79,7 @@ async def start_gateway(nursery: trio.Nursery, config: Config) -> tuple[Gateway,
     """Run a gateway; returns it, its URL, the usage observer and the admin key."""
     sink = MemorySink()
     key = new_key()
-    gateway = Gateway(config, observer=sink, admin_key=key)
+    gateway = Gateway(config, on_record=sink.observe, admin_key=key)
     host, port = await nursery.start(lambda task_status: gateway.run(task_status=task_status))
     return gateway, f"http://{host}:{port}", sink, key
 

@@ -22,7 +22,8 @@ SHELLS = {
     "http.server", "http.connection", "http.responder", "http.watch", "http.client", "http.sockio",
     "access.identity",
     "backends.registry",
-    "proxy.relay", "proxy.recount",
+    "proxy.relay", "proxy.metering", "proxy.recount",
+    "observe.access_log",
     "store.threads",
     "cli.demo",
     "sim.server", "sim.generation", "sim.llamacpp",
@@ -97,7 +98,8 @@ def test_the_rules_see_every_module():
     """The checker resolves relative imports (a broken resolver would pass every rule)."""
     assert "store.db" in runtime_imports("store.ledger")
     assert "trio" in runtime_imports("http.server")
-    assert {"http", "api", "access", "store", "proxy", "sim"} <= {m.split(".")[0] for m in MODULES}
+    assert {"http", "api", "access", "store", "proxy", "observe", "sim"} <= {
+        m.split(".")[0] for m in MODULES}
 
 
 @pytest.mark.parametrize("module", [m for m in MODULES if m not in SHELLS])
@@ -139,6 +141,13 @@ def test_store_imports_only_values_from_access():
     """The store validates with the limits and key values, never the request-time shells."""
     assert offenders("store", ("http", "backends", "proxy", "admin", "cli", "sim", "observe",
                                "access.identity", "access.limiter", "access.counters")) == {}
+
+
+def test_observe_is_fed_records_and_reaches_into_nothing():
+    """observe/ reads the records it is given: never the proxy, the access or backend
+    shells, the HTTP server or the store."""
+    assert offenders("observe", ("proxy", "access", "backends", "http", "store", "admin", "cli",
+                                 "sim", "app")) == {}
 
 
 def test_only_app_imports_the_proxy():

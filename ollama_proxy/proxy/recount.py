@@ -6,12 +6,11 @@ without counts and their rows are estimated. When such a stream starts, the
 relay asks ``capture_bytes`` how much of it to keep (nothing for backends
 known to report stream usage: learned per backend and route from the first
 finished stream, so Ollama and vLLM pay once). When it has ended and its row is
-committed, ``stream_ended`` queues a job here: the backend's tokenize endpoint
-(found once per backend, a backend without one remembered) counts the prompt
-and the streamed text; exact counts go to the ledger (``amend``) and to the
-``on_exact`` hooks (the limits). ``observe`` (a usage hook) learns what a
-text-only tokenizer's chat template adds from the backend's own counts of
-non-streamed chats.
+durable, ``ended`` queues a job here: the backend's tokenize endpoint (found
+once per backend, a backend without one remembered) counts the prompt and the
+streamed text; exact counts go to the ledger (``amend``) and to the
+``on_exact`` hooks (the limits). For a non-streamed chat, ``ended`` learns
+what a text-only tokenizer's chat template adds from the backend's own counts.
 
 Bounded and never in the way: at most ``MAX_IN_FLIGHT`` jobs per backend talk
 to it at once, ``MAX_QUEUED`` wait, each job has ``JOB_TIMEOUT_S``; a failure
@@ -113,10 +112,18 @@ class Recounter:
             return 0
         return CAPTURE_BYTES
 
-    def stream_ended(self, ex: Exchange, backend: Backend, record: RequestRecord,
-                     scanner: StreamScanner) -> None:
-        """A stream is over and its row committed: learn whether the backend counted
-        it, and count it if it did not."""
+    def ended(self, ex: Exchange, backend: Backend | None, record: RequestRecord,
+              scanner: StreamScanner | None) -> None:
+        """A request is over and its record durable (the metering's ``after``): count a
+        stream its backend did not count; learn from a chat it counted."""
+        if scanner is not None and backend is not None:
+            self._stream_ended(ex, backend, record, scanner)
+        else:
+            self._chat_counted(ex, record)
+
+    def _stream_ended(self, ex: Exchange, backend: Backend, record: RequestRecord,
+                      scanner: StreamScanner) -> None:
+        """Learn whether the backend counted the stream, and count it if it did not."""
         state = self._states.get(backend.name)
         tally = scanner.tally
         if state is None or ex.route.name not in ROUTES or not tally.finished or tally.error:
@@ -126,10 +133,10 @@ class Recounter:
         if record.estimated and not tally.exact and frames is not None and ex.model:
             self._start(state, ex, self._count_stream(state, ex, record, frames))
 
-    def observe(self, ex: Exchange, record: RequestRecord) -> None:
-        """Usage hook: on a backend whose streams come without usage, a non-streamed
-        chat it counted teaches what its template adds, for a tokenizer that cannot
-        apply it (llama-cpp-python)."""
+    def _chat_counted(self, ex: Exchange, record: RequestRecord) -> None:
+        """On a backend whose streams come without usage, a non-streamed chat it counted
+        teaches what its template adds, for a tokenizer that cannot apply it
+        (llama-cpp-python)."""
         state = self._states.get(record.backend or "")
         shape = prompt_shape(ex.body_obj)
         if (state is None or record.estimated or record.stream or record.prompt_tokens <= 0

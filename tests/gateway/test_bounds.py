@@ -145,14 +145,13 @@ async def test_a_drain_never_cuts_a_write_to_a_slow_client(stack, caplog):
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
-async def test_a_bug_is_a_500_with_its_own_ledger_row(stack, caplog):
+async def test_a_bug_is_a_500_with_its_own_ledger_row(stack, caplog, monkeypatch):
     """An unexpected exception: a short 500 in the path's dialect, logged once, and
     a ledger row with status 500 and outcome error (not a client that left)."""
-    async def broken_step(exchange: object) -> None:
+    def broken_choice(exchange: object) -> list:
         raise RuntimeError("a bug")
 
-    assert stack.gateway.relay is not None
-    stack.gateway.relay._steps = (broken_step,)
+    monkeypatch.setattr(stack.gateway.router, "candidates", broken_choice)
     with trio.fail_after(10):
         async with httpx.AsyncClient(headers=stack.headers) as client:
             response = await client.post(stack.url + "/v1/chat/completions", json=CHAT)

@@ -113,7 +113,7 @@ async def test_hostile_values_cost_no_row_and_survive_a_restart(nursery):
             assert used > ledger.MAX_TOKENS // 2
             first.cancel()
 
-            gateway = Gateway(config, observer=MemorySink())
+            gateway = Gateway(config)
             host2, port2 = await nursery.start(lambda task_status: gateway.run(
                 task_status=task_status))
             me = await client.get(f"http://{host2}:{port2}/v1/me",

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 
-from gateway_stack import (MemorySink, Stack, bearer, forwarded, gateway_config, ledger_rows, new_user,
+from gateway_stack import (Stack, bearer, forwarded, gateway_config, ledger_rows, new_user,
                            start_gateway, start_stack)
 from ollama_proxy.__main__ import main as cli_main
 from ollama_proxy.app import Gateway
@@ -396,7 +396,7 @@ async def test_a_restart_keeps_windows_and_quotas(nursery):
                 assert answer.status_code == 200
             before = (await client.get(stack.url + "/v1/me", headers=bearer(key))).json()
             stack_scope.cancel()
-            gateway = Gateway(stack.gateway.config, observer=MemorySink(), admin_key=stack.key)
+            gateway = Gateway(stack.gateway.config, admin_key=stack.key)
             host, port = await nursery.start(
                 lambda task_status: gateway.run(task_status=task_status))
             url = f"http://{host}:{port}"
@@ -455,7 +455,7 @@ async def test_reload_applies_new_defaults_and_keeps_the_old_config_when_invalid
         return load_config(str(ini), env={}, upstream_urls=[stack.sim_url])
 
     write("requests_per_minute = 100")
-    gateway = Gateway(loader(), observer=MemorySink(), admin_key=stack.key, loader=loader)
+    gateway = Gateway(loader(), admin_key=stack.key, loader=loader)
     host, port = await nursery.start(lambda task_status: gateway.run(task_status=task_status))
     url = f"http://{host}:{port}"
     with trio.fail_after(TIMEOUT_S):
