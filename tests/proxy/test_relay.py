@@ -13,9 +13,9 @@ import trio
 from ollama_proxy.http.messages import Request
 from ollama_proxy.http.responder import Responder
 from ollama_proxy.http.server import HttpServer
-from ollama_proxy.sim.server import SERVER_SETTINGS, Simulator
+from ollama_proxy.sim.server import SERVER_SETTINGS, SimRecord, Simulator
 
-from gateway_stack import Stack, gateway_config, start_gateway, start_stack
+from gateway_stack import Stack, forwarded, gateway_config, start_gateway, start_stack
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "Hello there"}]}
 
@@ -50,16 +50,19 @@ class TapResponder:
 
 
 class Tap:
-    """Wraps the simulator's handler and keeps the exact body bytes it sent."""
+    """Wraps the simulator's handler and keeps the exact body bytes it sent, by the
+    request id the gateway forwarded."""
 
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
-        self.sent: list[bytearray] = []
+        self.sent: dict[str, bytearray] = {}
 
     async def __call__(self, request: Request, responder: Responder) -> None:
-        sent = bytearray()
-        self.sent.append(sent)
+        sent = self.sent[(request.header(b"x-request-id") or b"").decode()] = bytearray()
         await self.sim.handle(request, TapResponder(responder, sent))
+
+    def of(self, response: httpx.Response) -> bytes:
+        return bytes(self.sent[response.headers["x-request-id"]])
 
 
 async def tapped_stack(nursery, **overrides) -> tuple[Stack, Tap]:
@@ -81,6 +84,13 @@ async def record_of(stack: Stack, response: httpx.Response):
     return await stack.sink.record_of(response.headers["x-request-id"])
 
 
+def sim_record(stack: Stack, request_id: str) -> SimRecord:
+    """The simulator's record of the request that carried ``request_id`` (health
+    probes come and go between a test's requests)."""
+    [record] = forwarded(stack, request_id)
+    return record
+
+
 @pytest.mark.parametrize(("path", "body"), [
     ("/api/chat", CHAT),
     ("/api/chat", {**CHAT, "stream": False}),
@@ -100,10 +110,11 @@ async def test_bytes_unchanged_and_usage_exact(tapped, path, body):
         async with httpx.AsyncClient(headers=stack.headers) as client:
             response = await client.post(stack.url + path, json=body)
         assert response.status_code == 200
-        assert response.content == bytes(tap.sent[-1])
-        record, sim_record = await record_of(stack, response), stack.sim.records[-1]
+        assert response.content == tap.of(response)
+        record = await record_of(stack, response)
+        seen = sim_record(stack, record.request_id)
         assert (record.prompt_tokens, record.completion_tokens) == (
-            sim_record.prompt_tokens, sim_record.completion_tokens)
+            seen.prompt_tokens, seen.completion_tokens)
         assert record.outcome == "ok" and not record.estimated and record.prompt_tokens > 0
 
 
@@ -117,11 +128,12 @@ async def test_injected_usage_is_invisible_to_client(tapped, path, body, dropped
     with trio.fail_after(10):
         async with httpx.AsyncClient(headers=stack.headers) as client:
             response = await client.post(stack.url + path, json=body)
-        assert stack.sim.records[-1].body["stream_options"] == {"include_usage": True}
-        assert dropped in bytes(tap.sent[-1]) and dropped not in response.content
+        seen = sim_record(stack, response.headers["x-request-id"])
+        assert seen.body["stream_options"] == {"include_usage": True}
+        assert dropped in tap.of(response) and dropped not in response.content
         assert response.content.endswith(b"data: [DONE]\n\n")
         record = await record_of(stack, response)
-        assert record.completion_tokens == stack.sim.records[-1].completion_tokens > 0
+        assert record.completion_tokens == seen.completion_tokens > 0
         assert not record.estimated
 
 
@@ -135,7 +147,7 @@ async def test_stream_headers_and_forwarding_rules(stack):
         assert response.headers["x-accel-buffering"] == "no"
         assert response.headers["cache-control"] == "no-cache"
         assert response.headers["x-request-id"] == "abc-123"
-        seen = dict(stack.sim.records[-1].headers)
+        seen = dict(sim_record(stack, "abc-123").headers)
         assert seen[b"host"] == stack.sim_url.split("//")[1].encode()
         assert b"authorization" not in seen and b"origin" not in seen
         assert b"accept-encoding" not in seen  # httpx asks for gzip; usage must stay readable
@@ -150,7 +162,7 @@ async def test_max_completion_tokens_becomes_max_tokens(stack):
             response = await client.post(stack.url + "/v1/chat/completions",
                                          json={**CHAT, "max_completion_tokens": 3})
         assert response.json()["usage"]["completion_tokens"] == 3
-        sent = stack.sim.records[-1].body
+        sent = sim_record(stack, response.headers["x-request-id"]).body
         assert sent["max_tokens"] == 3 and "max_completion_tokens" not in sent
 
 
@@ -177,13 +189,13 @@ async def test_client_leaving_midstream_cancels_upstream(stack, path):
             async with client.stream("POST", stack.url + path, json=body) as response:
                 request_id = response.headers["x-request-id"]
                 async for _ in response.aiter_lines():
-                    if stack.sim.records[-1].completion_tokens >= 3:
+                    if sim_record(stack, request_id).completion_tokens >= 3:
                         break
         await stack.sim.wait_for(sim_outcome(request_id, "cancelled"),
                                  timeout_s=CANCELLED_WITHIN_S)
         record = await stack.sink.record_of(request_id)
         assert record.outcome == "client_closed" and record.estimated
-        assert 3 <= record.completion_tokens <= stack.sim.records[-1].completion_tokens
+        assert 3 <= record.completion_tokens <= sim_record(stack, request_id).completion_tokens
 
 
 async def test_client_leaving_before_first_byte_cancels_upstream(stack):
@@ -215,7 +227,7 @@ async def test_upstream_death_midstream_ends_well_formed(stack, path, tail_check
         assert response.status_code == 200
         lines = [line for line in response.text.splitlines() if line]
         assert tail_check(lines[-1])
-        assert stack.sim.records[-1].outcome == "dropped"
+        assert sim_record(stack, response.headers["x-request-id"]).outcome == "dropped"
         record = await record_of(stack, response)
         assert record.outcome == "upstream_error"
         assert record.completion_tokens == 3 and record.estimated
@@ -260,7 +272,7 @@ async def test_first_byte_timeout_is_504(nursery):
             response = await client.post(stack.url + "/v1/chat/completions", json=body)
         assert response.status_code == 504
         assert response.json()["error"]["code"] == "upstream_timeout"
-        await stack.sim.wait_for(lambda sim: sim.records[-1].outcome == "cancelled")
+        await stack.sim.wait_for(sim_outcome(response.headers["x-request-id"], "cancelled"))
         assert (await record_of(stack, response)).outcome == "timeout"
 
 
