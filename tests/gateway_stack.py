@@ -41,8 +41,8 @@ class MemorySink:
                 await self._changed.wait()
 
     async def record_of(self, request_id: str) -> RequestRecord:
-        """The record of one request. Observers hear of it after its response went out
-        (the ledger's thread may have sent it), so a client can be quicker: wait."""
+        """The record of one request. Observers hear of it in the metering's after
+        phase, once its response went out, so a client can be quicker: wait."""
         await self.wait_for(lambda records: any(r.request_id == request_id for r in records))
         return next(r for r in self.records if r.request_id == request_id)
 
