@@ -138,12 +138,14 @@ class Recounter:
         teaches what its template adds, for a tokenizer that cannot apply it
         (llama-cpp-python)."""
         state = self._states.get(record.backend or "")
-        shape = prompt_shape(ex.body_obj)
         if (state is None or record.estimated or record.stream or record.prompt_tokens <= 0
                 or ex.route.name != "openai_chat" or not ex.model or state.tokenizer is None
-                or False not in state.reports_usage.values() or shape is None
-                or self._overheads.overhead(state.basis, ex.route.name, ex.model, shape)[1]):
-            return  # nothing to learn (a confirmed overhead costs no more calls)
+                or False not in state.reports_usage.values()):
+            return  # nothing to learn (checked per request: the cheap tests first)
+        shape = prompt_shape(ex.body_obj)
+        if shape is None or self._overheads.overhead(state.basis, ex.route.name, ex.model,
+                                                     shape)[1]:
+            return  # a confirmed overhead costs no more calls
         if state.tokenizer is _UNKNOWN or state.tokenizer.dialect is Dialect.LLAMA_CPP_PYTHON:
             self._start(state, ex, self._learn_template(state, ex, record))
 
