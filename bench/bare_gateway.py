@@ -14,14 +14,14 @@ import trio
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from ollama_proxy.api.record import RequestRecord  # noqa: E402
 from ollama_proxy.app import make_backend, server_settings  # noqa: E402
 from ollama_proxy.backends.registry import BackendSet  # noqa: E402
 from ollama_proxy.config import load_config  # noqa: E402
 from ollama_proxy.dispatch import DispatchTable, proxied_rows  # noqa: E402
+from ollama_proxy.http.server import HttpServer, Request  # noqa: E402
 from ollama_proxy.proxy.metering import Metering  # noqa: E402
 from ollama_proxy.proxy.relay import ProxyHandler  # noqa: E402
-from ollama_proxy.http.server import HttpServer, Request  # noqa: E402
-from ollama_proxy.api.record import RequestRecord  # noqa: E402
 from ollama_proxy.store.accounts import KeyEntry  # noqa: E402
 
 ANYONE = KeyEntry(prefix="op-bench", hash=b"", user="bench", role="admin", suspended=False,

@@ -18,12 +18,13 @@ import os
 import pathlib
 import sys
 import timeit
+from functools import partial
 from typing import Any, Callable
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from ollama_proxy.api.jsonbody import decode_object  # noqa: E402
 from ollama_proxy.api.body_rules import parse_body  # noqa: E402
+from ollama_proxy.api.jsonbody import decode_object  # noqa: E402
 from ollama_proxy.api.routes import match_route  # noqa: E402
 
 
@@ -75,8 +76,8 @@ def main() -> None:
     print(f"{'body':30} {'bytes':>10} {'json.loads':>12} {'strict':>12} {'parse_body':>12}"
           f" {'strict/loads':>13}")
     for name, raw in bodies():
-        loads, strict, parsed = best_us([lambda: json.loads(raw), lambda: decode_object(raw),
-                                         lambda: parse_body(route, raw)], args.rounds)
+        loads, strict, parsed = best_us([partial(json.loads, raw), partial(decode_object, raw),
+                                         partial(parse_body, route, raw)], args.rounds)
         print(f"{name:30} {len(raw):>10,} {loads:>10.1f}us {strict:>10.1f}us {parsed:>10.1f}us"
               f" {strict / loads:>13.2f}")
 

@@ -21,8 +21,8 @@ import os
 import pathlib
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -326,7 +326,8 @@ def checkout(path: pathlib.Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a quarter of each workload")
     parser.add_argument("--only", help="comma-separated workload names (substring match)")
     parser.add_argument("--json-out", metavar="FILE", help="write all figures as JSON here")

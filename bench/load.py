@@ -67,7 +67,7 @@ except ImportError:  # pragma: no cover - not Unix
     resource = None  # type: ignore[assignment]
 
 import trio
-from trio.lowlevel import wait_readable, wait_writable
+from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
 RECV_SIZE = 65536
 PLAIN, NDJSON, SSE = 0, 1, 2
@@ -366,7 +366,7 @@ class _Worker:
                 if r is None:
                     self.errors += 1
                     self.broken += 1
-                    await trio.sleep(0)  # a refused connect must not starve the other tasks
+                    await checkpoint()  # a refused connect must not starve the other tasks
                     continue
                 status, t_head, t_ttft, t_end, frames, tokens, broken, keep, err, _ = r
                 if status:
@@ -1127,7 +1127,7 @@ async def _canned_handler(replies: dict[str, Any], stream: trio.SocketStream) ->
                 if PER_WRITE_MARK in body and key == "native_stream":
                     for piece in replies["native_stream_per_write"]:
                         await _send_rest(sock, piece, 0)
-                        await trio.sleep(0)  # let the other connections' writes interleave
+                        await checkpoint()  # let the other connections' writes interleave
                     continue
             reply = replies[key]
             try:

@@ -11,27 +11,27 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import trio
 
-from .store import accounts
+from .access.identity import KeyIndex
+from .access.limiter import Backlog, Limiter, load_counters
 from .admin.api import AdminApi
 from .admin.status import Status
-from .access.identity import KeyIndex
+from .api.prompt_overhead import PromptOverheads
+from .api.record import RequestRecord
 from .backends.registry import Backend, BackendSet
-from .http.clientip import AddressPolicy
 from .config import Config, ServerConfig, UpstreamConfig, settings
 from .dispatch import DispatchTable, gateway_table
 from .errors import BadRequest, ConfigError, ProxyError
-from .access.limiter import Backlog, Limiter, load_counters
-from .api.prompt_overhead import PromptOverheads
-from .proxy.recount import Recounter
-from .api.record import RequestRecord
-from .observe.access_log import AccessLog
-from .proxy.metering import Metering
-from .proxy.relay import ProxyHandler
+from .http.client import PoolSettings, UpstreamPool
+from .http.clientip import AddressPolicy
 from .http.messages import Request
 from .http.responder import Responder
 from .http.server import HttpServer, ServerSettings
+from .observe.access_log import AccessLog
+from .proxy.metering import Metering
+from .proxy.recount import Recounter
+from .proxy.relay import ProxyHandler
+from .store import accounts
 from .store.threads import LedgerWriter, Store
-from .http.client import PoolSettings, UpstreamPool
 
 log = logging.getLogger("ollama_proxy.app")
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
 from .access.limits import Limits
-from .http.messages import host_port
 from .config_parsers import IpNetwork
 from .config_schema import ENV_PREFIX, SECTIONS, UPSTREAM, Key, env_name, rows
+from .errors import ConfigError
+from .http.messages import host_port
 
 DEFAULT_CONFIG_FILE = "ollama-proxy.ini"
 # The bootstrap admin key: the one OLLAMA_PROXY_ variable outside the scheme, never an error.

@@ -11,8 +11,8 @@ import re
 from typing import Callable
 from urllib.parse import urlsplit
 
-from .isotime import parse_time
 from .http.messages import host_port
+from .isotime import parse_time
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _ENV_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

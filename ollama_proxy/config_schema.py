@@ -11,11 +11,24 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .isotime import iso
 from .config_parsers import (
-    auto_whole, choice, cidrs, file_path, flag, globs, http_url, listen_address,
-    optional_env_var, optional_path, optional_time, optional_whole, seconds, show_cidrs, whole,
+    auto_whole,
+    choice,
+    cidrs,
+    file_path,
+    flag,
+    globs,
+    http_url,
+    listen_address,
+    optional_env_var,
+    optional_path,
+    optional_time,
+    optional_whole,
+    seconds,
+    show_cidrs,
+    whole,
 )
+from .isotime import iso
 
 ENV_PREFIX = "OLLAMA_PROXY_"
 UPSTREAM = "upstream"  # schema section shared by every [upstream.NAME]

@@ -8,7 +8,8 @@ import dataclasses
 from functools import cache
 from typing import Any
 
-from ollama_proxy.app import from_section, server_settings as from_config
+from ollama_proxy.app import from_section
+from ollama_proxy.app import server_settings as from_config
 from ollama_proxy.config import Config, load_config
 from ollama_proxy.http.client import PoolSettings
 from ollama_proxy.http.server import ServerSettings

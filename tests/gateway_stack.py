@@ -11,13 +11,12 @@ import tempfile
 from typing import Any, Callable
 
 import httpx
-
 import trio
 
-from ollama_proxy.app import Gateway
-from ollama_proxy.config import Config, load_config
 from ollama_proxy.access.keys import new_key
 from ollama_proxy.api.record import RequestRecord
+from ollama_proxy.app import Gateway
+from ollama_proxy.config import Config, load_config
 from ollama_proxy.sim.server import SimRecord, Simulator, run_simulator
 from ollama_proxy.store import db
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from ollama_proxy.store import db, ledger
 from ollama_proxy.api.record import RequestRecord
+from ollama_proxy.store import db, ledger
 
 
 def insert(conn: sqlite3.Connection, records: Sequence[RequestRecord], *,

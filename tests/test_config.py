@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ollama_proxy.access.limits import Limits
 from ollama_proxy.config import (
     DEFAULT_CONFIG_FILE,
     Config,
@@ -18,7 +19,6 @@ from ollama_proxy.config import (
 )
 from ollama_proxy.config_schema import SCHEMA, UPSTREAM, Key
 from ollama_proxy.errors import ConfigError
-from ollama_proxy.access.limits import Limits
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "sk-upstream-secret-4711"
@@ -192,9 +192,11 @@ def test_bad_env_value_names_the_variable(tmp_path: Path, section: str, key: str
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("[server]\nlisten_port = 1\n", "[server] listen_port: unknown key (did you mean listen?); allowed: listen,"),
+    ("[server]\nlisten_port = 1\n",
+     "[server] listen_port: unknown key (did you mean listen?); allowed: listen,"),
     ("[upstream.a]\npriority = 1\n", "[upstream.a] priority: unknown key; allowed: url, kind,"),
-    ("[servr]\n", "[servr]: unknown section; allowed: [server], [log], [limits], [upstream.NAME] (did you mean server?)"),
+    ("[servr]\n",
+     "[servr]: unknown section; allowed: [server], [log], [limits], [upstream.NAME] (did you mean server?)"),
     ("[upstream]\n", "[upstream]: unknown section"),
     ("[upstream.GPU]\n", "[upstream.GPU]: an upstream NAME may only hold lowercase letters, digits, _ and -"),
     ("[upstream.a.b]\n", "[upstream.a.b]: an upstream NAME may only hold"),

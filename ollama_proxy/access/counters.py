@@ -19,7 +19,6 @@ from ..api.record import Outcome
 from .limits import Limits
 from .windows import DAY_BUCKET_S, DAY_S, MINUTE_BUCKET_S, MINUTE_S, Quota, Window, format_reset
 
-
 # -- decisions -----------------------------------------------------------------
 
 
@@ -141,7 +140,7 @@ class UserCounters:
                              self._token_limits(limits, now), extra_tokens)
 
     @staticmethod
-    def _reset_s(counter: Any, limits: Limits, now: float, extra: int) -> float | None:
+    def _reset_s(counter: Window | Quota, limits: Limits, now: float, extra: int) -> float | None:
         if isinstance(counter, Quota):
             return counter.reset_s(now, limits.quota_period)
         # What is added now leaves the window last: it alone decides.

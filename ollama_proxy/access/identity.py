@@ -15,12 +15,12 @@ import time
 
 import trio
 
-from ..store import accounts
-from . import keys
-from ..store.accounts import KeyEntry
 from ..errors import Forbidden, Unauthorized
 from ..http.messages import Request
+from ..store import accounts
+from ..store.accounts import KeyEntry
 from ..store.threads import Store
+from . import keys
 
 log = logging.getLogger("ollama_proxy.auth")
 

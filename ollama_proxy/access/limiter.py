@@ -26,18 +26,18 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from ..store import ledger, reports
-from ..store.accounts import KeyEntry
-from ..store.db import snapshot
-from ..errors import LimitError, ProxyError
-from .counters import CounterStore, Decision, UserCounters, rebuild
-from .limits import Limits
-from .windows import DAY_BUCKET_S, DAY_S, month_start
 from ..api.body_rules import requested_cap, set_cap
 from ..api.exchange import Exchange
 from ..api.prompt_overhead import PromptOverheads
-from ..api.routes import Route, RouteKind
 from ..api.record import RequestRecord
+from ..api.routes import Route, RouteKind
+from ..errors import LimitError, ProxyError
+from ..store import ledger, reports
+from ..store.accounts import KeyEntry
+from ..store.db import snapshot
+from .counters import CounterStore, Decision, UserCounters, rebuild
+from .limits import Limits
+from .windows import DAY_BUCKET_S, DAY_S, month_start
 
 LISTINGS = frozenset({"tags", "ps", "openai_models"})  # route names of the model lists
 TOKEN_LIMITS = frozenset({"tokens_per_minute", "tokens_per_day", "token_quota"})

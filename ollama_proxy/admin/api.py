@@ -17,17 +17,16 @@ from collections.abc import Mapping
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qsl
 
-from ..store import accounts, admin_ops, reports
-from ..store.accounts import KeyEntry
 from ..access.identity import KeyIndex, authorize
+from ..access.limiter import Limiter
+from ..api.jsonbody import decode_object
 from ..backends.registry import BackendSet
 from ..errors import BadRequest, Forbidden
-from ..api.jsonbody import decode_object
-from ..access.limiter import Limiter
 from ..http.messages import JSON_TYPE, Request
 from ..http.responder import Responder
+from ..store import accounts, admin_ops, reports
+from ..store.accounts import KeyEntry
 from ..store.threads import Store
-
 
 Params = Mapping[str, str]
 # One endpoint: the request of a caller the row admits → (status, JSON payload or None).

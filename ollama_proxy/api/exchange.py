@@ -13,9 +13,9 @@ from .body_rules import NAME_ROUTES
 from .routes import Route
 
 if TYPE_CHECKING:  # the pure core needs the types, not the trio server
-    from ..store.accounts import KeyEntry
     from ..access.counters import Reservation
     from ..http.messages import Request
+    from ..store.accounts import KeyEntry
 
 
 @dataclass(slots=True)

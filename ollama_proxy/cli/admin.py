@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..access.limits import LIMIT_NAMES
+from ..config import load_config
+from ..errors import BadRequest, ProxyError, StoreError
 from ..store import accounts, admin_ops, db, reports
 from ..store.accounts import get_user
 from ..store.admin_ops import ROLES, USAGE_FIELDS
-from ..config import load_config
-from ..errors import BadRequest, ProxyError, StoreError
 
 Payload = dict[str, Any]
 

@@ -12,11 +12,11 @@ import tempfile
 
 import trio
 
-from ..store import accounts
-from ..app import Gateway
 from ..access.keys import new_key
+from ..app import Gateway
 from ..config import Config, load_config
 from ..sim.server import Simulator, run_simulator
+from ..store import accounts
 
 
 def examples(base: str, user_key: str, admin_key: str) -> str:

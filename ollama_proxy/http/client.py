@@ -18,10 +18,10 @@ from typing import Callable, cast
 import h11
 import trio
 
+from ..errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 from . import sockio
 from .bodies import body_reader
 from .messages import find_header
-from ..errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 
 log = logging.getLogger("ollama_proxy.upstream")
 

@@ -19,13 +19,12 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
+from ..errors import BadRequest, PayloadTooLarge, ProxyError, RequestTimeout, error_body, family_of, render
 from . import sockio
 from .connstate import ConnEvent, ConnState, Lifecycle
 from .messages import JSON_TYPE, Request, complaint, head_size, http_date, path_of_head
 from .responder import ClientGone, ClientStalled, Responder
 from .watch import ClientWatch
-from ..errors import BadRequest, PayloadTooLarge, ProxyError, RequestTimeout
-from ..errors import error_body, family_of, render
 
 if TYPE_CHECKING:
     from .server import HttpServer

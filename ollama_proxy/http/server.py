@@ -18,13 +18,13 @@ from typing import Awaitable, Callable
 
 import trio
 
+from ..errors import ApiFamily, error_body
 from . import sockio
 from .clientip import AddressPolicy
 from .connection import ServerConnection, address_refused
 from .conntable import ConnectionTable
 from .messages import JSON_TYPE, Request
 from .responder import Responder
-from ..errors import ApiFamily, error_body
 
 log = logging.getLogger("ollama_proxy.server")
 

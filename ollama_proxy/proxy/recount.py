@@ -26,10 +26,9 @@ from typing import Any
 
 import trio
 
-from ..backends.registry import Backend
-from ..errors import ProxyError
 from ..api.exchange import Exchange
 from ..api.prompt_overhead import TEXT, PromptOverheads, prompt_shape
+from ..api.record import RequestRecord
 from ..api.tokenizer import (
     Call,
     CountError,
@@ -41,8 +40,9 @@ from ..api.tokenizer import (
     stream_counts,
     template_overhead,
 )
-from ..api.record import RequestRecord
 from ..api.usage import StreamScanner, estimate_prompt_tokens
+from ..backends.registry import Backend
+from ..errors import ProxyError
 
 log = logging.getLogger("ollama_proxy.recount")
 

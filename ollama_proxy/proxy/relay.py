@@ -19,6 +19,15 @@ from typing import Any, Sequence
 
 import trio
 
+from ..access.identity import KeyIndex, authorize
+from ..api.body_rules import apply_openai_rules, parse_body, wants_stream
+from ..api.exchange import Exchange, PolicyStep
+from ..api.framing import FrameKind
+from ..api.headers import client_response_headers, upstream_request_headers
+from ..api.models import filter_listing
+from ..api.record import Outcome
+from ..api.routes import Route, RouteKind
+from ..api.usage import StreamScanner, UsageTally, scan_whole_body
 from ..backends.registry import BackendSet
 from ..errors import (
     ProxyError,
@@ -30,18 +39,9 @@ from ..errors import (
     family_of,
     render,
 )
-from ..api.body_rules import apply_openai_rules, parse_body, wants_stream
-from ..api.exchange import Exchange, PolicyStep
-from ..api.framing import FrameKind
-from ..api.headers import client_response_headers, upstream_request_headers
-from ..api.models import filter_listing
-from ..api.record import Outcome
-from ..api.routes import Route, RouteKind
-from ..api.usage import StreamScanner, UsageTally, scan_whole_body
-from ..access.identity import KeyIndex, authorize
+from ..http.client import ResponseTooLarge, UpstreamResponse
 from ..http.messages import JSON_TYPE, Request
 from ..http.responder import ClientGone, ClientStalled, Responder
-from ..http.client import ResponseTooLarge, UpstreamResponse
 from .metering import Metering, RecordDraft
 
 log = logging.getLogger("ollama_proxy.relay")

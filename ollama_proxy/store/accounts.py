@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..access import keys
-from .db import transaction
 from ..errors import Conflict, NotFound, StoreError
 from ..isotime import iso
+from .db import transaction
 
 BOOTSTRAP_ADMIN = "admin"
 BOOTSTRAP_ACTOR = "bootstrap"

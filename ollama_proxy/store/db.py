@@ -15,7 +15,6 @@ from contextlib import contextmanager
 
 from ..errors import StoreError
 
-
 # --- the usage summaries (migration 2) ------------------------------------------
 #
 # Sums of ledger rows per bucket of time, derived from the ledger and never

@@ -16,8 +16,8 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from .db import SUMMARIES, WATERMARK, fold_sql
 from ..api.record import Outcome, RequestRecord
+from .db import SUMMARIES, WATERMARK, fold_sql
 
 _COLUMNS = ("time", "user", "key_prefix", "backend", "model", "endpoint", "status", "outcome",
             "prompt_tokens", "completion_tokens", "estimated", "stream", "duration_s", "ttfb_s",

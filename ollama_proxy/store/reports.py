@@ -17,8 +17,8 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from .db import DAY_S, HOUR_S, WATERMARK, bucket_sql, error_sql
 from ..errors import BadRequest
+from .db import DAY_S, HOUR_S, WATERMARK, bucket_sql, error_sql
 
 GROUPS = ("user", "model", "day", "hour")
 # group_by -> how its key is shown, from the bucket's start (unix seconds, UTC)

@@ -23,8 +23,8 @@ from typing import Any, Callable, NamedTuple, TypeVar, Union
 
 import trio
 
-from . import db, ledger
 from ..api.record import Outcome, RequestRecord
+from . import db, ledger
 
 log = logging.getLogger("ollama_proxy.storage")
 

@@ -7,8 +7,7 @@ import calendar
 
 import pytest
 
-from ollama_proxy.access.windows import (Quota, Window, format_reset, month_key, month_start,
-                                         next_month_start)
+from ollama_proxy.access.windows import Quota, Window, format_reset, month_key, month_start, next_month_start
 
 T = 1_700_000_040.0  # a minute boundary (divisible by 60)
 assert T % 60 == 0

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from ollama_proxy.errors import BadRequest
 from ollama_proxy.api.body_rules import MAX_MODEL_CHARS, parse_body
 from ollama_proxy.api.routes import match_route
+from ollama_proxy.errors import BadRequest
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
 

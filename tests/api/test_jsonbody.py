@@ -8,10 +8,11 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from ollama_proxy.errors import BadRequest
 from ollama_proxy.api.jsonbody import MAX_DEPTH, decode_object, go_fold
+from ollama_proxy.errors import BadRequest
 
 PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -16,9 +16,9 @@ from ollama_proxy.api.prompt_overhead import (
     PromptOverheads,
     prompt_shape,
 )
+from ollama_proxy.api.record import RequestRecord
 from ollama_proxy.api.routes import match_route
 from ollama_proxy.http.messages import Request
-from ollama_proxy.api.record import RequestRecord
 
 USER = {"role": "user", "content": "Say hello."}
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 from dataclasses import astuple
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ollama_proxy.api.framing import FrameBuffer, FrameKind
 from ollama_proxy.api.usage import StreamScanner

@@ -9,7 +9,6 @@ from typing import Any, Callable
 
 import pytest
 
-from ollama_proxy.sim.llamacpp import char_tokens, chatml
 from ollama_proxy.api.tokenizer import (
     Answer,
     Call,
@@ -24,6 +23,7 @@ from ollama_proxy.api.tokenizer import (
     streamed_text,
     template_overhead,
 )
+from ollama_proxy.sim.llamacpp import char_tokens, chatml
 
 Backend = Callable[[Call], Answer]
 NOT_FOUND = Answer(404, {"detail": "Not Found"})

@@ -9,8 +9,8 @@ import logging
 import pytest
 import trio
 
-from ollama_proxy.backends.registry import HEALTH_TIMEOUT_S, Backend, BackendSet
 from default_settings import pool_settings
+from ollama_proxy.backends.registry import HEALTH_TIMEOUT_S, Backend, BackendSet
 from ollama_proxy.http.client import UpstreamPool
 
 

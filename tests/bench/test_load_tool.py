@@ -105,8 +105,8 @@ def test_duration_chunk_delay_and_other_paths(demo_url: str) -> None:
 
 
 def test_cli_json(demo_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert load.main(["--url", demo_url, "--key", DEMO_KEY["value"], "-n", "8", "-c", "2", "--workers", "2", "--json",
-                      "--prompt", "Hi [[sim:tokens=2]]"]) == 0
+    assert load.main(["--url", demo_url, "--key", DEMO_KEY["value"], "-n", "8", "-c", "2",
+                      "--workers", "2", "--json", "--prompt", "Hi [[sim:tokens=2]]"]) == 0
     r = json.loads(capsys.readouterr().out)
     for key in ("requests_per_s", "latency_ms", "ttfb_ms", "ttft_ms", "chunks_per_s", "tokens_per_s",
                 "status", "broken", "errors", "chunk_delay_ms", "duration_s", "requests", "tool_cpu_s"):

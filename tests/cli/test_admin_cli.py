@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 
 from ledger_rows import insert as insert_rows
-from ollama_proxy.access.limits import LIMIT_NAMES
-from ollama_proxy.store import accounts, db
 from ollama_proxy.__main__ import main
-from ollama_proxy.cli.admin import STORE_IT, actor
 from ollama_proxy.access.keys import key_prefix
+from ollama_proxy.access.limits import LIMIT_NAMES
 from ollama_proxy.api.record import RequestRecord
+from ollama_proxy.cli.admin import STORE_IT, actor
 from ollama_proxy.errors import Conflict
+from ollama_proxy.store import accounts, db
 
 KEY_RE = re.compile(r"op-[A-Za-z0-9_-]{20,}")
 

@@ -25,9 +25,9 @@ import httpx
 import trio
 
 from child_process import Child
-from ollama_proxy.store import db
 from ollama_proxy.access.keys import key_prefix, new_key
 from ollama_proxy.sim.server import Simulator, run_simulator
+from ollama_proxy.store import db
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_S = 15.0

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import httpx
+from test_crash_and_cli import LISTENING, STARTUP_S, child_env
 
 from child_process import Child
-from test_crash_and_cli import LISTENING, STARTUP_S, child_env
 
 IDLE = 400
 

@@ -18,12 +18,12 @@ import httpx
 import ollama
 import openai
 import trio
+from test_crash_and_cli import child_env, start_simulator
 
 from child_process import Child
 from gateway_stack import Stack
-from ollama_proxy.store import db
 from ollama_proxy.access.keys import new_key
-from test_crash_and_cli import child_env, start_simulator
+from ollama_proxy.store import db
 
 T = TypeVar("T")
 TIMEOUT_S = 20

@@ -20,8 +20,8 @@ import trio
 from gateway_stack import Stack, start_stack
 
 if TYPE_CHECKING:
-    from ollama_proxy.sim.server import SimRecord
     from ollama_proxy.api.record import RequestRecord
+    from ollama_proxy.sim.server import SimRecord
 
 T = TypeVar("T")
 

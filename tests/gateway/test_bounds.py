@@ -15,9 +15,8 @@ import pytest
 import trio
 import trio.testing
 
-from ollama_proxy.sim.server import Simulator, run_simulator
-
 from gateway_stack import Stack, gateway_config, start_gateway
+from ollama_proxy.sim.server import Simulator, run_simulator
 from wire import read_until_close
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "Hello there"}]}

@@ -9,19 +9,20 @@ from __future__ import annotations
 import json
 import os
 import time
+
 import httpx
 import trio
 
 from gateway_stack import MemorySink, gateway_config, start_gateway
 from ledger_rows import insert
-from ollama_proxy.store import accounts, db, ledger
 from ollama_proxy.access import limiter
+from ollama_proxy.api.record import RequestRecord
 from ollama_proxy.app import Gateway
 from ollama_proxy.http.messages import Request
 from ollama_proxy.http.responder import Responder
 from ollama_proxy.http.server import HttpServer
 from ollama_proxy.sim.server import SERVER_SETTINGS
-from ollama_proxy.api.record import RequestRecord
+from ollama_proxy.store import accounts, db, ledger
 
 TIMEOUT_S = 20
 HUGE = 2**63

@@ -22,9 +22,9 @@ import pytest
 import trio
 
 from gateway_stack import Stack
-from ollama_proxy.store import db
 from ollama_proxy.access.keys import key_prefix, new_key
 from ollama_proxy.sim.server import SimRecord
+from ollama_proxy.store import db
 
 TIMEOUT_S = 10
 ROW_COLUMNS = ("request_id", "time", "user", "key_prefix", "backend", "model", "endpoint",

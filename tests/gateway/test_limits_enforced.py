@@ -16,8 +16,16 @@ import httpx
 import pytest
 import trio
 
-from gateway_stack import (Stack, bearer, forwarded, gateway_config, ledger_rows, new_user,
-                           start_gateway, start_stack)
+from gateway_stack import (
+    Stack,
+    bearer,
+    forwarded,
+    gateway_config,
+    ledger_rows,
+    new_user,
+    start_gateway,
+    start_stack,
+)
 from ollama_proxy.__main__ import main as cli_main
 from ollama_proxy.app import Gateway
 from ollama_proxy.config import load_config
@@ -210,16 +218,16 @@ async def test_max_concurrent_comes_back_to_zero_after_clients_leave(stack):
                                          headers=bearer(key)) as response:
                     async for _line in response.aiter_lines():
                         break
-                await stack.sink.wait_for(lambda records: len(records) == 2 * i + 1)
+                await stack.sink.wait_for(lambda records, n=2 * i + 1: len(records) == n)
                 request_id = f"early-{i}"
                 async with trio.open_nursery() as client_side:
                     client_side.start_soon(functools.partial(
                         client.post, stack.url + "/v1/chat/completions", json=leave_early,
                         headers=bearer(key, request_id)))
                     # the backend has the request and keeps it pending: the client leaves
-                    await stack.sim.wait_for(lambda sim: bool(forwarded(stack, request_id)))
+                    await stack.sim.wait_for(lambda sim, rid=request_id: bool(forwarded(stack, rid)))
                     client_side.cancel_scope.cancel()
-                await stack.sink.wait_for(lambda records: len(records) == 2 * i + 2)
+                await stack.sink.wait_for(lambda records, n=2 * i + 2: len(records) == n)
             counters = stack.gateway.limiter.store.get("ann")
             assert counters.in_flight == 0 and counters.held == 0
             assert {r.outcome for r in stack.sink.records} == {"client_closed"}
@@ -344,9 +352,11 @@ async def test_cli_limits_apply_to_the_next_request(stack):
             code = await trio.to_thread.run_sync(cli_main, [
                 "users", "limits", "ann", "--set", "token_quota=0", "--database", database])
             assert code == 0
-            while (await client.get(stack.url + "/v1/me", headers=bearer(key))).json()[
+            while (await client.get(stack.url + "/v1/me", headers=bearer(key))).json()[  # noqa: ASYNC110
                     "limits"]["token_quota"] != 0:
-                await trio.sleep(0.05)  # cross-thread observation: a short, bounded poll
+                # The index polls the file every REFRESH_S of real time: that poll is what is
+                # under test, so the test can only observe it, with a short, bounded poll.
+                await trio.sleep(0.05)
             response = await client.post(stack.url + "/api/chat", json=chat(),
                                          headers=bearer(key))
     assert response.status_code == 429

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ollama_proxy.http.bodies import ChunkedBody, CloseDelimitedBody, LengthBody, body_reader
 from ollama_proxy.errors import UpstreamProtocolError
+from ollama_proxy.http.bodies import ChunkedBody, CloseDelimitedBody, LengthBody, body_reader
 
 CHUNKED = b"5\r\nhello\r\n1;ext=1\r\n \r\nA\r\n0123456789\r\n0\r\nTrailer: x\r\n\r\n"
 

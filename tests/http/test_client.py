@@ -8,12 +8,11 @@ import pytest
 import trio
 import trio.testing
 
+from default_settings import pool_settings
 from ollama_proxy.app import make_backend
 from ollama_proxy.config import load_config
 from ollama_proxy.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 from ollama_proxy.http.client import UpstreamPool
-
-from default_settings import pool_settings
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 HEADERS = [(b"host", b"backend"), (b"content-length", b"0")]
@@ -133,7 +132,8 @@ async def test_chunk_gap_timeout(nursery, autojump_clock):
     await response.aclose()
 
 
-@pytest.mark.parametrize("reply", [b"NOT HTTP AT ALL\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"],
+@pytest.mark.parametrize("reply", [b"NOT HTTP AT ALL\r\n\r\n",
+                                   b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"],
                          ids=["garbage", "truncated"])
 async def test_broken_backend_is_protocol_error(nursery, reply):
     """Garbage or a body cut short → UpstreamProtocolError (502)."""

@@ -8,10 +8,14 @@ import pytest
 
 from ollama_proxy.http.connstate import (
     TRANSITIONS,
-    ConnEvent as E,
-    ConnState as S,
     Lifecycle,
     StateError,
+)
+from ollama_proxy.http.connstate import (
+    ConnEvent as E,
+)
+from ollama_proxy.http.connstate import (
+    ConnState as S,
 )
 
 

@@ -11,11 +11,10 @@ import pytest
 import trio
 
 from default_settings import server_settings
-from wire import read_until_close
 from ollama_proxy.http.messages import Request
 from ollama_proxy.http.responder import ClientGone, Responder
 from ollama_proxy.http.server import HttpServer
-
+from wire import read_until_close
 
 TICKS = 50  # /stream writes this many lines
 

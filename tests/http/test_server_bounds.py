@@ -14,14 +14,13 @@ import pytest
 import trio
 import trio.testing
 
+from default_settings import server_settings
 from ollama_proxy.app import server_settings as server_settings_of
 from ollama_proxy.config import load_config
 from ollama_proxy.http.clientip import AddressPolicy
 from ollama_proxy.http.messages import Request
 from ollama_proxy.http.responder import ClientStalled, Responder
 from ollama_proxy.http.server import HttpServer
-
-from default_settings import server_settings
 from wire import read_until_close
 
 

@@ -13,8 +13,8 @@ import pytest
 import trio
 
 from gateway_stack import MemorySink, gateway_config, start_gateway
-from ollama_proxy.proxy import recount
 from ollama_proxy.app import Gateway
+from ollama_proxy.proxy import recount
 from ollama_proxy.sim.llamacpp import LlamaCppSim, run_llamacpp_sim
 
 SAY_HELLO = {"model": "tiny", "messages": [{"role": "user", "content": "Say hello."}],

@@ -10,12 +10,11 @@ import httpx
 import pytest
 import trio
 
+from gateway_stack import Stack, forwarded, gateway_config, start_gateway, start_stack
 from ollama_proxy.http.messages import Request
 from ollama_proxy.http.responder import Responder
 from ollama_proxy.http.server import HttpServer
 from ollama_proxy.sim.server import SERVER_SETTINGS, SimRecord, Simulator
-
-from gateway_stack import Stack, forwarded, gateway_config, start_gateway, start_stack
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "Hello there"}]}
 

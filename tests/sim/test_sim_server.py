@@ -14,9 +14,9 @@ import httpx
 import pytest
 import trio
 
-from ollama_proxy.sim.server import Simulator, run_simulator
 from ollama_proxy.sim.frames import plan_tokens
 from ollama_proxy.sim.models import keep_alive_ns, normalize_name
+from ollama_proxy.sim.server import Simulator, run_simulator
 from ollama_proxy.sim.text import (
     GoFloats,
     GoJsonError,

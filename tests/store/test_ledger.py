@@ -11,9 +11,9 @@ import sqlite3
 import pytest
 
 from ledger_rows import insert
-from ollama_proxy.store import accounts, db, ledger, reports
 from ollama_proxy.access import keys
 from ollama_proxy.api.record import RequestRecord
+from ollama_proxy.store import accounts, db, ledger, reports
 
 T0 = calendar.timegm((2026, 11, 27, 7, 14, 39))  # 2026-11-27T07:14:39Z
 NOW = float(T0 + 1000)

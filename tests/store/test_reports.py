@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ledger_rows import insert
-from ollama_proxy.store import db, ledger, reports
-from ollama_proxy.errors import BadRequest
-from ollama_proxy.store.reports import LEDGER, UNFOLDED, Part
 from ollama_proxy.api.record import RequestRecord
+from ollama_proxy.errors import BadRequest
+from ollama_proxy.store import db, ledger, reports
+from ollama_proxy.store.reports import LEDGER, UNFOLDED, Part
 
 T0 = calendar.timegm((2026, 11, 27, 7, 14, 39))  # 2026-11-27T07:14:39Z
 H = 3600

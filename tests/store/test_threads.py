@@ -13,10 +13,10 @@ import trio
 import trio.testing
 
 from ledger_rows import insert
-from ollama_proxy.store import accounts, db, ledger, reports, threads
 from ollama_proxy.access import keys
-from ollama_proxy.store.threads import LedgerWriter
 from ollama_proxy.api.record import RequestRecord
+from ollama_proxy.store import accounts, db, ledger, reports, threads
+from ollama_proxy.store.threads import LedgerWriter
 
 
 def record(request_id: str, **changes) -> RequestRecord:
