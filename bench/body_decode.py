@@ -4,7 +4,7 @@
 
 For each body: ``json.loads`` (what the gateway did before), the strict
 decoder alone (``jsonbody.decode_object``: depth scan, UTF-8, duplicate and
-case-folded keys) and the whole check of a proxied body (``policy.parse_body``:
+case-folded keys) and the whole check of a proxied body (``body_rules.parse_body``:
 the decoder plus spellings and types). Figures are the best of several rounds
 (the machine is shared), in microseconds per body.
 """
@@ -25,7 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from ollama_proxy.api.body_rules import parse_body  # noqa: E402
 from ollama_proxy.api.jsonbody import decode_object  # noqa: E402
-from ollama_proxy.api.routes import match_route  # noqa: E402
+from ollama_proxy.api.routes import ROUTES  # noqa: E402
 
 
 def chat(messages: list[dict[str, Any]], **extra: Any) -> bytes:
@@ -71,8 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
-    route = match_route("/api/chat")
-    assert route is not None
+    route = ROUTES["/api/chat"]
     print(f"{'body':30} {'bytes':>10} {'json.loads':>12} {'strict':>12} {'parse_body':>12}"
           f" {'strict/loads':>13}")
     for name, raw in bodies():

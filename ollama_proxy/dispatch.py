@@ -31,10 +31,8 @@ from .admin.api import AdminApi, Call
 from .admin.status import Status
 from .api.routes import PREFIX_ROUTES, ROUTES, Route
 from .errors import ApiFamily, MethodNotAllowed, NotFound, ProxyError, family_of, render
-from .http.messages import Request
+from .http.messages import JSON_TYPE, Request
 from .http.responder import Responder
-
-JSON_TYPE = b"application/json; charset=utf-8"
 
 Params = Mapping[str, str]  # the path's {name} parts, percent-decoded
 Handler = Callable[[Request, Responder, Params], Awaitable[None]]

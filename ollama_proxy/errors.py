@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 
 class ApiFamily(enum.Enum):
-    """Which error dialect a path speaks (PRODUCT §2)."""
+    """Which error dialect a path speaks: Ollama's native ``{"error"}`` or OpenAI's."""
 
     NATIVE = "native"  # /api/*, /, /health: {"error": "..."}
     OPENAI = "openai"  # /v1/*, /admin/api/*: {"error": {"message", "type", "code"}}
@@ -162,7 +162,7 @@ class UpstreamTimeout(ProxyError):
 
 
 class LimitError(ProxyError):
-    """A per-user limit refused the request (PRODUCT §4), before any backend saw it.
+    """A per-user limit refused the request , before any backend saw it.
 
     Carries the ``x-ratelimit-*`` headers of the limits that apply; a 429 that
     waiting will not cure (no ``retry_after_s``) says ``x-should-retry: false``,

@@ -1,4 +1,4 @@
-"""Tests for build_pyz.py: the single-file ollama-proxy.pyz (PRODUCT.md §7, Packaging).
+"""Tests for build_pyz.py: the single-file ollama-proxy.pyz.
 
 The wheels come from .pyz-cache/ at the repo root (downloaded once by pip, then
 reused), so with a warm cache the whole module runs in a few seconds.

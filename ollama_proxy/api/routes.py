@@ -75,13 +75,3 @@ PREFIX_ROUTES: tuple[tuple[str, Route], ...] = (
     ("/api/blobs/", _r("blobs", _N, _M, frozenset({"HEAD", "POST"}))),
 )
 
-
-def match_route(path: str) -> Route | None:
-    """The route of a proxied path, or None when the gateway does not relay it."""
-    route = ROUTES.get(path)
-    if route is not None:
-        return route
-    for prefix, prefixed in PREFIX_ROUTES:
-        if path.startswith(prefix) and len(path) > len(prefix):
-            return prefixed
-    return None

@@ -1,4 +1,4 @@
-"""Offline administration on the database file: ``users``, ``keys``, ``usage`` (PRODUCT §1).
+"""Offline administration on the database file: ``users``, ``keys``, ``usage``.
 
 The same use-cases as the HTTP admin API (``store.admin_ops``, where their rules are),
 run directly on the file named by ``[server] database`` (or ``--database``), so the box's
@@ -164,7 +164,7 @@ def limit_value(name: str, text: str) -> Any:
 
 def limit_values(assignments: Sequence[tuple[str, str]] | None,
                  unset: Sequence[str] | None = None) -> dict[str, Any]:
-    """A limits object from ``--set``/``--limit`` and ``--unset``, for the storage layer's
+    """A limits object from ``--set``/``--limit`` and ``--unset``, for the store's
     ``validate_limits`` (whose errors name the limit)."""
     raw = {name: limit_value(name, text) for name, text in assignments or ()}
     for name in unset or ():

@@ -1,5 +1,5 @@
 """Exact counts for streams a backend did not count, after they ended (trio shell
-over ``tokenizer_api``).
+over ``api.tokenizer``).
 
 llama.cpp servers ignore ``stream_options.include_usage``: their streams end
 without counts and their rows are estimated. When such a stream starts, the

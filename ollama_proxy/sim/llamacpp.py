@@ -1,5 +1,5 @@
 """A llama.cpp-like OpenAI server for tests: the usage quirks of llama-cpp-python
-0.3.36 as measured against the real one (``../shared/realup``), or the
+0.3.36 as measured against the real one, or the
 tokenizer endpoints of llama.cpp's llama-server.
 
 * Streams ignore ``stream_options.include_usage``: a role-only first chat

@@ -22,7 +22,7 @@ from ollama_proxy.api.body_rules import apply_openai_rules, parse_body, wants_st
 from ollama_proxy.api.exchange import Exchange
 from ollama_proxy.api.models import filter_listing
 from ollama_proxy.api.record import RequestRecord
-from ollama_proxy.api.routes import match_route
+from ollama_proxy.api.routes import PREFIX_ROUTES, ROUTES
 from ollama_proxy.errors import ApiFamily, LimitError, render
 from ollama_proxy.http.messages import Request
 from ollama_proxy.store import db
@@ -47,8 +47,7 @@ def exchange(path: str, body: dict[str, Any] | None = None, principal: KeyEntry 
              method: str = "POST") -> Exchange:
     """An exchange as the relay hands it to the steps (body parsed, OpenAI rules applied)."""
     raw = b"" if body is None else json.dumps(body).encode()
-    route = match_route(path)
-    assert route is not None
+    route = ROUTES.get(path) or next(r for p, r in PREFIX_ROUTES if path.startswith(p))
     ex = Exchange(Request(method, path, path, "", [], raw, "127.0.0.1"), route, b"rid")
     ex.principal = principal or key()
     ex.body_obj = parse_body(route, raw)

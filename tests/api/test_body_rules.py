@@ -9,15 +9,14 @@ from typing import Any
 import pytest
 
 from ollama_proxy.api.body_rules import MAX_MODEL_CHARS, parse_body
-from ollama_proxy.api.routes import match_route
+from ollama_proxy.api.routes import ROUTES
 from ollama_proxy.errors import BadRequest
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def parse(path: str, body: dict[str, Any] | bytes) -> dict[str, Any] | None:
-    route = match_route(path)
-    assert route is not None
+    route = ROUTES[path]
     return parse_body(route, body if isinstance(body, bytes) else json.dumps(body).encode())
 
 

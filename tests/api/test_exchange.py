@@ -9,13 +9,12 @@ import pytest
 
 from ollama_proxy.api.body_rules import apply_openai_rules, parse_body
 from ollama_proxy.api.exchange import Exchange
-from ollama_proxy.api.routes import match_route
+from ollama_proxy.api.routes import ROUTES
 from ollama_proxy.http.messages import Request
 
 
 def exchange(path: str, raw: bytes, method: str = "POST") -> Exchange:
-    route = match_route(path)
-    assert route is not None
+    route = ROUTES[path]
     ex = Exchange(Request(method, path, path, "", [], raw, "127.0.0.1"), route, b"rid")
     ex.body_obj = parse_body(route, raw)
     return ex

@@ -17,7 +17,7 @@ from ollama_proxy.api.prompt_overhead import (
     prompt_shape,
 )
 from ollama_proxy.api.record import RequestRecord
-from ollama_proxy.api.routes import match_route
+from ollama_proxy.api.routes import ROUTES
 from ollama_proxy.http.messages import Request
 
 USER = {"role": "user", "content": "Say hello."}
@@ -119,7 +119,7 @@ def test_text_estimate_adds_only_a_positive_overhead():
 
 
 def exchange(path: str, body: bytes) -> Exchange:
-    route = match_route(path)
+    route = ROUTES[path]
     ex = Exchange(Request("POST", path, path, "", [], body, "127.0.0.1"), route, b"rid")
     ex.body_obj = parse_body(route, body)
     return ex

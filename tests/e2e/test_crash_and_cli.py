@@ -1,5 +1,5 @@
 """``python3 -m ollama_proxy serve`` as a separate process in front of the in-process
-simulated Ollama (issue 4): the ledger after ``kill -9`` under load, offline CLI changes
+simulated Ollama: the ledger after ``kill -9`` under load, offline CLI changes
 seen by the running server, and the bootstrap admin key printed once.
 
 Every child is reaped (``ServerProcess`` kills and waits on the way out); its stdout and

@@ -3,10 +3,9 @@ gateway: streams it leaves uncounted are estimated from their tokens, then count
 exactly with its /extras/tokenize; a chat prompt once its template overhead is
 confirmed by two chats it counted itself.
 
-Needs the server from ``../shared/realup`` (``setup.sh VENV MODEL``): set
-``OLLAMA_PROXY_LLAMA_VENV`` and ``OLLAMA_PROXY_LLAMA_MODEL``, or leave it where
-realup's README puts it (``/tmp/llama-venv``, ``/tmp/tiny.gguf``). Skipped otherwise
-(a fresh clone has neither).
+Needs a venv with ``llama-cpp-python[server]==0.3.36`` and a GGUF model (any small one):
+set ``OLLAMA_PROXY_LLAMA_VENV`` and ``OLLAMA_PROXY_LLAMA_MODEL``, or put them at
+``/tmp/llama-venv`` and ``/tmp/tiny.gguf``. Skipped otherwise (a fresh clone has neither).
 """
 
 from __future__ import annotations
@@ -40,8 +39,8 @@ ONCE = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8, "tempera
 def llama_url() -> Iterator[str]:
     """The real server on an OS-chosen port, for this module; reaped after."""
     if not PYTHON.exists() or not MODEL.exists():
-        pytest.skip(f"no llama-cpp-python server: {PYTHON} or {MODEL} is missing (set it up "
-                    "with ../shared/realup/setup.sh VENV MODEL and point "
+        pytest.skip(f"no llama-cpp-python server: {PYTHON} or {MODEL} is missing (a venv with "
+                    "llama-cpp-python[server]==0.3.36 and a GGUF model: point "
                     "OLLAMA_PROXY_LLAMA_VENV / OLLAMA_PROXY_LLAMA_MODEL at them)")
     argv = [str(PYTHON), "-m", "llama_cpp.server", "--model", str(MODEL), "--model_alias",
             "tiny", "--host", "127.0.0.1", "--port", "0", "--n_ctx", "2048", "--n_threads", "1"]

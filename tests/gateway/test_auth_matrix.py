@@ -1,4 +1,4 @@
-"""The authorisation matrix (issue 4, PRODUCT §2): every route family × every kind of
+"""The authorisation matrix: every route family × every kind of
 caller, in-process against the simulated Ollama.
 
 Each request carries its own ``X-Request-Id``, which the gateway forwards upstream, so
@@ -32,7 +32,7 @@ def request_id(tag: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Probe:
-    """A representative request for one path of PRODUCT §2."""
+    """A representative request for one path the gateway answers."""
 
     method: str
     path: str
@@ -208,7 +208,7 @@ CALLERS: dict[str, tuple[Setup, int | None, bool]] = {
 
 @pytest.mark.parametrize("caller", list(CALLERS))
 async def test_authorisation_matrix(stack: Stack, caller: str) -> None:
-    """Every proxied, self-service and admin path answers this caller as PRODUCT §2 says."""
+    """Every proxied, self-service and admin path answers this caller as the README's key rules say."""
     setup, refused_with, is_admin = CALLERS[caller]
     problems: list[str] = []
     with trio.fail_after(TIMEOUT_S):

@@ -1,4 +1,4 @@
-"""The usage ledger end to end (issue 4): requests through the in-process gateway with
+"""The usage ledger end to end: requests through the in-process gateway with
 user keys, then the rows in the database file compared with what the simulated backend
 counted, and the admin API's views of them (usage, users, keys, audit), its validation
 errors, and the rule that no key text is ever stored or logged.

@@ -8,15 +8,14 @@ import trio.testing
 
 from ollama_proxy.api.exchange import Exchange
 from ollama_proxy.api.record import Outcome, RequestRecord
-from ollama_proxy.api.routes import match_route
+from ollama_proxy.api.routes import ROUTES
 from ollama_proxy.http.messages import Request
 from ollama_proxy.observe.access_log import AccessLog
 from ollama_proxy.proxy.metering import Metering, RecordDraft
 
 
 def draft(path: str = "/api/chat") -> RecordDraft:
-    route = match_route(path)
-    assert route is not None
+    route = ROUTES[path]
     return RecordDraft(Exchange(Request("POST", path, path, "", [], b"", "127.0.0.1"), route,
                                 b"rid-1"))
 

@@ -144,11 +144,11 @@ async def test_backends_that_report_stream_usage_pay_nothing(stack):
 
 def _chat_exchange():
     from ollama_proxy.api.exchange import Exchange
-    from ollama_proxy.api.routes import match_route
+    from ollama_proxy.api.routes import ROUTES
     from ollama_proxy.http.messages import Request
 
     path = "/v1/chat/completions"
-    return Exchange(Request("POST", path, path, "", [], b"{}", "127.0.0.1"), match_route(path),
+    return Exchange(Request("POST", path, path, "", [], b"{}", "127.0.0.1"), ROUTES[path],
                     b"rid")
 
 
