@@ -84,7 +84,7 @@ class Recounter:
         self._amend = amend
         self._on_exact = tuple(on_exact)
         self._nursery: trio.Nursery | None = None
-        self._jobs = 0
+        self.running = 0  # countings under way (stats, tests)
         self._idle = trio.Event()
         self._idle.set()
         self.amended = 0  # rows made exact (stats, tests)
@@ -158,7 +158,7 @@ class Recounter:
                         ex.request_id.decode(), state.backend.name, state.jobs)
             return
         state.jobs += 1
-        self._jobs += 1
+        self.running += 1
         if self._idle.is_set():
             self._idle = trio.Event()
         self._nursery.start_soon(self._guarded, state, ex, job)
@@ -182,8 +182,8 @@ class Recounter:
         finally:
             job.close()  # cancelled before it began: no "never awaited" warning
             state.jobs -= 1
-            self._jobs -= 1
-            if not self._jobs:
+            self.running -= 1
+            if not self.running:
                 self._idle.set()
 
     async def _tokenizer(self, state: _BackendState, model: str) -> Tokenizer | None:

@@ -182,7 +182,7 @@ async def test_a_hung_tokenizer_gives_up_and_never_holds_shutdown(monkeypatch):
             monkeypatch.setattr(recount, "JOB_TIMEOUT_S", 3600.0)
             rid = await stack.post("/v1/completions", ONCE)
             await stack.sink.record_of(rid)
-            assert stack.gateway.recounter._jobs == 1  # waiting on the tokenizer
+            assert stack.gateway.recounter.running == 1  # waiting on the tokenizer
             inner.cancel_scope.cancel()
 
 
