@@ -15,7 +15,7 @@ import trio.testing
 from ledger_rows import insert
 from ollama_proxy.access import keys
 from ollama_proxy.api.record import RequestRecord
-from ollama_proxy.store import accounts, db, ledger, reports, threads
+from ollama_proxy.store import accounts, db, group_commit, ledger, reports
 from ollama_proxy.store.threads import LedgerWriter
 
 
@@ -197,7 +197,7 @@ async def test_a_row_refused_even_minimal_is_counted_and_logged(nursery, tmp_pat
 async def test_a_transient_error_retries_the_rows_never_twice(nursery, tmp_path, monkeypatch):
     """A busy or failing file (OperationalError) makes the rows wait and retry; row by row,
     the rows committed before the failure are not written again."""
-    monkeypatch.setattr(threads, "RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(group_commit, "RETRY_DELAY_S", 0.0)
     real = ledger.insert_row
     failures = []
 
