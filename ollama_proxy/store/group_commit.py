@@ -54,6 +54,7 @@ class Amend(NamedTuple):
 
 
 class Touch(NamedTuple):
+    seq: int
     prefix: str
     when: float
 
@@ -246,7 +247,7 @@ class GroupCommit:
             if isinstance(job, Row):
                 prefix, when = job.record.key_prefix, job.record.time
             elif isinstance(job, Touch):
-                prefix, when = job
+                prefix, when = job.prefix, job.when
             else:
                 continue
             if prefix is not None and when > latest.get(prefix, float("-inf")):

@@ -61,7 +61,7 @@ class LedgerWriter:
 
     Rows go to the thread through a queue; it commits whatever has queued up
     meanwhile in one transaction (group commit: under load one commit covers
-    many responses), publishes the number of the last row it committed, and
+    many responses), publishes the number of the last job it committed, and
     sends one byte on a socket pair. Waiting ``record`` calls watch that socket
     themselves: the first takes the watch, the others wait until it ends. So at
     low load a response resumes one run-loop pass after its commit (a
@@ -77,7 +77,7 @@ class LedgerWriter:
         self._path = path
         self._wait = wait  # False: record() returns before the commit (no crash durability)
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._queued = 0  # number of the last row or amendment queued (trio thread)
+        self._queued = 0  # number of the last job queued (trio thread)
         self._done = 0  # number of the last one committed (or given up); set by the thread
         self._watching = False  # a waiter watches the wake-up socket
         self._watch_ended = trio.Event()
@@ -114,11 +114,13 @@ class LedgerWriter:
 
     def touch(self, prefix: str, when: float) -> None:
         """Note a key's use on a path that leaves no ledger row (the admin API,
-        /v1/me): written with a later batch, never waited for."""
-        self._jobs.put(Touch(prefix, when))
+        /v1/me): written with a later batch, never waited for (``flush`` does)."""
+        self._queued += 1
+        self._jobs.put(Touch(self._queued, prefix, when))
 
     async def flush(self) -> None:
-        """Return once every row recorded so far is committed (at shutdown, or without wait)."""
+        """Return once every job queued so far is committed, key touches too (at
+        shutdown, without wait, or before reading a key's last_used_at)."""
         await self._until(self._queued)
 
     async def _until(self, number: int) -> None:
@@ -196,11 +198,9 @@ class LedgerWriter:
                 return
 
     def _after_commit(self, batch: list[Job]) -> None:
-        """Tell the waiters."""
-        last = max((job.seq for job in batch if not isinstance(job, Touch)), default=0)
-        if last:
-            self._done = last  # before the wake-up byte: the waiter reads it after
-            try:
-                self._wake_w.send(b"\0")
-            except BlockingIOError:  # unread wake-ups pending: one more adds nothing
-                pass
+        """Tell the waiters: jobs are numbered in queue order, the last is the highest."""
+        self._done = batch[-1].seq  # before the wake-up byte: the waiter reads it after
+        try:
+            self._wake_w.send(b"\0")
+        except BlockingIOError:  # unread wake-ups pending: one more adds nothing
+            pass

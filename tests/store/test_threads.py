@@ -313,6 +313,43 @@ async def test_touch_is_written_with_a_later_batch(nursery, tmp_path):
     assert query(path, "SELECT last_used_at FROM keys") == [(1234.0,)]
 
 
+async def test_flush_covers_a_touch(nursery, tmp_path, monkeypatch):
+    """flush() returns only once the touches queued before it are committed too, so a
+    key used on /v1/me shows its last_used_at when read next (flush counted rows only)."""
+    path = tmp_path / "l.db"
+    conn = db.connect(str(path))
+    _, key = accounts.create_user(conn, keys.load_or_create_secret(":memory:"), "bob",
+                                  actor="root")
+    conn.close()
+    prefix = keys.key_prefix(key)
+    holding, release = threading.Event(), threading.Event()
+    touch_keys = ledger.touch_keys
+
+    def held(conn, last_used):
+        if prefix in last_used:
+            holding.set()
+            release.wait(10)
+        touch_keys(conn, last_used)
+
+    monkeypatch.setattr(ledger, "touch_keys", held)
+    writer = await start(nursery, path)
+    flushed: list[bool] = []
+
+    async def flush() -> None:
+        await writer.flush()
+        flushed.append(True)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as inner:
+            writer.touch(prefix, 1234.0)
+            inner.start_soon(flush)
+            await trio.to_thread.run_sync(holding.wait, 10)  # the touch's batch is open
+            await trio.testing.wait_all_tasks_blocked()
+            assert flushed == []
+            release.set()
+    assert query(path, "SELECT last_used_at FROM keys") == [(1234.0,)]
+
+
 async def test_rows_are_folded_mine_and_others(tmp_path):
     """The writer folds what it wrote and what others wrote into the summaries (at the
     latest when it stops)."""
