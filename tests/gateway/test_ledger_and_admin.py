@@ -422,6 +422,7 @@ async def test_last_used_at_counts_self_service_and_admin_calls(stack: Stack) ->
         async with httpx.AsyncClient(base_url=stack.url, timeout=5) as client:
             key = await create_user(client, stack, "alice")
             assert (await client.get("/v1/me", headers=bearer(key))).status_code == 200
+            await stack.gateway.ledger.flush()  # the touches are written with a later batch
             alice = await admin_call(client, stack, "GET", "/admin/api/users/alice")
             admin = await admin_call(client, stack, "GET", "/admin/api/users/admin")
     assert alice["keys"][0]["last_used_at"] is not None, "used on /v1/me"

@@ -15,7 +15,7 @@ import trio.testing
 from ledger_rows import insert
 from ollama_proxy.access import keys
 from ollama_proxy.api.record import RequestRecord
-from ollama_proxy.store import accounts, db, ledger, reports, threads
+from ollama_proxy.store import accounts, db, group_commit, ledger, reports
 from ollama_proxy.store.threads import LedgerWriter
 
 
@@ -197,7 +197,7 @@ async def test_a_row_refused_even_minimal_is_counted_and_logged(nursery, tmp_pat
 async def test_a_transient_error_retries_the_rows_never_twice(nursery, tmp_path, monkeypatch):
     """A busy or failing file (OperationalError) makes the rows wait and retry; row by row,
     the rows committed before the failure are not written again."""
-    monkeypatch.setattr(threads, "RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(group_commit, "RETRY_DELAY_S", 0.0)
     real = ledger.insert_row
     failures = []
 
@@ -310,6 +310,43 @@ async def test_touch_is_written_with_a_later_batch(nursery, tmp_path):
     writer.touch(keys.key_prefix(key), 1234.0)
     with trio.fail_after(10):
         await writer.record(record("a", key_prefix=None))
+    assert query(path, "SELECT last_used_at FROM keys") == [(1234.0,)]
+
+
+async def test_flush_covers_a_touch(nursery, tmp_path, monkeypatch):
+    """flush() returns only once the touches queued before it are committed too, so a
+    key used on /v1/me shows its last_used_at when read next (flush counted rows only)."""
+    path = tmp_path / "l.db"
+    conn = db.connect(str(path))
+    _, key = accounts.create_user(conn, keys.load_or_create_secret(":memory:"), "bob",
+                                  actor="root")
+    conn.close()
+    prefix = keys.key_prefix(key)
+    holding, release = threading.Event(), threading.Event()
+    touch_keys = ledger.touch_keys
+
+    def held(conn, last_used):
+        if prefix in last_used:
+            holding.set()
+            release.wait(10)
+        touch_keys(conn, last_used)
+
+    monkeypatch.setattr(ledger, "touch_keys", held)
+    writer = await start(nursery, path)
+    flushed: list[bool] = []
+
+    async def flush() -> None:
+        await writer.flush()
+        flushed.append(True)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as inner:
+            writer.touch(prefix, 1234.0)
+            inner.start_soon(flush)
+            await trio.to_thread.run_sync(holding.wait, 10)  # the touch's batch is open
+            await trio.testing.wait_all_tasks_blocked()
+            assert flushed == []
+            release.set()
     assert query(path, "SELECT last_used_at FROM keys") == [(1234.0,)]
 
 
