@@ -75,7 +75,8 @@ class Workload:
 
 
 def workloads(quick: bool) -> list[Workload]:
-    """The workloads of the benchmark issue; --quick shortens each."""
+    """The workloads: small requests, fast streams, paced streams, many idle streams;
+    --quick shortens each."""
     scale = 0.25 if quick else 1.0
     n = lambda count: str(max(1, int(count * scale)))  # noqa: E731
     dur = lambda seconds: str(max(1.0, seconds * scale))  # noqa: E731
@@ -227,7 +228,7 @@ def versus(ours: dict, ref: dict) -> dict:
 
 
 def summarise(pair: dict) -> dict:
-    """The ratios and added costs the benchmark issue asks for (the gateway against the
+    """The ratios and added costs this tool reports (the gateway against the
     simulator directly), then each other relay measured: its figures, and the gateway's
     against them."""
     d, g = figures(pair, "direct"), figures(pair, "gateway")

@@ -1182,7 +1182,7 @@ def self_test(opts: argparse.Namespace) -> dict:
         url = f"http://127.0.0.1:{port}"
         duration = opts.duration or 3.0
         phases = {}
-        # -c applies to every phase; by default 32 small requests and 64 streams (the workloads).
+        # -c applies to every phase; by default 32 small requests and 64 streams (compare.py's workloads).
         streams = 64 if opts.c == 32 else opts.c
         for name, stream, conns, prompt in (
                 ("non_streamed", False, opts.c, "Hello"),

@@ -131,13 +131,13 @@ class Gateway:
         # and the estimated usage rows both add it to the text.
         self.overheads = PromptOverheads()
         self.limiter = Limiter(config.limits, overheads=self.overheads)
-        self.router = BackendSet([make_backend(u) for u in config.upstreams])
+        self.backends = BackendSet([make_backend(u) for u in config.upstreams])
         self.store = Store(config.server.database)  # accounts: keys, users, audit
         self.reports = Store(config.server.database)  # usage reports, never in the way of those
         self.ledger = LedgerWriter(config.server.database, wait=config.server.ledger_wait)
         # Streams whose backend reports no usage, counted with its tokenizer afterwards.
         self.recounter = Recounter(
-            self.router.backends, [u.name for u in config.upstreams if u.tokenize == "auto"],
+            self.backends.backends, [u.name for u in config.upstreams if u.tokenize == "auto"],
             self.overheads, self.ledger.amend, on_exact=[self.limiter.amend])
         self.access_log = AccessLog()
         self.metering = Metering(
@@ -173,7 +173,7 @@ class Gateway:
         await index.reload()
         self.index = index
         self.admin = AdminApi(self.store, self.reports, self.ledger.touch, index, secret,
-                              self.router, self.limiter, self.reload)
+                              self.backends, self.limiter, self.reload)
         return index
 
     async def reload(self, actor: str) -> dict[str, Any]:
@@ -217,17 +217,17 @@ class Gateway:
             # Before the first request: a restart neither resets a window nor forgets a quota.
             self.limiter.store, backlog = await self.reports.call(load_counters,
                                                                   self.limiter.clock())
-            self.relay = ProxyHandler(self.router, index, self.metering, steps=[self.limiter],
+            self.relay = ProxyHandler(self.backends, index, self.metering, steps=[self.limiter],
                                       max_response_bytes=cfg.max_response_bytes)
             assert self.admin is not None
-            self.table = gateway_table(self.relay.handle, self.admin, Status(self.router))
+            self.table = gateway_table(self.relay.handle, self.admin, Status(self.backends))
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.ledger.run)
                 if backlog is not None:  # a long one is summed while the gateway serves
                     await nursery.start(self._count_backlog, backlog)
                 await nursery.start(self.recounter.run)
                 nursery.start_soon(index.keep_fresh)
-                nursery.start_soon(self.router.run_health_checks)
+                nursery.start_soon(self.backends.run_health_checks)
                 nursery.start_soon(self.access_log.run)
                 if handle_signals:
                     nursery.start_soon(self._drain_on_signals)
@@ -239,7 +239,7 @@ class Gateway:
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                await self.router.aclose()
+                await self.backends.aclose()
                 await self.store.aclose()
                 await self.reports.aclose()
 

@@ -40,14 +40,19 @@ MODULES = sorted(module_name(p) for p in PACKAGE.rglob("*.py") if module_name(p)
 
 @cache
 def runtime_imports(module: str) -> frozenset[str]:
-    """What ``module`` imports at run time: our modules as dotted names under the
-    package (``"store.db"``, or ``"store"`` for the package itself), others by
-    their top-level name (``"trio"``)."""
+    """What ``module`` imports at run time (see ``imports_in``)."""
     path = PACKAGE / (module.replace(".", "/") + ".py")
     if not path.exists():
         path = PACKAGE / module.replace(".", "/") / "__init__.py"
+    return imports_in(path.read_text(), module, is_package=path.name == "__init__.py")
+
+
+def imports_in(source: str, module: str, *, is_package: bool = False) -> frozenset[str]:
+    """What ``source``, the text of ``module``, imports at run time: our modules as
+    dotted names under the package (``"store.db"``, or ``"store"`` for the package
+    itself), relative or absolute; others by their top-level name (``"trio"``)."""
     here = module.split(".")
-    package = here if path.name == "__init__.py" else here[:-1]
+    package = here if is_package else here[:-1]
     names: set[str] = set()
 
     def visit(nodes):
@@ -58,19 +63,22 @@ def runtime_imports(module: str) -> frozenset[str]:
                 for alias in node.names:
                     names.add(ours(alias.name) or alias.name.split(".")[0])
             elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package[: len(package) - (node.level - 1)]
-                    stem = base + (node.module.split(".") if node.module else [])
-                    for alias in node.names:
-                        sub = ".".join([*stem, alias.name])
-                        is_module = (PACKAGE / (sub.replace(".", "/") + ".py")).exists() or \
-                            (PACKAGE / sub.replace(".", "/")).is_dir()
-                        names.add(sub if is_module else ".".join(stem))
+                module_parts = (node.module or "").split(".") if node.module else []
+                if node.level:  # relative: from the importing module's package
+                    stem = package[: len(package) - (node.level - 1)] + module_parts
+                elif module_parts[:1] == ["ollama_proxy"]:  # absolute, ours
+                    stem = module_parts[1:]
                 else:
-                    names.add(ours(node.module or "") or (node.module or "").split(".")[0])
+                    names.add(module_parts[0])
+                    stem = None
+                for alias in node.names if stem is not None else ():
+                    sub = ".".join([*stem, alias.name])
+                    is_module = (PACKAGE / (sub.replace(".", "/") + ".py")).exists() or \
+                        (PACKAGE / sub.replace(".", "/")).is_dir()
+                    names.add(sub if is_module else ".".join(stem))
             visit(ast.iter_child_nodes(node))
 
-    visit(ast.parse(path.read_text()).body)
+    visit(ast.parse(source).body)
     names.discard(module)
     return frozenset(n for n in names if n)
 
@@ -95,8 +103,14 @@ def offenders(package: str, forbidden: tuple[str, ...]) -> dict[str, list[str]]:
 
 
 def test_the_rules_see_every_module():
-    """The checker resolves relative imports (a broken resolver would pass every rule)."""
+    """The checker resolves relative and absolute imports of ours (a broken resolver
+    would pass every rule)."""
     assert "store.db" in runtime_imports("store.ledger")
+    source = ("from ollama_proxy import proxy\nimport ollama_proxy.store.db\n"
+              "from ollama_proxy.access.keys import new_key\nfrom .. import sim\n"
+              "from .messages import Request\nimport trio\n")
+    assert imports_in(source, "http.server") == {"proxy", "store.db", "access.keys", "sim",
+                                                 "http.messages", "trio"}
     assert "trio" in runtime_imports("http.server")
     assert {"http", "api", "access", "store", "proxy", "observe", "sim"} <= {
         m.split(".")[0] for m in MODULES}
@@ -130,6 +144,36 @@ def test_access_and_backends_never_import_each_other():
     """Who may call and where a request goes are independent; proxy joins them."""
     assert offenders("access", ("backends",)) == {}
     assert offenders("backends", ("access",)) == {}
+
+
+def test_access_reaches_no_higher_layer():
+    """access/ decides who may call; the proxy, the admin API and the commands use it."""
+    assert offenders("access", ("proxy", "admin", "cli", "sim", "observe", "app", "dispatch")) == {}
+
+
+def test_backends_know_no_users_and_no_store():
+    """backends/ knows addresses and health; a fair queue will get a user name, not an account."""
+    assert offenders("backends", ("proxy", "store", "admin", "cli", "sim", "observe", "app",
+                                  "dispatch")) == {}
+
+
+def test_the_proxy_never_imports_admin_cli_or_the_simulator():
+    """The request path relays; it administers nothing and runs no simulator."""
+    assert offenders("proxy", ("admin", "cli", "sim", "app", "dispatch")) == {}
+
+
+@pytest.mark.parametrize(("module", "allowed"), [
+    ("errors", ()),
+    ("isotime", ("errors",)),
+    ("config_parsers", ("errors", "isotime", "http.messages")),
+    ("config_schema", ("errors", "isotime", "config_parsers")),
+    ("config", ("errors", "isotime", "config_parsers", "config_schema", "access.limits",
+                "http.messages")),
+])
+def test_the_shared_top_level_modules_import_only_values(module, allowed):
+    """errors, isotime and the config sit under everything: they import only values."""
+    ours_ = {i for i in runtime_imports(module) if i.split(".")[0] in MODULE_ROOTS}
+    assert {i for i in ours_ if not any(in_package(i, a) for a in allowed)} == set()
 
 
 def test_only_the_storage_thread_module_in_store_imports_trio():
@@ -200,4 +244,4 @@ def test_every_subpackage_says_what_it_owns_and_may_import():
         if not init.exists():
             continue
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
-        assert "import" in doc.lower() and len(doc) > 80, name
+        assert "May import:" in doc and "Never" in doc, name

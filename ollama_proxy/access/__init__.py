@@ -2,4 +2,5 @@
 (arithmetic, counters, the per-request step).
 
 May import: ``errors``, ``isotime``, ``api``, ``store`` (to read keys and rebuild counters),
-``http.messages`` types. Never ``backends``, ``proxy``, ``admin`` or ``sim``."""
+``http.messages`` types. Never ``backends``, ``proxy``,
+``admin``, ``cli``, ``observe`` or ``sim``."""

@@ -64,13 +64,13 @@ class AdminApi:
     """The admin endpoints; ``endpoint`` makes each a dispatch-table handler."""
 
     def __init__(self, store: Store, reports: Store, touch: Touch, index: KeyIndex,
-                 secret: bytes, router: BackendSet, limiter: Limiter, reload: Reload) -> None:
+                 secret: bytes, backends: BackendSet, limiter: Limiter, reload: Reload) -> None:
         self._store = store
         self._reports = reports
         self._touch = touch
         self._index = index
         self._secret = secret
-        self._router = router
+        self._backends = backends
         self._limiter = limiter
         self._reload = reload
 
@@ -198,7 +198,7 @@ class AdminApi:
     async def backends(self, request: Request, entry: KeyEntry,
                        params: Params) -> tuple[int, Any]:
         out = []
-        for backend in self._router.backends:
+        for backend in self._backends.backends:
             info = backend.describe()
             info["in_flight"] = backend.pool.in_use
             out.append(info)

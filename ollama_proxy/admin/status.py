@@ -10,17 +10,15 @@ from collections.abc import Mapping
 
 from .. import __version__
 from ..backends.registry import BackendSet
-from ..http.messages import Request
+from ..http.messages import JSON_TYPE, Request
 from ..http.responder import Responder
-
-JSON_TYPE = b"application/json; charset=utf-8"
 
 
 class Status:
     """``root`` and ``health``, dispatch-table handlers."""
 
-    def __init__(self, router: BackendSet) -> None:
-        self._router = router
+    def __init__(self, backends: BackendSet) -> None:
+        self._backends = backends
         self._started = time.time()
 
     async def root(self, request: Request, responder: Responder,
@@ -31,12 +29,12 @@ class Status:
     async def health(self, request: Request, responder: Responder,
                      params: Mapping[str, str]) -> None:
         """200 while a backend is up, else 503."""
-        up = self._router.any_up()
+        up = self._backends.any_up()
         body = json.dumps({
             "status": "ok" if up else "unavailable",
             "version": __version__,
             "uptime_s": round(time.time() - self._started, 3),
             # anyone may ask: names and state only (URLs and errors are for /admin/api/backends)
-            "backends": [{"name": b.name, "up": bool(b.state.up)} for b in self._router.backends],
+            "backends": [{"name": b.name, "up": bool(b.state.up)} for b in self._backends.backends],
         }).encode()
         await responder.respond(200 if up else 503, [(b"content-type", JSON_TYPE)], body)

@@ -2,5 +2,5 @@
 (``relay``), meter it in three phases, built → durable → after (``metering``); and the
 exact recount of what a backend did not count.
 
-The only package that joins ``api``, ``access``, ``backends`` and ``http``; it feeds
-``observe`` its records. Never imports ``admin``, ``cli`` or ``sim``."""
+May import: ``api``, ``access``, ``backends``, ``http`` and ``observe`` (which it feeds
+its records): the only package that joins them. Never ``admin``, ``cli`` or ``sim``."""

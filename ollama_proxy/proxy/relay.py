@@ -36,7 +36,6 @@ from ..errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnreachable,
-    family_of,
     render,
 )
 from ..http.client import ResponseTooLarge, UpstreamResponse
@@ -311,7 +310,7 @@ class ProxyHandler:
         await self._send_error(responder, draft.exchange, err)
 
     async def _send_error(self, responder: Responder, ex: Exchange, err: ProxyError) -> None:
-        body = render(family_of(ex.request.path), err)
+        body = render(ex.route.family, err)
         headers = [(b"content-type", JSON_TYPE), (b"x-request-id", ex.request_id), *err.headers(),
                    *(ex.extra_headers or ())]
         await responder.respond(err.status, headers, body)

@@ -5,4 +5,5 @@ the benchmarks. The gateway never imports it.
 ``generation`` and ``catalogue_endpoints``, its pure parts in ``text``, ``frames``,
 ``models`` and ``requests``. ``llamacpp`` stands alone.
 
-May import: ``http`` (it runs on the same server) and the standard library."""
+May import: ``http`` (it runs on the same server) and the standard library. Never
+anything else of the gateway."""

@@ -68,7 +68,7 @@ def test_overhead_per_shape_with_the_model_latest_as_fallback():
 def test_one_users_prompt_cannot_inflate_everyones_text_overhead():
     """TEXT basis: the overhead is the least of the latest seen, never above
     MAX_TEXT_OVERHEAD: 8,000 characters of Chinese counted 8,030 tokens (an 'overhead'
-    of 6,030 to the 4-characters estimate) leave the next 'hi' at 1 + 37 (found in review)."""
+    of 6,030 to the 4-characters estimate) leave the next 'hi' at 1 + 37."""
     o = PromptOverheads()
     shape = ("user",)
     o.learn(TEXT, "openai_chat", "tiny", shape, 37, 3)

@@ -150,7 +150,7 @@ async def test_a_bug_is_a_500_with_its_own_ledger_row(stack, caplog, monkeypatch
     def broken_choice(exchange: object) -> list:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(stack.gateway.router, "candidates", broken_choice)
+    monkeypatch.setattr(stack.gateway.backends, "candidates", broken_choice)
     with trio.fail_after(10):
         async with httpx.AsyncClient(headers=stack.headers) as client:
             response = await client.post(stack.url + "/v1/chat/completions", json=CHAT)

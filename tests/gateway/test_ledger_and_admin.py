@@ -158,7 +158,7 @@ async def test_ledger_rows_equal_the_simulator_counts(stack: Stack) -> None:
         expected = {
             "user": "alice", "key_prefix": key_prefix(key), "endpoint": call.path,
             "model": call.body["model"], "status": call.status, "outcome": "ok", "estimated": 0,
-            "stream": int(call.stream), "backend": stack.gateway.router.backends[0].name,
+            "stream": int(call.stream), "backend": stack.gateway.backends.backends[0].name,
             "prompt_tokens": seen.prompt_tokens, "completion_tokens": seen.completion_tokens,
         }
         got = {k: row[k] for k in expected}

@@ -137,7 +137,7 @@ async def test_backends_that_report_stream_usage_pay_nothing(stack):
                 record = await stack.sink.record_of(reply.headers["x-request-id"])
                 assert not record.estimated
             await stack.gateway.recounter.idle()
-    backend = stack.gateway.router.backends[0]
+    backend = stack.gateway.backends.backends[0]
     assert stack.gateway.recounter.capture_bytes(backend, _chat_exchange()) == 0
     assert not [r for r in stack.sim.records if "tokenize" in r.path]
 

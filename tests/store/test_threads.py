@@ -390,7 +390,7 @@ async def test_amend_corrects_the_newest_estimated_row_of_a_request_id(nursery, 
 async def test_amend_never_corrects_another_users_row_of_the_same_request_id(nursery,
                                                                             tmp_path):
     """Two users sent the same X-Request-Id: the counts of alice's stream go to alice's
-    row, whichever row came last (found in review: they went to bob's)."""
+    row, whichever row came last (they once went to bob's)."""
     path = tmp_path / "l.db"
     writer = await start(nursery, path)
     alice = record("same", estimated=True, time=1.0)
