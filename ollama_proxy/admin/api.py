@@ -25,7 +25,7 @@ from ..errors import BadRequest, Forbidden
 from ..http.messages import JSON_TYPE, Request
 from ..http.responder import Responder
 from ..store import accounts, admin_ops, reports
-from ..store.accounts import KeyEntry
+from ..store.accounts import DEFAULT_ROLE, KeyEntry
 from ..store.threads import Store
 
 Params = Mapping[str, str]
@@ -107,7 +107,7 @@ class AdminApi:
                           params: Params) -> tuple[int, Any]:
         body = _body(request, {"name", "role", "limits"})
         user, key = await self._store.call(
-            admin_ops.create_user, self._secret, body.get("name"), body.get("role", "user"),
+            admin_ops.create_user, self._secret, body.get("name"), body.get("role", DEFAULT_ROLE),
             body.get("limits"), actor=self._actor(entry))
         await self._index.reload()
         return 201, {**user.to_json(), "key": key}

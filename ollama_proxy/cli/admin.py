@@ -25,7 +25,7 @@ from ..access.limits import LIMIT_NAMES
 from ..config import load_config
 from ..errors import BadRequest, ProxyError, StoreError
 from ..store import accounts, admin_ops, db, reports
-from ..store.accounts import get_user
+from ..store.accounts import DEFAULT_ROLE, get_user
 from ..store.admin_ops import ROLES, USAGE_FIELDS
 
 Payload = dict[str, Any]
@@ -330,7 +330,8 @@ def add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     cmd = add(users, "create", "create a user and its first key (the key is shown once)",
               users_create, render_created_user)
     cmd.add_argument("name", metavar="NAME")
-    cmd.add_argument("--role", choices=ROLES, default="user", help="default: user")
+    cmd.add_argument("--role", choices=ROLES, default=DEFAULT_ROLE,
+                     help=f"default: {DEFAULT_ROLE}")
     cmd.add_argument("--limit", metavar="NAME=VALUE", type=assignment, action="append",
                      help=limit_help)
     add(users, "list", "list users with their usage", users_list, render_users)

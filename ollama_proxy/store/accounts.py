@@ -22,6 +22,7 @@ from ..isotime import iso
 from .db import transaction
 
 BOOTSTRAP_ADMIN = "admin"
+DEFAULT_ROLE = "user"  # a new user's role when none is given
 BOOTSTRAP_ACTOR = "bootstrap"
 # Key prefixes carry 48 bits; a clash is all but impossible, a few retries make it so.
 PREFIX_ATTEMPTS = 5
@@ -153,7 +154,7 @@ def _insert_user(conn: sqlite3.Connection, name: str, role: str, limits: dict[st
 
 # --- users --------------------------------------------------------------------
 
-def create_user(conn: sqlite3.Connection, secret: bytes, name: str, role: str = "user",
+def create_user(conn: sqlite3.Connection, secret: bytes, name: str, role: str = DEFAULT_ROLE,
                 limits: dict[str, Any] | None = None, *, actor: str) -> tuple[User, str]:
     """A new user and its first key, in full (shown this once); 409 if the name is taken."""
     kept = {k: v for k, v in (limits or {}).items() if v is not None}  # null = the default

@@ -21,9 +21,9 @@ from ..access.limits import LIMIT_NAMES, QUOTA_PERIODS
 from ..errors import BadRequest
 from ..isotime import parse_time
 from . import accounts, reports
-from .accounts import KeyInfo, User
+from .accounts import DEFAULT_ROLE, KeyInfo, User
 
-ROLES = ("user", "admin")
+ROLES = (DEFAULT_ROLE, "admin")
 USAGE_FIELDS = ("requests", "prompt_tokens", "completion_tokens")
 NO_USAGE = dict.fromkeys(USAGE_FIELDS, 0)  # a user with no ledger rows yet
 
@@ -93,7 +93,7 @@ def _whole_number(value: object, where: str) -> int:
 
 # --- changes ------------------------------------------------------------------
 
-def create_user(conn: sqlite3.Connection, secret: bytes, name: object, role: object = "user",
+def create_user(conn: sqlite3.Connection, secret: bytes, name: object, role: object = DEFAULT_ROLE,
                 limits: object = None, *, actor: str) -> tuple[User, str]:
     """A new user and its first key, in full (shown this once)."""
     return accounts.create_user(conn, secret, valid_name(name), valid_role(role),
