@@ -177,8 +177,9 @@ class UserCounters:
     def access(self, limits: Limits, now: float, model: str | None) -> Decision | None:
         """The refusal of a user who may not call at all (expired) or not this
         ``model`` (None: no model to check), else None. Counts nothing."""
-        if limits.expires_at is not None and self._now(now) >= limits.expires_at:
-            return _refuse(403, "user_expired", "expires_at", "this user expired (expires_at)")
+        expired = limits.expired(self._now(now))
+        if expired is not None:
+            return _refuse(expired.status, expired.code, "expires_at", expired.message)
         if model is not None and not model_allowed(limits.allowed_models, model):
             return _refuse(403, "model_not_allowed", "allowed_models",
                            f"model {model!r} is not in allowed_models for this user")

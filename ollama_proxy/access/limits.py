@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from ..errors import Forbidden
 from ..isotime import iso
 
 LIMIT_NAMES = (
@@ -76,6 +77,13 @@ class Limits:
                 value = tuple(value)
             values[name] = value
         return Limits(**values)
+
+    def expired(self, now: float) -> Forbidden | None:
+        """The refusal of a user whose ``expires_at`` has come, else None: one rule and
+        one answer for the proxied calls (``counters``) and the admin API."""
+        if self.expires_at is not None and now >= self.expires_at:
+            return Forbidden("this user expired (expires_at)", code="user_expired")
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, in the names and shapes the admin API takes (``expires_at`` as ISO 8601)."""

@@ -21,7 +21,7 @@ from ..access.identity import KeyIndex, authorize
 from ..access.limiter import Limiter
 from ..api.jsonbody import decode_object
 from ..backends.registry import BackendSet
-from ..errors import BadRequest, Forbidden
+from ..errors import BadRequest
 from ..http.messages import JSON_TYPE, Request
 from ..http.responder import Responder
 from ..store import accounts, admin_ops, reports
@@ -82,9 +82,9 @@ class AdminApi:
             entry = self._index.identify(request)
             authorize(entry, admin=admin)
             if admin:  # an expired admin administers nothing (/v1/me still says why)
-                expires_at = self._limiter.limits_for(entry).expires_at
-                if expires_at is not None and self._limiter.clock() >= expires_at:
-                    raise Forbidden("this user expired (expires_at)", code="user_expired")
+                expired = self._limiter.limits_for(entry).expired(self._limiter.clock())
+                if expired is not None:
+                    raise expired
             self._touch(entry.prefix, time.time())
             await request.read_body()  # only now: a stranger's body is never read
             status, payload = await call(self, request, entry, params)

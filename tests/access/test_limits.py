@@ -48,3 +48,20 @@ def test_merged_rejects_bad_values(overrides):
     """Unknown names and bad values raise ValueError naming the problem."""
     with pytest.raises(ValueError):
         Limits.merged(Limits(), overrides)
+
+
+@pytest.mark.parametrize(("expires_at", "now", "refused"), [
+    (None, 1e12, False),  # never expires
+    (1000.0, 999.999, False),
+    (1000.0, 1000.0, True),  # at the instant it is expired
+    (1000.0, 2000.0, True),
+])
+def test_expired_is_the_one_expiry_rule_and_answer(expires_at, now, refused):
+    """From expires_at on, a 403 user_expired naming the limit; before, None."""
+    error = Limits(expires_at=expires_at).expired(now)
+    if not refused:
+        assert error is None
+    else:
+        assert error is not None
+        assert (error.status, error.code, error.message) == (
+            403, "user_expired", "this user expired (expires_at)")
