@@ -2,10 +2,10 @@
 them in the store's threads) and the offline CLI (which runs them on its own
 connection). Both only parse what they are given, call these and render.
 
-Every rule on what an admin may write lives here: user names, roles, limits,
-key expiry, report times. A value that breaks one is a ``BadRequest`` naming the
-field (the API answers 400, the CLI exits 1); ``accounts`` then stores values
-known to be valid. The views are the JSON shapes both print.
+Every rule on what an admin may write or ask lives here: user names, roles,
+limits, key expiry, report times and groupings. A value that breaks one is a
+``BadRequest`` naming the field (the API answers 400, the CLI exits 1);
+``accounts`` and ``reports`` then get values known to be valid. The views are the JSON shapes both print.
 """
 
 from __future__ import annotations
@@ -131,10 +131,13 @@ def revoke_key(conn: sqlite3.Connection, prefix: str, *, actor: str) -> str:
 
 def usage(conn: sqlite3.Connection, *, user: str | None, model: str | None,
           since: str | None, until: str | None, group_by: str) -> list[dict[str, Any]]:
-    """Usage totals over ``[since, until)``, ISO 8601 (None or empty: unbounded)."""
-    return reports.usage(conn, user=user, model=model,
-                         since=valid_time(since, "since") if since else None,
-                         until=valid_time(until, "until") if until else None,
+    """Usage totals over ``[since, until)``, ISO 8601 (None or empty: unbounded), per
+    one of ``reports.GROUPS``."""
+    start = valid_time(since, "since") if since else None
+    end = valid_time(until, "until") if until else None
+    if group_by not in reports.GROUPS:
+        raise BadRequest(f'"group_by" must be one of: {", ".join(reports.GROUPS)}')
+    return reports.usage(conn, user=user, model=model, since=start, until=end,
                          group_by=group_by)
 
 

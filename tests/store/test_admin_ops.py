@@ -178,7 +178,8 @@ def test_usage_takes_iso_times_and_empty_means_unbounded(conn):
 @pytest.mark.parametrize(("since", "until", "group_by", "field"), [
     ("yesterday", None, "user", '"since"'),
     (None, "2026-13-45", "user", '"until"'),
-    (None, None, "week", '"group_by"'),
+    (None, None, "week", '"group_by" must be one of: user, model, day, hour'),
+    (None, None, "", '"group_by" must be one of'),
 ])
 def test_bad_report_parameters_are_a_400_naming_them(conn, since, until, group_by, field):
     """A bad time or grouping says which parameter it was."""
