@@ -3,10 +3,11 @@
 the request, call the admin use-cases (``store.admin_ops``), render JSON. Which
 method and path reach which endpoint is the dispatch table's.
 
-Account calls run in the accounts store's thread, usage reports in the
-reports store's (a long report never holds up an account change or a key
-revocation); ``/v1/me`` reads no SQL at all. After a change the key index is
-reloaded before the answer, so the change holds from the next request on.
+Account changes and the audit log run in the accounts store's thread; usage
+reports and the views of users (which carry usage) in the reports store's (a
+long report never holds up an account change or a key revocation); ``/v1/me``
+reads no SQL at all. After a change the key index is reloaded before the
+answer, so the change holds from the next request on.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..backends.registry import BackendSet
 from ..errors import BadRequest
 from ..http.messages import JSON_TYPE, Request
 from ..http.responder import Responder
-from ..store import accounts, admin_ops, reports
+from ..store import accounts, admin_ops
 from ..store.accounts import DEFAULT_ROLE, KeyEntry
 from ..store.threads import Store
 
@@ -100,9 +101,6 @@ class AdminApi:
     def _actor(entry: KeyEntry) -> str:
         return f"{entry.user} ({entry.prefix})"
 
-    async def _totals(self, user: str | None = None) -> dict[str, dict[str, int]]:
-        return await self._reports.call(reports.user_totals, user)
-
     async def create_user(self, request: Request, entry: KeyEntry,
                           params: Params) -> tuple[int, Any]:
         body = _body(request, {"name", "role", "limits"})
@@ -110,19 +108,15 @@ class AdminApi:
             admin_ops.create_user, self._secret, body.get("name"), body.get("role", DEFAULT_ROLE),
             body.get("limits"), actor=self._actor(entry))
         await self._index.reload()
-        return 201, {**user.to_json(), "key": key}
+        return 201, admin_ops.new_user_view(user, key)
 
     async def list_users(self, request: Request, entry: KeyEntry,
                          params: Params) -> tuple[int, Any]:
-        users = await self._store.call(accounts.list_users)
-        return 200, admin_ops.users_view(users, await self._totals())
+        return 200, await self._reports.call(admin_ops.users_view)
 
     async def get_user(self, request: Request, entry: KeyEntry,
                        params: Params) -> tuple[int, Any]:
-        user = await self._store.call(accounts.get_user, params["name"])
-        totals = await self._totals(user.name)
-        keys = await self._store.call(accounts.list_keys, user.name)
-        return 200, admin_ops.user_view(user, totals, keys)
+        return 200, await self._reports.call(admin_ops.user_view, params["name"])
 
     async def patch_user(self, request: Request, entry: KeyEntry,
                          params: Params) -> tuple[int, Any]:
@@ -131,7 +125,7 @@ class AdminApi:
             admin_ops.update_user, params["name"], limits=body.get("limits"),
             suspended=body.get("suspended"), role=body.get("role"), actor=self._actor(entry))
         await self._index.reload()
-        return 200, admin_ops.user_view(user, await self._totals(user.name))
+        return 200, await self._reports.call(admin_ops.changed_user_view, user)
 
     async def delete_user(self, request: Request, entry: KeyEntry,
                           params: Params) -> tuple[int, Any]:
@@ -146,7 +140,7 @@ class AdminApi:
             admin_ops.create_key, self._secret, params["name"], expires_at=body.get("expires_at"),
             actor=self._actor(entry))
         await self._index.reload()
-        return 201, {"key": key, "prefix": prefix}
+        return 201, admin_ops.new_key_view(key, prefix)
 
     async def revoke_key(self, request: Request, entry: KeyEntry,
                          params: Params) -> tuple[int, Any]:

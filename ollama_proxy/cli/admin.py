@@ -180,7 +180,7 @@ def limit_values(assignments: Sequence[tuple[str, str]] | None,
 def users_create(ctx: Context, args: argparse.Namespace) -> Payload:
     user, key = admin_ops.create_user(ctx.conn, ctx.secret(), args.name, args.role,
                                       limit_values(args.limit), actor=ctx.actor)
-    return {**user.to_json(), "key": key}
+    return admin_ops.new_user_view(user, key)
 
 
 def render_created_user(p: Payload) -> str:
@@ -191,7 +191,7 @@ def render_created_user(p: Payload) -> str:
 
 
 def users_list(ctx: Context, args: argparse.Namespace) -> Payload:
-    return admin_ops.users_view(accounts.list_users(ctx.conn), reports.user_totals(ctx.conn))
+    return admin_ops.users_view(ctx.conn)
 
 
 def render_users(p: Payload) -> str:
@@ -203,9 +203,7 @@ def render_users(p: Payload) -> str:
 
 
 def users_show(ctx: Context, args: argparse.Namespace) -> Payload:
-    user = get_user(ctx.conn, args.name)
-    return admin_ops.user_view(user, reports.user_totals(ctx.conn, user.name),
-                               accounts.list_keys(ctx.conn, user.name))
+    return admin_ops.user_view(ctx.conn, args.name)
 
 
 def render_user(p: Payload) -> str:
@@ -219,7 +217,7 @@ def render_user(p: Payload) -> str:
 def _set_suspended(suspended: bool) -> Compute:
     def compute(ctx: Context, args: argparse.Namespace) -> Payload:
         user = admin_ops.update_user(ctx.conn, args.name, suspended=suspended, actor=ctx.actor)
-        return admin_ops.user_view(user, reports.user_totals(ctx.conn, user.name))
+        return admin_ops.changed_user_view(ctx.conn, user)
 
     return compute
 
@@ -239,7 +237,7 @@ def users_limits(ctx: Context, args: argparse.Namespace) -> Payload:
     else:
         user = admin_ops.update_user(ctx.conn, args.name,
                                      limits=limit_values(args.set, args.unset), actor=ctx.actor)
-    return admin_ops.user_view(user, reports.user_totals(ctx.conn, user.name))
+    return admin_ops.changed_user_view(ctx.conn, user)
 
 
 def render_limits(p: Payload) -> str:
@@ -253,7 +251,7 @@ def render_limits(p: Payload) -> str:
 def keys_create(ctx: Context, args: argparse.Namespace) -> Payload:
     key, prefix = admin_ops.create_key(ctx.conn, ctx.secret(), args.user,
                                        expires_at=args.expires or None, actor=ctx.actor)
-    return {"key": key, "prefix": prefix}
+    return admin_ops.new_key_view(key, prefix)
 
 
 def render_created_key(p: Payload) -> str:

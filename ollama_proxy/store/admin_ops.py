@@ -141,10 +141,11 @@ def usage(conn: sqlite3.Connection, *, user: str | None, model: str | None,
                          group_by=group_by)
 
 
-def user_view(user: User, totals: Mapping[str, Mapping[str, int]],
-              keys: Sequence[KeyInfo] | None = None) -> dict[str, Any]:
-    """A user as an admin sees it: with its usage from ``totals`` (``reports.user_totals``)
-    and, when given, its keys."""
+# Each view is the whole payload, read on one connection (the API's reports store, so
+# that the usage in it never holds up an account change; the CLI's own).
+
+def _with_usage(user: User, totals: Mapping[str, Mapping[str, int]],
+                keys: Sequence[KeyInfo] | None = None) -> dict[str, Any]:
     out = user.to_json()
     out["usage"] = {**NO_USAGE, **totals.get(user.name, {})}
     if keys is not None:
@@ -152,6 +153,29 @@ def user_view(user: User, totals: Mapping[str, Mapping[str, int]],
     return out
 
 
-def users_view(users: Sequence[User], totals: Mapping[str, Mapping[str, int]]) -> dict[str, Any]:
-    """Every user with its usage, as ``GET /admin/api/users`` answers."""
-    return {"users": [user_view(u, totals) for u in users]}
+def users_view(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Every user with its usage (``GET /admin/api/users``, ``users list``)."""
+    totals = reports.user_totals(conn)
+    return {"users": [_with_usage(u, totals) for u in accounts.list_users(conn)]}
+
+
+def user_view(conn: sqlite3.Connection, name: str) -> dict[str, Any]:
+    """A user with its usage and keys (``GET /admin/api/users/{name}``, ``users show``)."""
+    user = accounts.get_user(conn, name)
+    return _with_usage(user, reports.user_totals(conn, user.name),
+                       accounts.list_keys(conn, user.name))
+
+
+def changed_user_view(conn: sqlite3.Connection, user: User) -> dict[str, Any]:
+    """A user as a change left it, with its usage (``PATCH``; suspend, resume, limits)."""
+    return _with_usage(user, reports.user_totals(conn, user.name))
+
+
+def new_user_view(user: User, key: str) -> dict[str, Any]:
+    """A new user with its first key in full, the one time it is shown."""
+    return {**user.to_json(), "key": key}
+
+
+def new_key_view(key: str, prefix: str) -> dict[str, Any]:
+    """A new key in full, the one time it is shown, and its prefix."""
+    return {"key": key, "prefix": prefix}

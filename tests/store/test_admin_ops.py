@@ -13,7 +13,7 @@ from ledger_rows import insert as insert_rows
 from ollama_proxy.access import keys
 from ollama_proxy.api.record import RequestRecord
 from ollama_proxy.errors import BadRequest, NotFound
-from ollama_proxy.store import accounts, admin_ops, db, reports
+from ollama_proxy.store import accounts, admin_ops, db
 
 
 @pytest.fixture
@@ -191,24 +191,60 @@ def test_bad_report_parameters_are_a_400_naming_them(conn, since, until, group_b
 # ------------------------------------------------------------------ views
 
 
-def test_user_view_with_and_without_usage_and_keys(conn, secret):
-    """A user's JSON: its fields, its usage (zeros before its first row), its keys if given."""
-    user, key = admin_ops.create_user(conn, secret, "alice", actor="root")
-    bare = admin_ops.user_view(user, reports.user_totals(conn, "alice"))
-    assert list(bare) == ["name", "role", "limits", "suspended", "created_at", "usage"]
+USER_FIELDS = ["name", "role", "limits", "suspended", "created_at"]
+
+
+def test_user_view_shows_usage_and_keys(conn, secret):
+    """A shown user: its fields, its usage (zeros before its first row), its keys."""
+    _, key = admin_ops.create_user(conn, secret, "alice", actor="root")
+    bare = admin_ops.user_view(conn, "alice")
+    assert list(bare) == [*USER_FIELDS, "usage", "keys"]
     assert bare["usage"] == {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    assert [k["prefix"] for k in bare["keys"]] == [keys.key_prefix(key)]
     insert_rows(conn, [record("alice", utc(2026, 11, 1, 0, 0, 0), 3, 4)])
-    full = admin_ops.user_view(user, reports.user_totals(conn, "alice"),
-                               accounts.list_keys(conn, "alice"))
-    assert full["usage"] == {"requests": 1, "prompt_tokens": 3, "completion_tokens": 4}
-    assert [k["prefix"] for k in full["keys"]] == [keys.key_prefix(key)]
+    assert admin_ops.user_view(conn, "alice")["usage"] == {
+        "requests": 1, "prompt_tokens": 3, "completion_tokens": 4}
+    with pytest.raises(NotFound, match="bob"):
+        admin_ops.user_view(conn, "bob")
+
+
+@pytest.mark.parametrize(("change", "shown"), [
+    ({"suspended": True}, {"suspended": True}),
+    ({"role": "admin"}, {"role": "admin"}),
+    ({"limits": {"max_concurrent": 2}}, {"limits": {"max_concurrent": 2}}),
+    ({"limits": {"expires_at": "2027-01-01"}}, {"limits": {"expires_at": "2027-01-01T00:00:00Z"}}),
+])
+def test_changed_user_view_is_the_user_as_changed_with_usage_and_no_keys(
+        conn, secret, change, shown):
+    """The answer to a change: the user's fields as they are now, its usage, no keys."""
+    admin_ops.create_user(conn, secret, "alice", actor="root")
+    insert_rows(conn, [record("alice", utc(2026, 11, 1, 0, 0, 0), 3, 4)])
+    view = admin_ops.changed_user_view(conn, admin_ops.update_user(conn, "alice", **change,
+                                                                   actor="root"))
+    assert list(view) == [*USER_FIELDS, "usage"]
+    assert {k: view[k] for k in shown} == shown
+    assert view["usage"] == {"requests": 1, "prompt_tokens": 3, "completion_tokens": 4}
 
 
 def test_users_view_lists_every_user_with_usage(conn, secret):
-    """The user list is one user view per user, by name."""
+    """The user list is one user with usage per user, by name, without keys."""
+    assert admin_ops.users_view(conn) == {"users": []}
     for name in ("zed", "amy"):
         admin_ops.create_user(conn, secret, name, actor="root")
     insert_rows(conn, [record("zed", utc(2026, 11, 1, 0, 0, 0), 5, 6)])
-    view = admin_ops.users_view(accounts.list_users(conn), reports.user_totals(conn))
+    view = admin_ops.users_view(conn)
     assert [(u["name"], u["usage"]["requests"]) for u in view["users"]] == [("amy", 0),
                                                                            ("zed", 1)]
+    assert all(list(u) == [*USER_FIELDS, "usage"] for u in view["users"])
+
+
+def test_new_user_and_new_key_views_carry_the_key_in_full(conn, secret):
+    """The one time a key is shown: after a new user's fields, or with its prefix."""
+    user, first = admin_ops.create_user(conn, secret, "alice", limits={"token_quota": 9},
+                                        actor="root")
+    assert admin_ops.new_user_view(user, first) == {
+        "name": "alice", "role": "user", "limits": {"token_quota": 9}, "suspended": False,
+        "created_at": user.to_json()["created_at"], "key": first}
+    key, prefix = admin_ops.create_key(conn, secret, "alice", actor="root")
+    assert admin_ops.new_key_view(key, prefix) == {"key": key, "prefix": prefix}
+    assert keys.key_prefix(key) == prefix
