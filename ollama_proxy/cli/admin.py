@@ -2,8 +2,14 @@
 
 The same use-cases as the HTTP admin API (``store.admin_ops``, where their rules are),
 run directly on the file named by ``[server] database`` (or ``--database``), so the box's
-operator needs no running server and no admin key. ``--json`` prints the admin API's
-shapes; without it, a table. A key is printed once, by the command that creates it.
+operator needs no running server and no admin key. A key is printed once, by the
+command that creates it.
+
+``--json`` prints the payload the text is made from, as the admin API answers (the
+views of ``admin_ops``), but for three: ``usage`` adds its ``group_by`` (the text's
+first column); ``users delete`` and ``keys revoke``, which the API answers 204 with no
+body, print ``{"name": …, "deleted": true}`` and ``{"prefix": …, "revoked": true}``;
+``keys list``, which the API has not, lists keys with their user.
 
 Every command is a pair: ``compute`` does the work and returns the JSON payload,
 ``render`` turns that payload into text, so both outputs always tell the same thing.
@@ -303,7 +309,8 @@ def _common(cmd: argparse.ArgumentParser) -> None:
                      help="ini file whose [server] database is used (default: ./ollama-proxy.ini)")
     cmd.add_argument("--database", metavar="PATH", help="SQLite file; overrides the config's")
     cmd.add_argument("--json", action="store_true",
-                     help="print JSON (the admin API's shapes) instead of a table")
+                     help="print JSON (the admin API's shapes, where it has the call) "
+                          "instead of text")
 
 
 def add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

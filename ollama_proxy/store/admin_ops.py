@@ -5,7 +5,8 @@ connection). Both only parse what they are given, call these and render.
 Every rule on what an admin may write or ask lives here: user names, roles,
 limits, key expiry, report times and groupings. A value that breaks one is a
 ``BadRequest`` naming the field (the API answers 400, the CLI exits 1);
-``accounts`` and ``reports`` then get values known to be valid. The views are the JSON shapes both print.
+``accounts`` and ``reports`` then get values known to be valid. The views are
+the JSON payloads both print.
 """
 
 from __future__ import annotations

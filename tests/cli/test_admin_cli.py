@@ -206,6 +206,20 @@ def test_delete_asks_nothing_and_says_what_it_did(cli: Cli) -> None:
     assert cli.json("users", "delete", "bob") == {"name": "bob", "deleted": True}
 
 
+@pytest.mark.parametrize(("argv", "expected"), [
+    (("usage", "--group-by", "day"), {"group_by": "day", "rows": []}),
+    (("users", "delete", "alice"), {"name": "alice", "deleted": True}),
+    (("keys", "revoke", "PREFIX"), {"prefix": "PREFIX", "revoked": True}),
+])
+def test_json_adds_to_the_api_only_what_the_module_says(
+        cli: Cli, argv: tuple[str, ...], expected: dict[str, Any]) -> None:
+    """usage names its grouping; delete and revoke, a 204 in the API, say what was done."""
+    prefix = key_prefix(cli.create("alice"))
+    swap = {"PREFIX": prefix}
+    assert cli.json(*(swap.get(a, a) for a in argv)) == \
+        {k: swap.get(v, v) if isinstance(v, str) else v for k, v in expected.items()}
+
+
 @pytest.mark.parametrize("argv", [
     ("users", "show", "ghost"), ("users", "suspend", "ghost"), ("users", "resume", "ghost"),
     ("users", "delete", "ghost"), ("users", "limits", "ghost"),
