@@ -39,7 +39,6 @@ from .counters import CounterStore, Decision, UserCounters, rebuild
 from .limits import Limits
 from .windows import DAY_BUCKET_S, DAY_S, month_start
 
-LISTINGS = frozenset({"tags", "ps", "openai_models"})  # route names of the model lists
 TOKEN_LIMITS = frozenset({"tokens_per_minute", "tokens_per_day", "token_quota"})
 # Merged limits are cached per key; a process sees few keys, but never let it grow unbounded.
 CACHE_MAX = 10_000
@@ -53,7 +52,7 @@ def refusal(decision: Decision, route: Route, model: str | None,
     (``type`` ``requests``/``tokens``/``insufficient_quota``, as api.openai.com);
     ``headers``: the ``x-ratelimit-*`` pairs when the decision has none."""
     extra = _encode(decision.headers or headers)
-    if decision.code == "model_not_allowed" and route.name == "openai_model":
+    if decision.code == "model_not_allowed" and route.model_in_path is not None:
         # hidden, as in the listing (an expired user still hears that it expired)
         return LimitError(f"The model '{model}' does not exist or you do not have access to it.",
                           status=404, code="model_not_found", openai_type="invalid_request_error",
@@ -160,7 +159,7 @@ class Limiter:
             refused = counters.access(limits, now, model)
             if refused is not None:
                 raise refusal(refused, route, model, self._headers(counters, limits, now))
-            if limits.allowed_models is not None and route.name in LISTINGS:
+            if limits.allowed_models is not None and route.lists_models:
                 ex.visible_models = limits.allowed_models
             headers = self._headers(counters, limits, now)
         if headers:
