@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import trio
 
+from .access.counters_from_ledger import Backlog, load_counters
 from .access.identity import KeyIndex
-from .access.limiter import Backlog, Limiter, load_counters
+from .access.limiter import Limiter
 from .admin.api import AdminApi
 from .admin.status import Status
 from .api.prompt_overhead import PromptOverheads
@@ -259,7 +260,7 @@ class Gateway:
                 log.exception("summing the ledger rows not yet in the usage summaries failed "
                               "(requests with a token quota wait): retrying")
                 await trio.sleep(BACKLOG_RETRY_S)
-        self.limiter.add_backlog(backlog, sums)
+        backlog.add(self.limiter.store, sums, self.limiter.clock())
         self.limiter.quota_pending = None
         summed.set()
 

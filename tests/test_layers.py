@@ -184,7 +184,8 @@ def test_only_the_storage_thread_module_in_store_imports_trio():
 def test_store_imports_only_values_from_access():
     """The store validates with the limits and key values, never the request-time shells."""
     assert offenders("store", ("http", "backends", "proxy", "admin", "cli", "sim", "observe",
-                               "access.identity", "access.limiter", "access.counters")) == {}
+                               "access.identity", "access.limiter", "access.counters",
+                               "access.counters_from_ledger")) == {}
 
 
 def test_observe_is_fed_records_and_reaches_into_nothing():

@@ -16,14 +16,12 @@ always comes back down. ``amend`` corrects a settled request whose exact counts
 came later (a stream counted with the backend's tokenizer).
 
 No I/O per request: the counters are in memory, rebuilt from the ledger at start
-(``load_counters``, run in the reports store's thread).
+(``counters_from_ledger``).
 """
 
 from __future__ import annotations
 
-import sqlite3
 import time
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from ..api.body_rules import requested_cap, set_cap
@@ -32,14 +30,10 @@ from ..api.prompt_overhead import PromptOverheads
 from ..api.record import RequestRecord
 from ..api.routes import Route, RouteKind
 from ..errors import LimitError, ProxyError
-from ..store import ledger, reports
 from ..store.accounts import KeyEntry
-from ..store.db import snapshot
-from .counters import CounterStore, Decision, UserCounters, rebuild
+from .counters import CounterStore, Decision, UserCounters
 from .limits import Limits
-from .windows import DAY_BUCKET_S, DAY_S, month_start
 
-LISTINGS = frozenset({"tags", "ps", "openai_models"})  # route names of the model lists
 TOKEN_LIMITS = frozenset({"tokens_per_minute", "tokens_per_day", "token_quota"})
 # Merged limits are cached per key; a process sees few keys, but never let it grow unbounded.
 CACHE_MAX = 10_000
@@ -53,7 +47,7 @@ def refusal(decision: Decision, route: Route, model: str | None,
     (``type`` ``requests``/``tokens``/``insufficient_quota``, as api.openai.com);
     ``headers``: the ``x-ratelimit-*`` pairs when the decision has none."""
     extra = _encode(decision.headers or headers)
-    if decision.code == "model_not_allowed" and route.name == "openai_model":
+    if decision.code == "model_not_allowed" and route.model_in_path is not None:
         # hidden, as in the listing (an expired user still hears that it expired)
         return LimitError(f"The model '{model}' does not exist or you do not have access to it.",
                           status=404, code="model_not_found", openai_type="invalid_request_error",
@@ -90,8 +84,8 @@ class Limiter:
         self.overheads = overheads if overheads is not None else PromptOverheads()
         # key prefix -> (the entry's stored overrides, merged limits, any token limit set)
         self._merged: dict[str, tuple[dict[str, Any], Limits, bool]] = {}
-        # Set while a start's ledger backlog is summed (``Backlog``): requests that a token
-        # quota counts await it first.
+        # Set while a start's ledger backlog is summed (``counters_from_ledger.Backlog``):
+        # requests that a token quota counts await it first.
         self.quota_pending: Callable[[], Awaitable[None]] | None = None
 
     def set_defaults(self, defaults: Limits) -> None:
@@ -160,7 +154,7 @@ class Limiter:
             refused = counters.access(limits, now, model)
             if refused is not None:
                 raise refusal(refused, route, model, self._headers(counters, limits, now))
-            if limits.allowed_models is not None and route.name in LISTINGS:
+            if limits.allowed_models is not None and route.lists_models:
                 ex.visible_models = limits.allowed_models
             headers = self._headers(counters, limits, now)
         if headers:
@@ -178,16 +172,6 @@ class Limiter:
         if pending is not None and limits.token_quota is not None:
             await pending()
 
-    def add_backlog(self, backlog: Backlog, sums: dict[str, tuple[int, int]]) -> None:
-        """Add the tokens of a ledger ``backlog`` (``Backlog.sums``) to the quotas."""
-        now = self.clock()
-        for user, (total, month) in sums.items():
-            quota = self.store.get(user).quota
-            quota.total += total
-            quota.roll(now)  # to now's month first
-            if month_start(now) == backlog.month_start:
-                quota.month_used += month
-
     def settle(self, ex: Exchange, record: RequestRecord) -> None:
         """Replace the exchange's reservation by the usage its record reports."""
         reservation = ex.reservation
@@ -204,45 +188,3 @@ class Limiter:
             delta = (prompt_tokens + completion_tokens
                      - record.prompt_tokens - record.completion_tokens)
             self.store.get(ex.principal.user).correct(reservation, self.clock(), delta)
-
-
-# Above this many ledger rows not yet in the summaries (the first start on an older
-# file, rows added by hand), their quota sums are read after the start, not before:
-# the gateway answers at once, and only requests that a token quota counts wait.
-SYNC_BACKLOG_ROWS = 50_000
-
-
-@dataclass(frozen=True, slots=True)
-class Backlog:
-    """Ledger rows ``after_id < id <= upto_id`` whose tokens the quotas miss yet."""
-
-    after_id: int
-    upto_id: int
-    month_start: float  # the month the counters were loaded in
-
-    def sums(self, conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
-        """(all tokens, this month's) per user (in the reports store's thread)."""
-        return ledger.token_sums(conn, self.after_id, self.upto_id, self.month_start)
-
-
-def load_counters(conn: sqlite3.Connection, now: float) -> tuple[CounterStore, Backlog | None]:
-    """Every user's counters from the ledger (in the reports store's thread, at
-    start): the last day's rows for the windows, this month's and all-time token
-    sums for the quotas, from the summaries; and the rows not in them yet, unless
-    there are many (then returned as a ``Backlog``, for ``Limiter.add_backlog``)."""
-    month = month_start(now)
-    with snapshot(conn):
-        folded, top = ledger.fold_state(conn)
-        unfolded = top - folded <= SYNC_BACKLOG_ROWS
-        rows = ledger.rows_since(conn, now - DAY_S - DAY_BUCKET_S)
-        totals = {user: t["prompt_tokens"] + t["completion_tokens"]
-                  for user, t in reports.user_totals(conn, unfolded=unfolded).items()}
-        months = {r["key"]: r["prompt_tokens"] + r["completion_tokens"]
-                  for r in reports.usage(conn, since=month, group_by="user", unfolded=unfolded)
-                  if r["key"] is not None}
-    if not unfolded:  # the quotas count the summaries only, not the day's rows, until then
-        for name in {r.user for r in rows if r.user is not None}:
-            totals.setdefault(name, 0)
-            months.setdefault(name, 0)
-    store = CounterStore(rebuild(rows, now, totals=totals, months=months))
-    return store, None if unfolded else Backlog(folded, top, month)

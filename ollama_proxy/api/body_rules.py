@@ -12,16 +12,14 @@ and of the type the APIs document.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
 from ..errors import ApiFamily, BadRequest
 from .jsonbody import decode_object, go_fold, quoted
-from .routes import Route, RouteKind
+from .routes import Route, RouteKind, Text
 
-# Ollama still reads "name" as the model on these routes (when "model" is empty).
-NAME_ROUTES = frozenset({"show", "pull", "push", "create", "delete"})
-# Generations and embeddings: a model is required (the limits judge it), options are read.
 # A model name reaches logs, the ledger and glob matching. Ollama's longest valid
 # name is 350 (host) + 3 x 80 (namespace, model, tag) + separators + a digest, under
 # 700 characters; Hugging Face ids are under 200: no real name comes near this.
@@ -39,7 +37,6 @@ def _by_fold(*names: str) -> dict[str, str]:
 _TOP_FIELDS = _by_fold("model", "options", "stream", "stream_options", "messages", "prompt",
                        "input", "keep_alive", "max_tokens", "max_completion_tokens", "system",
                        "suffix")
-_NAME_FIELDS = {**_TOP_FIELDS, **_by_fold("name")}
 _INNER_FIELDS = {"options": _by_fold("num_predict"), "stream_options": _by_fold("include_usage")}
 _MESSAGE_FIELDS = _by_fold("content")
 
@@ -52,13 +49,19 @@ def parse_body(route: Route, raw: bytes | bytearray) -> dict[str, Any] | None:
     if not raw.strip():
         raise BadRequest("missing request body")
     obj = decode_object(raw)
-    _check_spelling(obj, _NAME_FIELDS if route.name in NAME_ROUTES else _TOP_FIELDS, "")
+    _check_spelling(obj, _top_fields(route.model_fields), "")
     for name, fields in _INNER_FIELDS.items():
         inner = obj.get(name)
         if isinstance(inner, dict):
             _check_spelling(inner, fields, name + ".")
     _check_types(route, obj)
     return obj
+
+
+@functools.cache
+def _top_fields(model_fields: tuple[str, ...]) -> dict[str, str]:
+    """The top-level fields checked on a route that reads its model from ``model_fields``."""
+    return {**_TOP_FIELDS, **_by_fold(*model_fields)}
 
 
 def _check_spelling(obj: dict[str, Any], fields: dict[str, str], where: str) -> None:
@@ -87,14 +90,14 @@ def _check_types(route: Route, obj: dict[str, Any]) -> None:
     if route.family is ApiFamily.NATIVE:
         if route.metered:
             _check_type(obj, "options", dict, "an object")
-        if route.name in ("generate", "embeddings"):
-            _check_type(obj, "prompt", str, "a string")
     elif route.kind is RouteKind.GENERATION:
         _check_type(obj, "stream_options", dict, "an object")
-        if route.name == "openai_completions" and not _is_openai_prompt(obj.get("prompt")):
-            raise BadRequest('"prompt" must be a string, a list of strings, a list of token ids '
-                             "or a list of lists of token ids")
-    if route.name in ("embed", "openai_embeddings"):
+    if route.text is Text.PROMPT:
+        _check_type(obj, "prompt", str, "a string")
+    elif route.text is Text.OPENAI_PROMPT and not _is_openai_prompt(obj.get("prompt")):
+        raise BadRequest('"prompt" must be a string, a list of strings, a list of token ids '
+                         "or a list of lists of token ids")
+    elif route.text is Text.INPUT:
         _check_type(obj, "input", (str, list), "a string or a list")
 
 
@@ -118,8 +121,8 @@ def _is_openai_prompt(value: Any) -> bool:
 
 def _check_model(route: Route, obj: dict[str, Any]) -> None:
     """``model`` (and ``name`` where Ollama reads it) must be text a name can be;
-    required where the limits judge the model."""
-    names = ("model", "name") if route.name in NAME_ROUTES else ("model",)
+    required where the route says so."""
+    names = route.model_fields
     for name in names:
         value = obj.get(name)
         if value is None:
@@ -132,8 +135,7 @@ def _check_model(route: Route, obj: dict[str, Any]) -> None:
         if _BAD_MODEL_TEXT.search(value):
             raise BadRequest(f'"{name}" holds a control character or a lone surrogate '
                              "(\\ud800-\\udfff): no model has such a name")
-    if (route.metered or route.name == "show") and not any(
-            obj.get(name) for name in names):
+    if route.model_required and not any(obj.get(name) for name in names):
         raise BadRequest('"model" is required')
 
 
@@ -151,9 +153,7 @@ def wants_stream(route: Route, obj: dict[str, Any] | None) -> bool:
 
 def apply_openai_rules(route: Route, obj: dict[str, Any], stream: bool) -> tuple[bool, bool]:
     """Rewrite an OpenAI generation body; returns ``(changed, usage_injected)``."""
-    if route.kind is not RouteKind.GENERATION or route.name not in (
-        "openai_chat", "openai_completions"
-    ):
+    if not route.openai_generation:
         return False, False
     changed = False
     if "max_completion_tokens" in obj:

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from urllib.parse import unquote
 
-from .body_rules import NAME_ROUTES
 from .routes import Route
 
 if TYPE_CHECKING:  # the pure core needs the types, not the trio server
@@ -39,15 +38,15 @@ class Exchange:
 
     @property
     def model(self) -> str | None:
-        obj = self.body_obj
+        obj, route = self.body_obj, self.route
         if obj is None:
-            path = self.request.path
-            if self.route.name == "openai_model":  # GET /v1/models/{id}
-                return unquote(path[len("/v1/models/"):])
-            return None
-        model = obj.get("model")
-        if not model and self.route.name in NAME_ROUTES:
-            model = obj.get("name")
+            prefix = route.model_in_path
+            return None if prefix is None else unquote(self.request.path[len(prefix):])
+        model = None
+        for name in route.model_fields:
+            model = obj.get(name)
+            if model:
+                break
         return model if isinstance(model, str) else None
 
     @property

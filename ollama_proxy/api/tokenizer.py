@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Generator
 
 from .framing import sse_data, sse_events
+from .routes import Route, Text
 
 # Answers that say "not this endpoint, or not this dialect's body": try the next one.
 ABSENT = frozenset({400, 404, 405, 422, 501})
@@ -242,16 +243,16 @@ def chat_contents(body: Any) -> list[str] | None:
 # -- the jobs -----------------------------------------------------------------------------
 
 
-def stream_counts(tok: Tokenizer, model: str, route: str, body: Any, frames: list[bytes],
+def stream_counts(tok: Tokenizer, model: str, route: Route, body: Any, frames: list[bytes],
                   overhead: tuple[int, bool]) -> Counting:
     """Exact ``(prompt_tokens, completion_tokens)`` of a finished stream on ``route``
-    (``openai_chat`` or ``openai_completions``), or None when they cannot be exact.
+    (an OpenAI chat or completion), or None when they cannot be exact.
     ``overhead``: the learned template overhead of this prompt's shape on this
     tokenizer and whether it is confirmed (what a llama-cpp-python chat needs)."""
     texts = streamed_text(frames)
     if texts is None:
         return None
-    if route == "openai_completions":
+    if route.text is Text.OPENAI_PROMPT:
         text = completion_prompt(body)
         if text is None:
             return None

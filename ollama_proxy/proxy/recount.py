@@ -29,6 +29,7 @@ import trio
 from ..api.exchange import Exchange
 from ..api.prompt_overhead import TEXT, PromptOverheads, prompt_shape
 from ..api.record import RequestRecord
+from ..api.routes import Text
 from ..api.tokenizer import (
     Call,
     CountError,
@@ -46,7 +47,6 @@ from ..errors import ProxyError
 
 log = logging.getLogger("ollama_proxy.recount")
 
-ROUTES = frozenset({"openai_chat", "openai_completions"})  # where usage may be missing
 CAPTURE_BYTES = 4 << 20  # a stream longer than this keeps its estimate
 MAX_IN_FLIGHT = 2  # jobs talking to one backend at once
 MAX_QUEUED = 64  # jobs queued or running for one backend; more are dropped (estimate kept)
@@ -107,7 +107,7 @@ class Recounter:
         """How much of this stream to keep for counting: 0 unless its backend may
         leave it uncounted."""
         state = self._states.get(backend.name)
-        if (state is None or ex.route.name not in ROUTES or state.tokenizer is None
+        if (state is None or not ex.route.openai_generation or state.tokenizer is None
                 or state.reports_usage.get(ex.route.name)):
             return 0
         return CAPTURE_BYTES
@@ -126,7 +126,8 @@ class Recounter:
         """Learn whether the backend counted the stream, and count it if it did not."""
         state = self._states.get(backend.name)
         tally = scanner.tally
-        if state is None or ex.route.name not in ROUTES or not tally.finished or tally.error:
+        if (state is None or not ex.route.openai_generation or not tally.finished
+                or tally.error):
             return
         state.reports_usage[ex.route.name] = tally.exact
         frames = scanner.captured
@@ -139,7 +140,8 @@ class Recounter:
         (llama-cpp-python)."""
         state = self._states.get(record.backend or "")
         if (state is None or record.estimated or record.stream or record.prompt_tokens <= 0
-                or ex.route.name != "openai_chat" or not ex.model or state.tokenizer is None
+                or not (ex.route.openai_generation and ex.route.text is Text.MESSAGES)
+                or not ex.model or state.tokenizer is None
                 or False not in state.reports_usage.values()):
             return  # nothing to learn (checked per request: the cheap tests first)
         shape = prompt_shape(ex.body_obj)
@@ -207,7 +209,7 @@ class Recounter:
             return
         route, body = ex.route.name, ex.body_obj
         overhead = self._overheads.overhead(state.basis, route, model, prompt_shape(body))
-        counts = await self._drive(state, stream_counts(tok, model, route, body, frames,
+        counts = await self._drive(state, stream_counts(tok, model, ex.route, body, frames,
                                                         overhead))
         if counts is None:
             return

@@ -1,6 +1,6 @@
 """The per-request limits step (access/limiter.py) driven directly, with trio's autojump clock
 as its clock: windows, month rollover, caps sent upstream, refusals in each API
-family's shape, settle, and the counters rebuilt from a ledger file."""
+family's shape, settle, and the wait for a start's ledger backlog."""
 
 from __future__ import annotations
 
@@ -14,9 +14,7 @@ import trio
 import trio.testing
 
 from counter_counts import counts
-from ledger_rows import insert as insert_rows
-from ollama_proxy.access import limiter as limiter_module
-from ollama_proxy.access.limiter import Limiter, load_counters
+from ollama_proxy.access.limiter import Limiter
 from ollama_proxy.access.limits import Limits
 from ollama_proxy.api.body_rules import apply_openai_rules, parse_body, wants_stream
 from ollama_proxy.api.exchange import Exchange
@@ -25,7 +23,6 @@ from ollama_proxy.api.record import RequestRecord
 from ollama_proxy.api.routes import PREFIX_ROUTES, ROUTES
 from ollama_proxy.errors import ApiFamily, LimitError, render
 from ollama_proxy.http.messages import Request
-from ollama_proxy.store import db
 from ollama_proxy.store.accounts import KeyEntry
 
 
@@ -401,74 +398,6 @@ async def test_merged_limits_follow_the_overrides_object_and_the_defaults():
     lim.set_defaults(Limits(tokens_per_day=10))
     assert lim.limits_for(key({"token_quota": 6})).tokens_per_day == 10
     assert lim.remaining(key())["tokens_per_day"] == 10
-
-
-# -- rebuild from the ledger -------------------------------------------------------------
-
-
-def row(t: float, endpoint: str = "/api/chat", outcome: str = "ok", prompt: int = 10,
-        completion: int = 20, user: str = "ann", metered: bool = True) -> RequestRecord:
-    return RequestRecord(request_id=f"r{t}{endpoint}", time=t, endpoint=endpoint, model="m",
-                       backend="b", status=200, outcome=outcome, prompt_tokens=prompt,
-                       completion_tokens=completion, estimated=False, stream=False,
-                       duration_s=0.1, ttfb_s=0.05, client="c", user=user, metered=metered)
-
-
-def test_load_counters_from_the_ledger(tmp_path):
-    """Windows from the last day's metered rows (generations and embeddings: the row says
-    so, its path is not matched again), not refusals; the month and all-time quotas from
-    sums."""
-    now = utc(2025, 3, 1, 0, 10, 0)
-    conn = db.connect(str(tmp_path / "op.db"))
-    try:
-        insert_rows(conn, [
-            row(utc(2024, 12, 5, 0, 0, 0), prompt=1000, completion=0),
-            row(now - 3600),                                      # February, within the day
-            row(now - 30, "/v1/embeddings", prompt=7, completion=0),
-            row(now - 20, "/api/tags", prompt=0, completion=0, metered=False),  # counts nothing
-            row(now - 15, prompt=0, completion=0, metered=False),  # the row says: not counted
-            row(now - 10, outcome="refused", prompt=0, completion=0),
-            row(now - 5, user="bob", completion=1),
-        ])
-        store, backlog = load_counters(conn, now)
-    finally:
-        conn.close()
-    assert counts(store.get("ann"), now) == {
-        "requests_minute": 1, "requests_day": 2, "tokens_minute": 7, "tokens_day": 37,
-        "tokens_total": 1037, "tokens_month": 7, "in_flight": 0}
-    assert counts(store.get("bob"), now)["tokens_minute"] == 11
-    assert backlog is None
-
-
-LEDGER_ROWS_2025 = [
-    row(utc(2024, 12, 5, 0, 0, 0), prompt=1000, completion=0),
-    row(utc(2025, 2, 28, 23, 0, 0)),
-    row(utc(2025, 3, 1, 0, 5, 0), user="bob", completion=1),
-]
-
-
-@pytest.mark.parametrize("folded", [0, 1, 3])
-def test_a_long_backlog_is_summed_after_the_start(tmp_path, monkeypatch, folded):
-    """Past SYNC_BACKLOG_ROWS unfolded rows, load_counters leaves their quota sums out and
-    names them; added later, the counters are those of a start without a backlog."""
-    now = utc(2025, 3, 1, 0, 10, 0)
-    conn = db.connect(str(tmp_path / "op.db"))
-    try:
-        insert_rows(conn, LEDGER_ROWS_2025[:folded], fold=True)
-        insert_rows(conn, LEDGER_ROWS_2025[folded:])
-        whole, none = load_counters(conn, now)
-        monkeypatch.setattr(limiter_module, "SYNC_BACKLOG_ROWS", 0)
-        store, backlog = load_counters(conn, now)
-        assert none is None and (backlog is None) == (folded == 3)
-        lim = Limiter(Limits(), store=store, clock=lambda: now)
-        if backlog is not None:
-            assert backlog.upto_id == 3 and backlog.after_id == folded
-            lim.add_backlog(backlog, backlog.sums(conn))
-    finally:
-        conn.close()
-    for user in ("ann", "bob"):
-        assert counts(store.get(user), now) == counts(whole.get(user), now)
-    assert counts(store.get("ann"), now)["tokens_total"] == 1030
 
 
 async def test_quota_counted_requests_wait_for_the_backlog():

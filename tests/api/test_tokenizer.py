@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import pytest
 
+from ollama_proxy.api.routes import ROUTES
 from ollama_proxy.api.tokenizer import (
     Answer,
     Call,
@@ -24,6 +25,8 @@ from ollama_proxy.api.tokenizer import (
     template_overhead,
 )
 from ollama_proxy.sim.llamacpp import char_tokens, chatml
+
+CHAT, COMPLETIONS = ROUTES["/v1/chat/completions"], ROUTES["/v1/completions"]
 
 Backend = Callable[[Call], Answer]
 NOT_FOUND = Answer(404, {"detail": "Not Found"})
@@ -132,7 +135,7 @@ def test_chat_streams_count_exactly_where_the_backend_applies_its_template(
         backend, tok, body, prompt):
     """vLLM counts the messages itself, llama-server renders them for its tokenizer:
     the backend's own prompt count; the streamed text counted bare."""
-    counts, _ = drive(stream_counts(tok, "tiny", "openai_chat", body, CHAT_FRAMES, (0, False)),
+    counts, _ = drive(stream_counts(tok, "tiny", CHAT, body, CHAT_FRAMES, (0, False)),
                       backend)
     # vLLM's template here has no BOS text and adds none: what the backend says is exact
     assert counts == (prompt - (tok.dialect is Dialect.VLLM), 8)
@@ -142,11 +145,11 @@ def test_llama_cpp_python_chat_needs_a_confirmed_template_overhead():
     """Text-only tokenizer: contents counted + the shape's confirmed overhead (exact);
     unconfirmed: nothing asked, no exact count."""
     tok = Tokenizer(Dialect.LLAMA_CPP_PYTHON, 1)
-    counts, calls = drive(stream_counts(tok, "tiny", "openai_chat", SAY_HELLO, CHAT_FRAMES,
+    counts, calls = drive(stream_counts(tok, "tiny", CHAT, SAY_HELLO, CHAT_FRAMES,
                                         (30, True)), llama_cpp_python)
     assert counts == (40, 8)
     assert [c.body["input"] for c in calls] == ["Say hello.", "a sWta o"]
-    assert drive(stream_counts(tok, "tiny", "openai_chat", SAY_HELLO, CHAT_FRAMES,
+    assert drive(stream_counts(tok, "tiny", CHAT, SAY_HELLO, CHAT_FRAMES,
                                (30, False)), llama_cpp_python) == (None, [])
 
 
@@ -158,7 +161,7 @@ def test_llama_cpp_python_chat_needs_a_confirmed_template_overhead():
 def test_completion_streams_count_exactly_everywhere(backend, tok):
     """A completion prompt is counted as the backend counts it (BOS added); the
     completion without what the tokenizer adds to an empty text."""
-    counts, _ = drive(stream_counts(tok, "tiny", "openai_completions", ONCE,
+    counts, _ = drive(stream_counts(tok, "tiny", COMPLETIONS, ONCE,
                                     COMPLETION_FRAMES, (0, False)), backend)
     assert counts == (17, 8)
 
@@ -182,7 +185,7 @@ def test_template_overhead_of_an_exact_chat_count():
 def test_unusable_answers_raise(backend, tok):
     """An answer without a usable count is an error (the caller keeps the estimate)."""
     with pytest.raises(CountError):
-        drive(stream_counts(tok, "tiny", "openai_chat", SAY_HELLO, CHAT_FRAMES, (0, True)),
+        drive(stream_counts(tok, "tiny", CHAT, SAY_HELLO, CHAT_FRAMES, (0, True)),
               backend)
 
 

@@ -15,7 +15,7 @@ import trio
 
 from gateway_stack import MemorySink, gateway_config, start_gateway
 from ledger_rows import insert
-from ollama_proxy.access import limiter
+from ollama_proxy.access import counters_from_ledger
 from ollama_proxy.api.record import RequestRecord
 from ollama_proxy.app import Gateway
 from ollama_proxy.http.messages import Request
@@ -126,7 +126,7 @@ async def test_hostile_values_cost_no_row_and_survive_a_restart(nursery):
 async def test_a_start_on_a_long_backlog_counts_it_while_serving(nursery, monkeypatch):
     """Rows the summaries have not seen (an older file, rows added by hand): the gateway
     starts without summing them first, and a user's quota still counts every one."""
-    monkeypatch.setattr(limiter, "SYNC_BACKLOG_ROWS", 0)
+    monkeypatch.setattr(counters_from_ledger, "SYNC_BACKLOG_ROWS", 0)
     config = gateway_config(["http://127.0.0.1:9"])
     path = config.server.database
     conn = db.connect(path)
