@@ -103,9 +103,13 @@ def server_settings(cfg: ServerConfig, upstreams: tuple[UpstreamConfig, ...] = (
                         addresses=AddressPolicy(cfg.allow, cfg.deny, cfg.trusted_proxies))
 
 
+def pool_settings(cfg: UpstreamConfig) -> PoolSettings:
+    return from_section(PoolSettings, cfg, tls=None)
+
+
 def make_backend(cfg: UpstreamConfig) -> Backend:
     return Backend(cfg.name, kind=cfg.kind, url=cfg.url, base_path=cfg.base_path,
-                   api_key=cfg.api_key, pool=UpstreamPool(from_section(PoolSettings, cfg)))
+                   api_key=cfg.api_key, pool=UpstreamPool(pool_settings(cfg)))
 
 
 def _flat_settings(config: Config) -> dict[str, str]:

@@ -8,7 +8,7 @@ import dataclasses
 from functools import cache
 from typing import Any
 
-from ollama_proxy.app import from_section
+from ollama_proxy.app import pool_settings as pool_from_config
 from ollama_proxy.app import server_settings as from_config
 from ollama_proxy.config import Config, load_config
 from ollama_proxy.http.client import PoolSettings
@@ -28,4 +28,4 @@ def server_settings(**overrides: Any) -> ServerSettings:
 def pool_settings(port: int, **overrides: Any) -> PoolSettings:
     """The ``[upstream.NAME]`` defaults for a backend on 127.0.0.1:``port``, but ``overrides``."""
     upstream = _defaults(f"http://127.0.0.1:{port}").upstreams[0]
-    return dataclasses.replace(from_section(PoolSettings, upstream), **overrides)
+    return dataclasses.replace(pool_from_config(upstream), **overrides)

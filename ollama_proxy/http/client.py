@@ -6,14 +6,20 @@ response head; Ollama sends it only once the model is loaded and the first
 token exists) and the gap between body pieces. A response that was not read
 to its end is never pooled: its connection is closed, which is also how the
 backend learns that the client left and stops generating.
+
+An ``https`` backend's connections are TLS (trio's ``SSLStream`` over the TCP stream);
+a plain one keeps the stdlib socket calls of ``sockio`` on the hot path. Which one is
+chosen at connect; the rest of the code calls the connection's ``send``/``receive``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import select
+import ssl
 from dataclasses import dataclass
-from typing import Callable, cast
+from typing import Awaitable, Callable, cast
 
 import h11
 import trio
@@ -43,16 +49,44 @@ class PoolSettings:
     connect_timeout_s: float
     first_byte_timeout_s: float
     chunk_gap_timeout_s: float
+    tls: ssl.SSLContext | None  # None: plain TCP (an http:// backend)
+
+
+def tls_context(ca_file: str | None, verify: bool) -> ssl.SSLContext:
+    """The client side of an https backend: the system CA store, or ``ca_file`` (a
+    private CA); ``verify`` False checks neither certificate nor name (testing only)."""
+    context = ssl.create_default_context(cafile=ca_file)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 class _Conn:
-    """One upstream socket and its h11 client state."""
+    """One upstream connection and its h11 client state. ``send``, ``receive`` and
+    ``receive_first`` are its transport, chosen at connect: the stdlib socket calls
+    of ``sockio`` (plain), or the ``SSLStream``'s (TLS)."""
 
-    __slots__ = ("stream", "raw", "h11", "idle_since")
+    __slots__ = ("stream", "raw", "send", "receive", "receive_first", "h11", "idle_since")
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
         self.stream = stream
-        self.raw = sockio.raw_socket(stream.socket)  # the hot path's calls
+        self.send: Callable[[bytes], Awaitable[None]]
+        self.receive: Callable[[], Awaitable[bytes]]
+        self.receive_first: Callable[[], Awaitable[bytes]]
+        if isinstance(stream, trio.SSLStream):
+            self.raw = sockio.raw_socket(stream.transport_stream.socket)
+            self.send = stream.send_all
+            receive = functools.partial(stream.receive_some, sockio.RECEIVE_SIZE)
+            # typed bytes | bytearray; SSLObject.read gives bytes
+            self.receive = self.receive_first = cast(Callable[[], Awaitable[bytes]], receive)
+        else:
+            self.raw = sockio.raw_socket(stream.socket)  # the hot path's calls
+            self.send = functools.partial(sockio.send_all, self.raw)
+            self.receive = functools.partial(sockio.recv, self.raw, sockio.RECEIVE_SIZE)
+            self.receive_first = functools.partial(sockio.recv, self.raw, sockio.RECEIVE_SIZE,
+                                                   wait_first=True)
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
 
@@ -140,16 +174,38 @@ class UpstreamPool:
 
     async def _connect(self) -> _Conn:
         s = self.settings
-        try:
-            with trio.fail_after(s.connect_timeout_s):
+        with trio.move_on_after(s.connect_timeout_s) as scope:
+            try:
                 stream = await trio.open_tcp_stream(s.host, s.port)
-        except trio.TooSlowError as exc:
-            raise UpstreamUnreachable(
-                f"backend {s.host}:{s.port} did not accept a connection within {s.connect_timeout_s:g} s"
-            ) from exc
-        except OSError as exc:
-            raise UpstreamUnreachable(f"backend {s.host}:{s.port} is unreachable: {exc}") from exc
-        return _Conn(stream)
+            except OSError as exc:
+                raise UpstreamUnreachable(f"backend {s.host}:{s.port} is unreachable: {exc}") from exc
+            if s.tls is None:
+                return _Conn(stream)
+            return _Conn(await self._handshake(stream, s.tls))
+        assert scope.cancelled_caught
+        raise UpstreamUnreachable(
+            f"backend {s.host}:{s.port} did not accept a connection"
+            f"{' and complete the TLS handshake' if s.tls else ''} within {s.connect_timeout_s:g} s")
+
+    async def _handshake(self, tcp: trio.SocketStream,
+                         context: ssl.SSLContext) -> trio.SSLStream[trio.SocketStream]:
+        """TLS over ``tcp`` (closed if it fails); a failure says why, e.g. the certificate."""
+        s = self.settings
+        # https_compatible: servers often close without a close_notify
+        stream = trio.SSLStream(tcp, context, server_hostname=s.host, https_compatible=True)
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            await sockio.aclose(tcp)
+            cause = exc.__cause__
+            why = (f"certificate verify failed: {cause.verify_message}"
+                   if isinstance(cause, ssl.SSLCertVerificationError)
+                   else getattr(cause, "reason", None) or str(cause or exc) or "connection closed")
+            raise UpstreamUnreachable(f"TLS handshake with backend {s.host}:{s.port} failed: {why}") from exc
+        except BaseException:
+            await sockio.aclose(tcp)
+            raise
+        return stream
 
     async def _exchange(self, conn: _Conn, method: str, target: str,
                         headers: list[tuple[bytes, bytes]], body: bytes | bytearray,
@@ -168,7 +224,7 @@ class UpstreamPool:
             with trio.CancelScope(
                     deadline=trio.current_time() + self.settings.first_byte_timeout_s) as wait:
                 if len(body) < SMALL_BODY_BYTES:
-                    await sockio.send_all(conn.raw, b"".join(parts))
+                    await conn.send(b"".join(parts))
                 else:  # no copy of a big body just to save a syscall
                     for part in parts:
                         await conn.stream.send_all(part)
@@ -197,7 +253,7 @@ class UpstreamPool:
         while True:
             event = conn.h11.next_event()
             if event is h11.NEED_DATA:
-                data = await sockio.recv(conn.raw, sockio.RECEIVE_SIZE, wait_first=True)
+                data = await conn.receive_first()
                 if not data and conn.h11.their_state is h11.SEND_RESPONSE and not conn.h11.trailing_data[0]:
                     # EOF before a single byte of response: closed keep-alive race
                     raise _StaleConnection()
@@ -297,8 +353,8 @@ class UpstreamResponse:
         # A bare cancel scope: fail_after's generator costs too much once per chunk.
         with trio.CancelScope(deadline=trio.current_time() + gap_s) as scope:
             try:
-                # straight on the socket (sockio): once per relayed chunk
-                return await sockio.recv(self._conn.raw, sockio.RECEIVE_SIZE)
+                # once per relayed chunk: straight on the socket (sockio) when plain
+                return await self._conn.receive()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise UpstreamProtocolError(f"backend connection broke: {exc}") from exc
         assert scope.cancelled_caught

@@ -89,7 +89,7 @@ async def send_all(sock: socket.socket, data: bytes, stall_timeout_s: float | No
             view = memoryview(data)
 
 
-async def aclose(stream: trio.SocketStream) -> None:
+async def aclose(stream: trio.abc.AsyncResource) -> None:
     """Close ``stream``, even in a cancelled scope, within ``CLOSE_TIMEOUT_S``."""
     with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
         scope.shield = True

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import functools
+import ssl
 
 import pytest
 import trio
 import trio.testing
+import trustme
 
 from default_settings import pool_settings
 from ollama_proxy.app import make_backend
 from ollama_proxy.config import load_config
 from ollama_proxy.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
-from ollama_proxy.http.client import UpstreamPool
+from ollama_proxy.http.client import UpstreamPool, tls_context
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 HEADERS = [(b"host", b"backend"), (b"content-length", b"0")]
@@ -164,3 +166,99 @@ def test_a_pools_settings_are_its_upstreams():
     assert (pool.settings.host, pool.settings.port) == ("::1", 9000)
     assert pool.settings.first_byte_timeout_s == config.upstreams[0].first_byte_timeout_s
     assert backend.host_header == b"[::1]:9000"
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+async def start_tls(nursery, server, ca, *, names=("127.0.0.1",), ca_file=None, verify=True):
+    """``server`` behind TLS with a certificate of ``ca`` for ``names``; a pool to it."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*names).configure_cert(context)
+    listeners = await nursery.start(functools.partial(
+        trio.serve_ssl_over_tcp, server.handle, 0, context, host="127.0.0.1"))
+    port = listeners[0].transport_listener.socket.getsockname()[1]
+    return UpstreamPool(pool_settings(port, tls=tls_context(ca_file, verify)))
+
+
+async def test_tls_connection_is_verified_and_reused(nursery, ca, tmp_path):
+    """A certificate of the private CA in ca_file passes; keep-alive pools the TLS connection."""
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    server = CannedServer([OK])
+    pool = await start_tls(nursery, server, ca, ca_file=str(tmp_path / "ca.pem"))
+    with trio.fail_after(10):
+        for _ in range(3):
+            assert await get(pool) == b"ok"
+    assert server.connections == 1
+    assert pool.stats() == {"idle": 1, "in_use": 0}
+    with trio.fail_after(10):
+        await pool.close_idle()
+        await server.saw_eof.wait()
+
+
+@pytest.mark.parametrize(("names", "trusted", "why"), [
+    (("127.0.0.1",), False, "certificate verify failed: unable to get local issuer certificate"),
+    (("other.example",), True, "certificate verify failed: IP address mismatch"),
+], ids=["untrusted", "wrong-name"])
+async def test_a_bad_certificate_is_unreachable_saying_why(nursery, ca, tmp_path, names, trusted, why):
+    """A certificate the system store does not trust, or for another name → 502 naming TLS."""
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    pool = await start_tls(nursery, CannedServer([OK]), ca, names=names,
+                           ca_file=str(tmp_path / "ca.pem") if trusted else None)
+    with trio.fail_after(10), pytest.raises(UpstreamUnreachable) as info:
+        await get(pool)
+    assert info.value.status == 502
+    assert "TLS handshake with backend 127.0.0.1:" in info.value.message and why in info.value.message
+    assert pool.stats() == {"idle": 0, "in_use": 0}
+
+
+async def test_tls_verify_false_accepts_any_certificate(nursery, ca):
+    """tls_verify = false: an untrusted certificate for another name still connects."""
+    pool = await start_tls(nursery, CannedServer([OK]), ca, names=("other.example",), verify=False)
+    with trio.fail_after(10):
+        assert await get(pool) == b"ok"
+
+
+async def test_tls_to_a_plain_backend_is_unreachable(nursery):
+    """https to a server that speaks plain HTTP: the handshake fails, with the reason."""
+    async def plain(stream) -> None:
+        await stream.receive_some(65536)  # the ClientHello, to it a malformed request
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, plain, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    pool = UpstreamPool(pool_settings(port, tls=tls_context(None, True)))
+    with trio.fail_after(10), pytest.raises(UpstreamUnreachable) as info:
+        await get(pool)
+    assert "TLS handshake" in info.value.message and "WRONG_VERSION_NUMBER" in info.value.message.upper()
+
+
+async def test_a_tls_handshake_counts_against_the_connect_timeout(nursery, autojump_clock):
+    """A server that accepts but never answers the handshake: unreachable within connect_timeout_s."""
+    async def silent(stream) -> None:
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    pool = UpstreamPool(pool_settings(port, connect_timeout_s=3, tls=tls_context(None, True)))
+    with pytest.raises(UpstreamUnreachable) as info:
+        await get(pool)
+    assert "complete the TLS handshake within 3 s" in info.value.message
+
+
+async def test_stop_cuts_a_tls_body(nursery, ca, tmp_path):
+    """``stop`` closes a TLS connection under its reader as it does a plain one."""
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    server = CannedServer([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"])
+    pool = await start_tls(nursery, server, ca, ca_file=str(tmp_path / "ca.pem"))
+    with trio.fail_after(10):
+        response = await pool.request("GET", "/", HEADERS, b"")
+        assert await response.receive() == b"abc"
+        response.stop()
+        with pytest.raises(UpstreamProtocolError):
+            await response.receive()
+        await response.aclose()
+        await server.saw_eof.wait()
+    assert pool.stats() == {"idle": 0, "in_use": 0}
