@@ -22,7 +22,7 @@ from .backends.registry import Backend, BackendSet
 from .config import Config, ServerConfig, UpstreamConfig, settings
 from .dispatch import DispatchTable, gateway_table
 from .errors import BadRequest, ConfigError, ProxyError
-from .http.client import PoolSettings, UpstreamPool
+from .http.client import PoolSettings, UpstreamPool, tls_context
 from .http.clientip import AddressPolicy
 from .http.messages import Request
 from .http.responder import Responder
@@ -104,10 +104,14 @@ def server_settings(cfg: ServerConfig, upstreams: tuple[UpstreamConfig, ...] = (
 
 
 def pool_settings(cfg: UpstreamConfig) -> PoolSettings:
-    return from_section(PoolSettings, cfg, tls=None)
+    tls = tls_context(cfg.ca_file, cfg.tls_verify) if cfg.scheme == "https" else None
+    return from_section(PoolSettings, cfg, tls=tls)
 
 
 def make_backend(cfg: UpstreamConfig) -> Backend:
+    if cfg.scheme == "https" and not cfg.tls_verify:
+        log.warning("backend %s: tls_verify = false: its certificate and name are not checked "
+                    "(for testing only)", cfg.name)
     return Backend(cfg.name, kind=cfg.kind, url=cfg.url, base_path=cfg.base_path,
                    api_key=cfg.api_key, pool=UpstreamPool(pool_settings(cfg)))
 

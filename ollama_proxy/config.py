@@ -13,12 +13,13 @@ import configparser
 import difflib
 import os
 import re
+import ssl
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from .access.limits import Limits
-from .config_parsers import IpNetwork
+from .config_parsers import DEFAULT_PORTS, IpNetwork
 from .config_schema import ENV_PREFIX, SECTIONS, UPSTREAM, Key, env_name, rows
 from .errors import ConfigError
 from .http.messages import host_port
@@ -28,6 +29,7 @@ DEFAULT_CONFIG_FILE = "ollama-proxy.ini"
 ADMIN_KEY_ENV = "OLLAMA_PROXY_ADMIN_KEY"
 _UPSTREAM_NAME = re.compile(r"[a-z0-9_-]+")
 _API_KEY_CHARS = re.compile(r"[\x21-\x7e]+")  # it goes into an HTTP header: no spaces, no CR/LF
+TLS_KEYS = ("ca_file", "tls_verify")  # [upstream.NAME] keys of an https url only
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +62,12 @@ class LogConfig:
 class UpstreamConfig:
     name: str
     url: str
+    scheme: str  # "http" or "https"
     host: str
     port: int
     base_path: str
+    ca_file: str | None  # https: the private CA's certificates; None: the system's store
+    tls_verify: bool
     kind: str
     api_key: str | None
     max_connections: int
@@ -227,12 +232,33 @@ def _api_key(raw: Raw, values: Mapping[str, Any], env: Mapping[str, str]) -> str
     return key
 
 
+def _check_tls(raw: Raw, values: Mapping[str, Any], scheme: str) -> None:
+    """ca_file must load as PEM CA certificates; ca_file and tls_verify go with an https url
+    only (with http they would silently do nothing)."""
+    if values["ca_file"]:
+        where = f'{raw["ca_file"][1]} = "{values["ca_file"]}"'
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=values["ca_file"])
+        except ssl.SSLError as exc:  # before OSError: it is one
+            raise ConfigError(f"{where}: holds no PEM CA certificate ({exc.reason})") from None
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read the CA file: {exc}") from None
+    if scheme != "https":
+        for key in TLS_KEYS:
+            text, where = raw.get(key, ("", ""))
+            if text.strip():
+                raise ConfigError(f'{where} = "{text.strip()}": only for an https:// url; '
+                                  f'url is {values["url"]}')
+
+
 def _build_upstream(section: str, raw: Raw, env: Mapping[str, str]) -> UpstreamConfig:
     values = _parse_section(section, raw)
     parts = urlsplit(values["url"])
-    return UpstreamConfig(name=section[len(UPSTREAM) + 1:], host=parts.hostname or "",
-                          port=parts.port or 80, base_path=parts.path,
-                          api_key=_api_key(raw, values, env), **_fields(section, values))
+    _check_tls(raw, values, parts.scheme)
+    return UpstreamConfig(name=section[len(UPSTREAM) + 1:], scheme=parts.scheme,
+                          host=parts.hostname or "", port=parts.port or DEFAULT_PORTS[parts.scheme],
+                          base_path=parts.path, api_key=_api_key(raw, values, env),
+                          **_fields(section, values))
 
 
 def load_config(path: str | None = None, *, env: Mapping[str, str] | None = None,
@@ -289,6 +315,8 @@ def settings(config: Config) -> dict[str, dict[str, str]]:
     for section, obj in named:
         values = out[section] = {}
         for row in rows(section):
+            if row.name in TLS_KEYS and isinstance(obj, UpstreamConfig) and obj.scheme != "https":
+                continue  # not to be set with http
             if row.field is not None:
                 values[row.name] = _show(row, getattr(obj, row.field))
             elif row.name == "listen":

@@ -15,6 +15,7 @@ from .http.messages import host_port
 from .isotime import parse_time
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+DEFAULT_PORTS = {"http": 80, "https": 443}  # a backend URL's schemes
 _ENV_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -142,21 +143,22 @@ def listen_address(text: str) -> tuple[str, int]:
     return host, port
 
 
-def http_url(text: str) -> str:
-    """The normalised backend URL: http only, no userinfo/query/fragment, no trailing slash."""
-    allowed = "expected http://HOST[:PORT][/PATH] without query, fragment or user:password"
+def backend_url(text: str) -> str:
+    """The normalised backend URL: http or https, no userinfo/query/fragment, no trailing
+    slash, no default port."""
+    allowed = ("expected http://HOST[:PORT][/PATH] or https://HOST[:PORT][/PATH], "
+               "without query, fragment or user:password")
     if re.search(r"\s", text) or "?" in text or "#" in text:
         raise ValueError(allowed)
     try:
         parts = urlsplit(text)
     except ValueError:  # e.g. an unclosed "[" of an IPv6 host
         raise ValueError(allowed) from None
-    if parts.scheme == "https":
-        raise ValueError("TLS upstreams are not supported yet; use http:// (e.g. to a local TLS terminator)")
     try:
         port = parts.port
     except ValueError:
         port = 0
-    if parts.scheme != "http" or not parts.hostname or "@" in parts.netloc or port == 0:
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname or "@" in parts.netloc or port == 0:
         raise ValueError(allowed)
-    return f"http://{host_port(parts.hostname, None if port == 80 else port)}{parts.path.rstrip('/')}"
+    port = None if port == DEFAULT_PORTS[parts.scheme] else port
+    return f"{parts.scheme}://{host_port(parts.hostname, port)}{parts.path.rstrip('/')}"

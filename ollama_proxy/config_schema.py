@@ -13,12 +13,12 @@ from typing import Any, Callable
 
 from .config_parsers import (
     auto_whole,
+    backend_url,
     choice,
     cidrs,
     file_path,
     flag,
     globs,
-    http_url,
     listen_address,
     optional_env_var,
     optional_path,
@@ -146,9 +146,15 @@ SCHEMA: tuple[Key, ...] = (
         "From this moment on, users get 403: an ISO 8601 date or time, e.g. 2026-12-31 or\n"
         "2026-12-31T18:00:00+01:00 (UTC unless an offset is given); empty: never.",
         "expires_at", show=lambda at: iso(at) or ""),
-    Key(UPSTREAM, "url", http_url, "http://127.0.0.1:11434",
-        "Backend base URL, http://HOST[:PORT][/PATH] (https is not supported yet); a PATH is\n"
+    Key(UPSTREAM, "url", backend_url, "http://127.0.0.1:11434",
+        "Backend base URL, http://HOST[:PORT][/PATH] or https://HOST[:PORT][/PATH]; a PATH is\n"
         "put in front of every request path, e.g. http://gpu1:8000/ollama.", "url"),
+    Key(UPSTREAM, "ca_file", optional_path, "",
+        "For an https url: a PEM file of the CA certificates that sign the backend's certificate\n"
+        "(a private CA), used instead of the system's CA store (empty: the system's).", "ca_file"),
+    Key(UPSTREAM, "tls_verify", flag, "true",
+        "For an https url: check the backend's certificate and name (true); false accepts any\n"
+        "certificate, for testing only (a warning is logged at start).", "tls_verify"),
     Key(UPSTREAM, "kind", choice("ollama", "openai"), "ollama",
         "API the backend speaks: ollama (Ollama: /api and /v1) or openai (an OpenAI-compatible\n"
         "server such as vLLM or llama.cpp's llama-server).", "kind"),

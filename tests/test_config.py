@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import trustme
 
 from ollama_proxy.access.limits import Limits
 from ollama_proxy.config import (
@@ -16,6 +17,7 @@ from ollama_proxy.config import (
     UpstreamConfig,
     describe,
     load_config,
+    settings,
 )
 from ollama_proxy.config_schema import SCHEMA, UPSTREAM, Key
 from ollama_proxy.errors import ConfigError
@@ -57,9 +59,10 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         allow=(), deny=(), trusted_proxies=())
     assert config.log.level == "info"
     assert config.upstreams == (UpstreamConfig(
-        name="default", url="http://127.0.0.1:11434", host="127.0.0.1", port=11434, base_path="",
-        kind="ollama", api_key=None, max_connections=1024, connect_timeout_s=5.0,
-        first_byte_timeout_s=600.0, chunk_gap_timeout_s=300.0, tokenize="auto"),)
+        name="default", url="http://127.0.0.1:11434", scheme="http", host="127.0.0.1", port=11434,
+        base_path="", ca_file=None, tls_verify=True, kind="ollama", api_key=None,
+        max_connections=1024, connect_timeout_s=5.0, first_byte_timeout_s=600.0,
+        chunk_gap_timeout_s=300.0, tokenize="auto"),)
 
 
 def test_config_is_frozen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,7 +158,10 @@ BAD_VALUES = [
     ("upstream.gpu-1", "url", "http://gpu1/?a=1", "without query"),
     ("upstream.gpu-1", "url", "http://gpu1/#top", "without query, fragment"),
     ("upstream.gpu-1", "url", "http://[::1/", "expected http://HOST"),
-    ("upstream.gpu-1", "url", "https://gpu1", "TLS upstreams are not supported yet"),
+    ("upstream.gpu-1", "url", "https://", "or https://HOST[:PORT][/PATH]"),
+    ("upstream.gpu-1", "ca_file", "/nonexistent/ca.pem", "cannot read the CA file: [Errno 2]"),
+    ("upstream.gpu-1", "ca_file", "/", "cannot read the CA file"),
+    ("upstream.gpu-1", "tls_verify", "maybe", "expected true or false"),
     ("upstream.gpu-1", "kind", "vllm", "expected one of: ollama, openai"),
     ("upstream.gpu-1", "tokenize", "yes", "expected one of: auto, off"),
     ("upstream.gpu-1", "api_key_env", "MY-KEY", "name of an environment variable"),
@@ -194,7 +200,8 @@ def test_bad_env_value_names_the_variable(tmp_path: Path, section: str, key: str
 @pytest.mark.parametrize("text,expected", [
     ("[server]\nlisten_port = 1\n",
      "[server] listen_port: unknown key (did you mean listen?); allowed: listen,"),
-    ("[upstream.a]\npriority = 1\n", "[upstream.a] priority: unknown key; allowed: url, kind,"),
+    ("[upstream.a]\npriority = 1\n",
+     "[upstream.a] priority: unknown key; allowed: url, ca_file, tls_verify, kind,"),
     ("[servr]\n",
      "[servr]: unknown section; allowed: [server], [log], [limits], [upstream.NAME] (did you mean server?)"),
     ("[upstream]\n", "[upstream]: unknown section"),
@@ -246,11 +253,48 @@ def test_listen(tmp_path: Path, listen: str, host: str, port: int) -> None:
     ("HTTP://GPU1", "http://gpu1", "gpu1", 80, ""),
     ("http://gpu1:80/ollama/", "http://gpu1/ollama", "gpu1", 80, "/ollama"),
     ("http://[::1]:8000/v/x", "http://[::1]:8000/v/x", "::1", 8000, "/v/x"),
+    ("https://gpu1", "https://gpu1", "gpu1", 443, ""),
+    ("HTTPS://gpu1:443/ollama/", "https://gpu1/ollama", "gpu1", 443, "/ollama"),
+    ("https://gpu1:80", "https://gpu1:80", "gpu1", 80, ""),
 ])
 def test_upstream_url(tmp_path: Path, url: str, normal: str, host: str, port: int, base_path: str) -> None:
-    """The url is normalised (no trailing slash, default port dropped) and split into host/port/path."""
+    """The url is normalised (no trailing slash, default port dropped) and split into
+    scheme/host/port/path."""
     (up,) = load(tmp_path, f"[upstream.a]\nurl = {url}\n").upstreams
     assert (up.url, up.host, up.port, up.base_path) == (normal, host, port, base_path)
+    assert up.scheme == normal.split(":")[0]
+
+
+def test_https_upstream_with_a_private_ca(tmp_path: Path) -> None:
+    """ca_file (a PEM of CA certificates) and tls_verify are read, from the file or the
+    environment; tls_verify defaults to true."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    (up,) = load(tmp_path, f"[upstream.a]\nurl = https://gpu1\nca_file = {tmp_path / 'ca.pem'}\n").upstreams
+    assert (up.scheme, up.ca_file, up.tls_verify) == ("https", str(tmp_path / "ca.pem"), True)
+    (up,) = load(tmp_path, "[upstream.a]\nurl = https://gpu1\n",
+                 env={"OLLAMA_PROXY_UPSTREAM_A_TLS_VERIFY": "false"}).upstreams
+    assert (up.ca_file, up.tls_verify) == (None, False)
+
+
+def test_a_ca_file_that_is_not_pem_is_refused(tmp_path: Path) -> None:
+    """A readable ca_file without a PEM certificate is an error saying so."""
+    write(tmp_path, "not a certificate\n", "ca.pem")
+    message = error_of(tmp_path, f"[upstream.a]\nurl = https://gpu1\nca_file = {tmp_path / 'ca.pem'}\n")
+    assert message.endswith('[upstream.a] ca_file = "' + str(tmp_path / "ca.pem") +
+                            '": holds no PEM CA certificate (NO_CERTIFICATE_OR_CRL_FOUND)')
+
+
+@pytest.mark.parametrize("setting", ["ca_file = {ca}", "tls_verify = false", "tls_verify = true"])
+def test_tls_keys_on_an_http_url_are_refused(tmp_path: Path, setting: str) -> None:
+    """ca_file or tls_verify with an http url would do nothing: an error, not silence."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    setting = setting.format(ca=tmp_path / "ca.pem")
+    key, _, value = setting.partition(" = ")
+    message = error_of(tmp_path, f"[upstream.a]\nurl = http://gpu1:11434\n{setting}\n")
+    assert message.endswith(f'[upstream.a] {key} = "{value}": only for an https:// url; '
+                            f'url is http://gpu1:11434')
 
 
 def test_url_userinfo_is_refused_and_not_echoed(tmp_path: Path) -> None:
@@ -347,8 +391,8 @@ def test_cli_upstreams_keep_file_key_vars_known(tmp_path: Path) -> None:
 
 def test_bad_cli_upstream_names_the_flag(tmp_path: Path) -> None:
     """A bad --upstream URL is reported as such."""
-    message = error_of(tmp_path, "", upstream_urls=["https://x"])
-    assert message.startswith('--upstream = "https://x": TLS upstreams are not supported yet')
+    message = error_of(tmp_path, "", upstream_urls=["ftp://x"])
+    assert message.startswith('--upstream = "ftp://x": expected http://HOST[:PORT][/PATH]')
 
 
 def test_api_key_from_env(tmp_path: Path) -> None:
@@ -388,8 +432,8 @@ def test_api_key_file_empty_is_error(tmp_path: Path) -> None:
 
 def test_describe_shows_settings_never_secrets(tmp_path: Path) -> None:
     """describe() lists every effective key and shows the upstream key only as (set)."""
-    config = load(tmp_path, "[server]\nlisten = [::1]:9000\n[upstream.a]\napi_key_env = K\n[upstream.b]\n",
-                  env={"K": SECRET})
+    config = load(tmp_path, "[server]\nlisten = [::1]:9000\n[upstream.a]\napi_key_env = K\n"
+                            "[upstream.b]\nurl = https://gpu1\n", env={"K": SECRET})
     text = describe(config)
     assert SECRET not in text
     assert "listen = [::1]:9000" in text and "max_body_mb = 64" in text and "header_timeout_s = 30" in text
@@ -401,10 +445,12 @@ def test_describe_shows_settings_never_secrets(tmp_path: Path) -> None:
 
 def test_describe_round_trips(tmp_path: Path) -> None:
     """describe()'s output, minus the api_key lines, loads back to the same config."""
-    config = load(tmp_path, "[server]\nmax_body_mb = 5\ndrain_s = 2.5\n[upstream.a]\nurl = http://x:1/p\n")
+    config = load(tmp_path, "[server]\nmax_body_mb = 5\ndrain_s = 2.5\n[upstream.a]\nurl = http://x:1/p\n"
+                            "[upstream.b]\nurl = https://y\ntls_verify = false\n")
     text = "\n".join(line for line in describe(config).splitlines() if not line.startswith("api_key"))
     again = load(tmp_path, text)
     assert (again.server, again.log, again.upstreams) == (config.server, config.log, config.upstreams)
+    assert "ca_file" not in settings(config)["upstream.a"]  # an http url takes no TLS keys
 
 
 def test_limits_section(tmp_path: Path) -> None:
