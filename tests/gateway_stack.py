@@ -66,9 +66,11 @@ def _scratch_dir() -> str:
     return path
 
 
-def gateway_config(upstream_urls: list[str], **upstream_overrides: float) -> Config:
-    """A config for tests: OS-chosen port, a fresh database, the given backends."""
-    config = load_config(None, env={}, listen="127.0.0.1:0", upstream_urls=upstream_urls)
+def gateway_config(upstream_urls: list[str], env: dict[str, str] | None = None,
+                   **upstream_overrides: float) -> Config:
+    """A config for tests: OS-chosen port, a fresh database, the given backends (named
+    default, default2, ...; ``env`` may set their other keys)."""
+    config = load_config(None, env=env or {}, listen="127.0.0.1:0", upstream_urls=upstream_urls)
     server = dataclasses.replace(config.server, database=os.path.join(_scratch_dir(), "test.db"))
     upstreams = tuple(dataclasses.replace(u, **upstream_overrides) for u in config.upstreams)
     return dataclasses.replace(config, server=server, upstreams=upstreams)
