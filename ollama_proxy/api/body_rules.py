@@ -13,19 +13,12 @@ and of the type the APIs document.
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any
 
 from ..errors import ApiFamily, BadRequest
 from .jsonbody import decode_object, go_fold, quoted
+from .models import name_problem
 from .routes import Route, RouteKind, Text
-
-# A model name reaches logs, the ledger and glob matching. Ollama's longest valid
-# name is 350 (host) + 3 x 80 (namespace, model, tag) + separators + a digest, under
-# 700 characters; Hugging Face ids are under 200: no real name comes near this.
-MAX_MODEL_CHARS = 1024
-# Control characters and lone surrogates (from "\udc00" escapes: Go reads U+FFFD).
-_BAD_MODEL_TEXT = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 
 
 def _by_fold(*names: str) -> dict[str, str]:
@@ -129,12 +122,9 @@ def _check_model(route: Route, obj: dict[str, Any]) -> None:
             continue
         if not isinstance(value, str):
             raise BadRequest(f'"{name}" must be a string')
-        if len(value) > MAX_MODEL_CHARS:
-            raise BadRequest(f'"{name}" is longer than {MAX_MODEL_CHARS} characters: '
-                             "no model has such a name")
-        if _BAD_MODEL_TEXT.search(value):
-            raise BadRequest(f'"{name}" holds a control character or a lone surrogate '
-                             "(\\ud800-\\udfff): no model has such a name")
+        problem = name_problem(value)
+        if problem is not None:
+            raise BadRequest(f'"{name}" {problem}: no model has such a name')
     if route.model_required and not any(obj.get(name) for name in names):
         raise BadRequest('"model" is required')
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from ollama_proxy.api.body_rules import MAX_MODEL_CHARS, parse_body
+from ollama_proxy.api.body_rules import parse_body
+from ollama_proxy.api.models import MAX_MODEL_CHARS
 from ollama_proxy.api.routes import ROUTES
 from ollama_proxy.errors import BadRequest
 

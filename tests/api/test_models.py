@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ollama_proxy.api.models import filter_listing, model_allowed
+from ollama_proxy.api.models import Aliases, filter_listing, model_allowed, rename_model
 
 
 @pytest.mark.parametrize(("globs", "model", "ok"), [
@@ -49,3 +49,44 @@ def test_filter_listing_returns_the_same_bytes_when_nothing_goes():
     """Nothing filtered or not a listing: the backend's bytes, not a re-serialisation."""
     for raw in (b'{"models": [{"name": "llama3.2"}]}', b"not json", b"[1]", b'{"a": 1}'):
         assert filter_listing(("llama*",), raw) is raw
+
+
+ALIASES = Aliases([("gpt-4o-mini", "llama3.2:latest"), ("embedder", "nomic-embed-text"),
+                   ("qwen2.5:7b", "llama3.2")])
+TAGS = {"models": [{"name": "llama3.2:latest", "model": "llama3.2:latest", "size": 7},
+                   {"name": "qwen2.5:7b", "model": "qwen2.5:7b", "size": 9}]}
+
+
+def names(raw: bytes) -> list[str]:
+    doc = json.loads(raw)
+    return [e.get("name") or e.get("id") for e in doc.get("models", doc.get("data", []))]
+
+
+def test_aliases_are_listed_as_copies_of_their_targets():
+    """An alias whose target is listed gets the target's entry under its own name (an
+    alias without its target listed is not shown); a model an alias shadows is left out."""
+    got = json.loads(filter_listing(None, json.dumps(TAGS).encode(), ALIASES))
+    assert got["models"] == [
+        {"name": "llama3.2:latest", "model": "llama3.2:latest", "size": 7},
+        {"name": "gpt-4o-mini", "model": "gpt-4o-mini", "size": 7},
+        {"name": "qwen2.5:7b", "model": "qwen2.5:7b", "size": 7},
+    ]
+    v1 = {"object": "list", "data": [{"id": "llama3.2", "object": "model", "owned_by": "library"}]}
+    got = json.loads(filter_listing(None, json.dumps(v1).encode(), ALIASES))
+    assert got["data"][1] == {"id": "gpt-4o-mini", "object": "model", "owned_by": "library"}
+
+
+@pytest.mark.parametrize(("globs", "listed"), [
+    (("llama*",), ["llama3.2:latest", "gpt-4o-mini", "qwen2.5:7b"]),  # by the target
+    (("gpt-*",), ["gpt-4o-mini"]),  # by the alias's own name
+    (("mistral",), []),
+])
+def test_aliases_are_listed_when_the_target_or_the_alias_is_allowed(globs, listed):
+    assert names(filter_listing(globs, json.dumps(TAGS).encode(), ALIASES)) == listed
+
+
+def test_rename_model_gives_the_alias_its_id():
+    body = b'{"id":"llama3.2:latest","object":"model","created":1}'
+    assert json.loads(rename_model(body, "gpt-4o-mini")) == {
+        "id": "gpt-4o-mini", "object": "model", "created": 1}
+    assert rename_model(b"not json", "x") == b"not json"
