@@ -50,6 +50,7 @@ class RequestRecord:
     user: str | None = None  # who (None: no key was needed, or none was valid)
     key_prefix: str | None = None  # which key, by its non-secret prefix
     metered: bool = False  # a generation or an embedding: it counts for the limits
+    alias: str | None = None  # the [aliases] name the client used; ``model`` is its target
 
     def to_json(self) -> str:
         """One compact JSON object (asdict's deep copy is too slow per request)."""

@@ -203,6 +203,10 @@ MIGRATIONS: list[str] = [
         '/api/generate', '/api/chat', '/api/embed', '/api/embeddings',
         '/v1/chat/completions', '/v1/completions', '/v1/embeddings');
     """,
+    # Migration 5: the [aliases] name a request used; its model column holds the target.
+    """
+    ALTER TABLE ledger ADD COLUMN alias TEXT;
+    """,
 ]
 
 

@@ -21,7 +21,7 @@ from .db import SUMMARIES, WATERMARK, fold_sql
 
 _COLUMNS = ("time", "user", "key_prefix", "backend", "model", "endpoint", "status", "outcome",
             "prompt_tokens", "completion_tokens", "estimated", "stream", "duration_s", "ttfb_s",
-            "request_id", "client", "metered")
+            "request_id", "client", "metered", "alias")
 _INSERT = (f"INSERT INTO ledger ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
 
@@ -41,7 +41,7 @@ MAX_SECONDS = 1e9  # durations
 _SURROGATE = re.compile("[\ud800-\udfff]")  # a lone one cannot be encoded as UTF-8
 
 _TEXT = ("request_id", "endpoint", "outcome", "client")
-_TEXT_FIELDS = (*_TEXT, "model", "backend", "user", "key_prefix")  # the last four may be None
+_TEXT_FIELDS = (*_TEXT, "model", "backend", "user", "key_prefix", "alias")  # the last five may be None
 _COUNTS = ("prompt_tokens", "completion_tokens")
 _NUMBER = (float, int)
 
@@ -124,7 +124,7 @@ def storable_count(value: object) -> tuple[int, bool]:
 def _row(r: RequestRecord) -> tuple[Any, ...]:
     return (r.time, r.user, r.key_prefix, r.backend, r.model, r.endpoint, r.status, r.outcome,
             r.prompt_tokens, r.completion_tokens, int(r.estimated), int(r.stream), r.duration_s,
-            r.ttfb_s, r.request_id, r.client, int(r.metered))
+            r.ttfb_s, r.request_id, r.client, int(r.metered), r.alias)
 
 
 # --- writing (inside the caller's transaction) --------------------------------------
@@ -247,7 +247,8 @@ def rows_since(conn: sqlite3.Connection, since: float) -> list[RequestRecord]:
                         backend=r[3], status=r[6], outcome=_outcome(r[7]), prompt_tokens=r[8],
                         completion_tokens=r[9], estimated=bool(r[10]), stream=bool(r[11]),
                         duration_s=r[12] if r[12] is not None else 0.0, ttfb_s=r[13],
-                        client=r[15] or "", user=r[1], key_prefix=r[2], metered=bool(r[16]))
+                        client=r[15] or "", user=r[1], key_prefix=r[2], metered=bool(r[16]),
+                        alias=r[17])
             for r in rows]
 
 

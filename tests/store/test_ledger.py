@@ -18,7 +18,7 @@ from ollama_proxy.store import accounts, db, ledger, reports
 T0 = calendar.timegm((2026, 11, 27, 7, 14, 39))  # 2026-11-27T07:14:39Z
 NOW = float(T0 + 1000)
 TEXT_FIELDS = ("request_id", "endpoint", "outcome", "client", "model", "backend", "user",
-               "key_prefix")
+               "key_prefix", "alias")
 
 
 def rec(time: float = T0, user: str | None = "alice", model: str | None = "llama3", *,
@@ -55,6 +55,7 @@ def watermark(conn: sqlite3.Connection) -> int:
     ({"request_id": "r" * 300}, {"request_id": "r" * ledger.MAX_TEXT_CHARS}, ("request_id",)),
     ({"model": 5}, {"model": "(int)"}, ("model",)),
     ({"model": ["a"]}, {"model": "(list)"}, ("model",)),
+    ({"alias": "g\udc00" * 300}, {"alias": "g\ufffd" * 128}, ("alias",)),
     ({"endpoint": None}, {"endpoint": "(NoneType)"}, ("endpoint",)),
     ({"prompt_tokens": 2**63}, {"prompt_tokens": ledger.MAX_TOKENS, "estimated": True},
      ("prompt_tokens", "estimated")),
@@ -124,10 +125,11 @@ def test_the_reproductions_fail_raw_and_store_once_fixed(conn):
 def test_rows_come_back_as_the_records_written(conn):
     """Stored rows come back as the same RequestRecords, oldest first, with their ids in order."""
     written = [rec(T0 + 3600, user="bob", status=429, outcome="refused", prompt=0, completion=0),
+               dataclasses.replace(rec(T0 + 7200), alias="gpt-4o-mini"),
                dataclasses.replace(rec(T0 + 86400, user=None, model=None),
                                    endpoint="/api/tags", metered=False)]
     ids = insert(conn, [rec(T0), *written])
-    assert ids == [1, 2, 3]
+    assert ids == [1, 2, 3, 4]
     back = ledger.rows_since(conn, T0 + 1)
     assert back == written
     assert all(isinstance(getattr(back[0], name), bool)
