@@ -19,8 +19,9 @@ from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from .access.limits import Limits
+from .api.models import NO_ALIASES, Aliases, canonical_model, name_problem
 from .config_parsers import DEFAULT_PORTS, IpNetwork
-from .config_schema import ENV_PREFIX, SECTIONS, UPSTREAM, Key, env_name, rows
+from .config_schema import ALIASES, ENV_PREFIX, SECTIONS, UPSTREAM, Key, env_name, rows
 from .errors import ConfigError
 from .http.messages import host_port
 
@@ -84,6 +85,7 @@ class Config:
     limits: Limits  # every user's defaults; a user's own limits override them
     upstreams: tuple[UpstreamConfig, ...]
     source: str | None
+    aliases: Aliases = NO_ALIASES  # [aliases]: model names that stand for others
 
 
 Raw = dict[str, tuple[str, str]]  # key -> (text, origin for messages)
@@ -122,7 +124,8 @@ def _read_file(path: str | None) -> tuple[str | None, dict[str, Raw]]:
         if not os.path.isfile(DEFAULT_CONFIG_FILE):
             return None, {}
         path = DEFAULT_CONFIG_FILE
-    parser = configparser.ConfigParser(interpolation=None)
+    # Only "=" separates: alias names hold colons (llama3.2:latest = ...).
+    parser = configparser.ConfigParser(interpolation=None, delimiters=("=",))
     try:
         with open(path, encoding="utf-8-sig") as f:
             parser.read_file(f, source=path)
@@ -141,14 +144,17 @@ def _read_file(path: str | None) -> tuple[str | None, dict[str, Raw]]:
             if not _UPSTREAM_NAME.fullmatch(section[len(UPSTREAM) + 1:]):
                 raise ConfigError(f"{path}: [{section}]: an upstream NAME may only hold lowercase "
                                   "letters, digits, _ and -")
-        elif section not in SECTIONS:
+        elif section not in (*SECTIONS, ALIASES):
             raise ConfigError(f"{path}: [{section}]: unknown section; allowed: [server], [log], "
-                              f"[limits], [upstream.NAME]"
-                              f"{_hint(section, [*SECTIONS, 'upstream.NAME'])}")
+                              f"[limits], [upstream.NAME], [aliases]"
+                              f"{_hint(section, [*SECTIONS, 'upstream.NAME', ALIASES])}")
         known = [row.name for row in rows(section)]
         entries: Raw = {}
         for key, text in parser.items(section, raw=True):
             where = f"{path}: [{section}] {key}"
+            if section == ALIASES:  # free-form names, checked by _build_aliases
+                entries[key] = (text, where)
+                continue
             if key == "api_key" and section.startswith(UPSTREAM):
                 raise ConfigError(f"{where}: secrets never go in the config file; set api_key_env "
                                   "(name of an environment variable) or api_key_file (path) instead")
@@ -175,6 +181,9 @@ def _apply_env(sections: dict[str, Raw], dropped: dict[str, Raw], env: Mapping[s
     for var in sorted(env):
         if not var.startswith(ENV_PREFIX) or var == ADMIN_KEY_ENV:
             continue
+        if var.startswith(env_name(ALIASES, "")):
+            raise ConfigError(f"environment variable {var}: [aliases] come from the config file "
+                              "only (a variable's name cannot spell a model name)")
         if var not in targets:
             unknown.append(var)
         elif targets[var][0] in sections:
@@ -261,6 +270,35 @@ def _build_upstream(section: str, raw: Raw, env: Mapping[str, str]) -> UpstreamC
                           **_fields(section, values))
 
 
+def _build_aliases(raw: Raw) -> Aliases:
+    """``[aliases]``: each NAME a model name standing for TARGET, the real model's name.
+    No chains: a TARGET that is itself an alias is refused, so a name resolves in one step."""
+    names: dict[str, str] = {}  # canonical name -> the key, for the messages
+    for key, (_, where) in raw.items():
+        other = names.setdefault(canonical_model(key), key)
+        if other != key:
+            raise ConfigError(f"{where}: the same alias as [aliases] {other} (a name without a "
+                              "tag is name:latest, and case does not count)")
+    pairs = []
+    for key, (text, where) in raw.items():
+        target = text.strip()
+        if not target:
+            raise ConfigError(f"{where}: no target; write NAME = MODEL, e.g. "
+                              "gpt-4o-mini = llama3.2:latest")
+        for what, name in (("the alias name", key), ("the target", target)):
+            problem = name_problem(name)
+            if problem is not None:
+                raise ConfigError(f"{where}: {what} {problem}")
+        if canonical_model(target) == canonical_model(key):
+            raise ConfigError(f'{where} = "{target}": an alias cannot stand for itself')
+        if canonical_model(target) in names:
+            raise ConfigError(f'{where} = "{target}": the target is itself an alias ([aliases] '
+                              f"{names[canonical_model(target)]}); aliases do not chain: name "
+                              "the model")
+        pairs.append((key, target))
+    return Aliases(pairs)
+
+
 def load_config(path: str | None = None, *, env: Mapping[str, str] | None = None,
                 listen: str | None = None, upstream_urls: Sequence[str] = ()) -> Config:
     """The effective config: file (``path``, else ``./ollama-proxy.ini`` if present),
@@ -269,6 +307,7 @@ def load_config(path: str | None = None, *, env: Mapping[str, str] | None = None
     Raises ``ConfigError`` naming file, section, key, value and what is allowed."""
     env = os.environ if env is None else env
     source, file_sections = _read_file(path)
+    aliases = _build_aliases(file_sections.pop(ALIASES, {}))
     sections = {name: file_sections.pop(name, {}) for name in SECTIONS}
     dropped: dict[str, Raw] = {}
     names = [f"{UPSTREAM}.default{i + 1 if i else ''}" for i in range(len(upstream_urls))]
@@ -293,6 +332,7 @@ def load_config(path: str | None = None, *, env: Mapping[str, str] | None = None
         upstreams=tuple(_build_upstream(name, raw, env) for name, raw in sections.items()
                         if name.startswith(UPSTREAM + ".")),
         source=source,
+        aliases=aliases,
     )
 
 
@@ -323,6 +363,8 @@ def settings(config: Config) -> dict[str, dict[str, str]]:
                 values["listen"] = host_port(obj.host, obj.port)
             elif row.name == "api_key_env":
                 values["api_key"] = "(set)" if obj.api_key else "(not set)"
+    if config.aliases:
+        out[ALIASES] = dict(config.aliases.pairs)
     return out
 
 

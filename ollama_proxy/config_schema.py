@@ -33,6 +33,9 @@ from .isotime import iso
 ENV_PREFIX = "OLLAMA_PROXY_"
 UPSTREAM = "upstream"  # schema section shared by every [upstream.NAME]
 SECTIONS = ("server", "log", "limits")  # the fixed sections, besides [upstream.NAME]
+# Free-form NAME = TARGET lines, no schema rows: from the file only (an environment
+# variable's name cannot spell a model name's dots, colons and slashes).
+ALIASES = "aliases"
 _MIB = 1024 * 1024
 _KIB = 1024
 

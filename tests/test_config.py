@@ -203,7 +203,8 @@ def test_bad_env_value_names_the_variable(tmp_path: Path, section: str, key: str
     ("[upstream.a]\npriority = 1\n",
      "[upstream.a] priority: unknown key; allowed: url, ca_file, tls_verify, kind,"),
     ("[servr]\n",
-     "[servr]: unknown section; allowed: [server], [log], [limits], [upstream.NAME] (did you mean server?)"),
+     "[servr]: unknown section; allowed: [server], [log], [limits], [upstream.NAME], [aliases] "
+     "(did you mean server?)"),
     ("[upstream]\n", "[upstream]: unknown section"),
     ("[upstream.GPU]\n", "[upstream.GPU]: an upstream NAME may only hold lowercase letters, digits, _ and -"),
     ("[upstream.a.b]\n", "[upstream.a.b]: an upstream NAME may only hold"),
@@ -468,3 +469,51 @@ def test_limits_section(tmp_path: Path) -> None:
     assert "\nexpires_at = 2026-12-31T17:00:00Z\n" in text and "\ntoken_quota =\n" in text
     text = "\n".join(line for line in text.splitlines() if not line.startswith("api_key"))
     assert load(tmp_path, text).limits == config.limits
+
+
+def test_aliases_section(tmp_path: Path) -> None:
+    """[aliases] NAME = TARGET lines in file order, names compared canonically (a name
+    with a colon works: only = separates); describe round-trips them."""
+    config = load(tmp_path, "[aliases]\ngpt-4o-mini = llama3.2:latest\n"
+                            "fast:v1 = qwen2.5:0.5b\nembedder = nomic-embed-text\n")
+    assert config.aliases.pairs == (("gpt-4o-mini", "llama3.2:latest"), ("fast:v1", "qwen2.5:0.5b"),
+                                    ("embedder", "nomic-embed-text"))
+    assert config.aliases.target("GPT-4o-mini:latest") == "llama3.2:latest"
+    assert config.aliases.target("llama3.2") is None
+    text = describe(config)
+    assert "\n[aliases]\ngpt-4o-mini = llama3.2:latest\nfast:v1 = qwen2.5:0.5b\n" in text
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("api_key"))
+    assert load(tmp_path, text).aliases == config.aliases
+
+
+def test_no_aliases_by_default(tmp_path: Path) -> None:
+    config = load(tmp_path, "[aliases]\n")
+    assert not config.aliases and "[aliases]" not in describe(config)
+
+
+@pytest.mark.parametrize(("lines", "expected"), [
+    ("gpt =\n", "[aliases] gpt: no target; write NAME = MODEL"),
+    ("gpt = llama3.2\ngpt:latest = qwen\n",
+     "[aliases] gpt:latest: the same alias as [aliases] gpt (a name without a tag is name:latest"),
+    ("llama3.2 = llama3.2:latest\n", '[aliases] llama3.2 = "llama3.2:latest": an alias cannot stand '
+                                     "for itself"),
+    ("gpt = fast\nfast = llama3.2\n", '[aliases] gpt = "fast": the target is itself an alias '
+                                      "([aliases] fast); aliases do not chain"),
+    ("gpt = fast:latest\nfast = llama3.2\n", "the target is itself an alias ([aliases] fast)"),
+    ("gpt = llama\x7f3\n", "[aliases] gpt: the target holds a control character"),
+    ("gp\x01t = llama3\n", ": the alias name holds a control character"),
+    ("gpt = " + "m" * 1025 + "\n", "[aliases] gpt: the target is longer than 1024 characters"),
+])
+def test_bad_aliases_are_refused_precisely(tmp_path: Path, lines: str, expected: str) -> None:
+    """An empty target, one alias twice, an alias of itself, a chain, a name no model can
+    have: each an error naming the file, the section and the alias."""
+    message = error_of(tmp_path, "[aliases]\n" + lines)
+    assert message.startswith(str(tmp_path / "proxy.ini")) and expected in message
+
+
+def test_aliases_come_from_the_file_only(tmp_path: Path) -> None:
+    """The environment cannot spell a model name: an OLLAMA_PROXY_ALIASES_ variable says so."""
+    message = error_of(tmp_path, "[aliases]\ngpt = llama3.2\n",
+                       env={"OLLAMA_PROXY_ALIASES_GPT": "qwen"})
+    assert message == ("environment variable OLLAMA_PROXY_ALIASES_GPT: [aliases] come from the "
+                       "config file only (a variable's name cannot spell a model name)")
