@@ -37,7 +37,7 @@ from .store.threads import LedgerWriter, Store
 log = logging.getLogger("ollama_proxy.app")
 
 # Config sections a reload applies at once; a change anywhere else needs a restart.
-LIVE_SECTIONS = ("limits", "log")
+LIVE_SECTIONS = ("limits", "log", "aliases")
 BACKLOG_RETRY_S = 5.0  # after a failed read of the ledger rows the quotas miss at start
 
 
@@ -186,9 +186,9 @@ class Gateway:
         return index
 
     async def reload(self, actor: str) -> dict[str, Any]:
-        """Re-read the config: new ``[limits]`` defaults and log level hold from the next
-        request; other changes are named as needing a restart. A bad file is a 400
-        and the running config stays."""
+        """Re-read the config: new ``[limits]`` defaults, ``[aliases]`` and log level hold
+        from the next request (one in flight keeps its target); other changes are named as
+        needing a restart. A bad file is a 400 and the running config stays."""
         if self._loader is None:
             raise BadRequest("this gateway was not started from a config it can re-read",
                              code="invalid_config")
@@ -201,9 +201,12 @@ class Gateway:
         changed = [name for name in dict.fromkeys([*before, *after])
                    if before.get(name) != after.get(name)]
         self.limiter.set_defaults(new.limits)
+        if self.relay is not None:
+            self.relay.aliases = new.aliases
         if new.log.level != self.config.log.level:
             logging.getLogger().setLevel(new.log.level.upper())
-        self.config = dataclasses.replace(self.config, limits=new.limits, log=new.log)
+        self.config = dataclasses.replace(self.config, limits=new.limits, log=new.log,
+                                          aliases=new.aliases)
         answer = {
             "reloaded": new.source,
             "applied": [c for c in changed if c.split(".")[0] in LIVE_SECTIONS],
@@ -227,6 +230,7 @@ class Gateway:
             self.limiter.store, backlog = await self.reports.call(load_counters,
                                                                   self.limiter.clock())
             self.relay = ProxyHandler(self.backends, index, self.metering, steps=[self.limiter],
+                                      aliases=self.config.aliases,
                                       max_response_bytes=cfg.max_response_bytes)
             assert self.admin is not None
             self.table = gateway_table(self.relay.handle, self.admin, Status(self.backends))

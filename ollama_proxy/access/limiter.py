@@ -26,6 +26,7 @@ from typing import Any, Awaitable, Callable
 
 from ..api.body_rules import requested_cap, set_cap
 from ..api.exchange import Exchange
+from ..api.models import model_allowed
 from ..api.prompt_overhead import PromptOverheads
 from ..api.record import RequestRecord
 from ..api.routes import Route, RouteKind
@@ -60,6 +61,14 @@ def refusal(decision: Decision, route: Route, model: str | None,
     return LimitError(decision.message, status=decision.status, code=decision.code,
                       openai_type=kind, retry_after_s=decision.retry_after_s,
                       extra_headers=extra)
+
+
+def _judged_model(ex: Exchange, limits: Limits) -> str | None:
+    """The name ``allowed_models`` judges: the target, or for an alias whose target is
+    not allowed the alias's own name (allowed explicitly, or named in the refusal)."""
+    if ex.alias is not None and not model_allowed(limits.allowed_models, ex.model or ""):
+        return ex.alias
+    return ex.model
 
 
 def _encode(headers: tuple[tuple[str, str], ...]) -> list[tuple[bytes, bytes]]:
@@ -137,11 +146,12 @@ class Limiter:
             # The client's own cap matters only where a count applies; elsewhere the
             # backend judges it, as without the gateway.
             requested = requested_cap(route, obj) if completion and not limits.unbounded else None
+            model = _judged_model(ex, limits)
             decision, reservation = counters.admit(
-                limits, now, ex.model, requested, prompt_estimate=text + overhead,
+                limits, now, model, requested, prompt_estimate=text + overhead,
                 completion=completion)
             if reservation is None:
-                raise refusal(decision, route, ex.model, self._headers(counters, limits, now))
+                raise refusal(decision, route, model, self._headers(counters, limits, now))
             if tokens:
                 reservation.text_estimate = text
             ex.reservation = reservation
@@ -150,7 +160,7 @@ class Limiter:
             headers = decision.headers
         else:
             # Model management (admins) names models to fetch or delete, not to use.
-            model = None if route.kind is RouteKind.MANAGEMENT else ex.model
+            model = None if route.kind is RouteKind.MANAGEMENT else _judged_model(ex, limits)
             refused = counters.access(limits, now, model)
             if refused is not None:
                 raise refusal(refused, route, model, self._headers(counters, limits, now))

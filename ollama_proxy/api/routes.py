@@ -39,6 +39,7 @@ class Route:
     model_fields: tuple[str, ...]  # the body fields read as the model, the first set wins
     model_required: bool  # a body without a model is refused (400)
     lists_models: bool  # a model list: answered with the user's allowed models only
+    lists_aliases: bool  # a list of the models there are (not the loaded ones): aliases added
     model_in_path: str | None  # the path names the model after this prefix
 
     @property
@@ -70,9 +71,10 @@ _MODEL_PATH = "/v1/models/"
 def _r(name: str, family: ApiFamily, kind: RouteKind, methods: frozenset[str],
        json_body: bool = False, stream_default: bool = False, *, text: Text | None = None,
        model_fields: tuple[str, ...] = ("model",), model_required: bool = False,
-       lists_models: bool = False, model_in_path: str | None = None) -> Route:
+       lists_models: bool = False, lists_aliases: bool = False,
+       model_in_path: str | None = None) -> Route:
     return Route(name, family, kind, methods, json_body, stream_default, text, model_fields,
-                 model_required, lists_models, model_in_path)
+                 model_required, lists_models, lists_aliases, model_in_path)
 
 
 # Exact paths. Ollama streams by default on the native API (`stream` absent =
@@ -83,7 +85,7 @@ ROUTES: dict[str, Route] = {
     "/api/chat": _r("chat", _N, _G, _POST, True, True, text=_MSG, model_required=True),
     "/api/embed": _r("embed", _N, _E, _POST, True, text=_INPUT, model_required=True),
     "/api/embeddings": _r("embeddings", _N, _E, _POST, True, text=_PROMPT, model_required=True),
-    "/api/tags": _r("tags", _N, _I, _GET, lists_models=True),
+    "/api/tags": _r("tags", _N, _I, _GET, lists_models=True, lists_aliases=True),
     "/api/ps": _r("ps", _N, _I, _GET, lists_models=True),
     "/api/version": _r("version", _N, _I, _GET),
     "/api/show": _r("show", _N, _I, _POST, True, model_fields=_OR_NAME, model_required=True),
@@ -97,7 +99,7 @@ ROUTES: dict[str, Route] = {
                           model_required=True),
     "/v1/embeddings": _r("openai_embeddings", _O, _E, _POST, True, text=_INPUT,
                          model_required=True),
-    "/v1/models": _r("openai_models", _O, _I, _GET, lists_models=True),
+    "/v1/models": _r("openai_models", _O, _I, _GET, lists_models=True, lists_aliases=True),
 }
 
 # Paths with an id after a fixed prefix.

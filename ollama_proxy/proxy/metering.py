@@ -107,6 +107,7 @@ class Metering:
             user=ex.principal.user if ex.principal else None,
             key_prefix=ex.principal.prefix if ex.principal else None,
             metered=ex.route.metered,
+            alias=ex.alias,
         )
         draft.recorded = True
         for hook in self._on_built:

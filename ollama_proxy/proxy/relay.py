@@ -24,7 +24,7 @@ from ..api.body_rules import apply_openai_rules, parse_body, wants_stream
 from ..api.exchange import Exchange, PolicyStep
 from ..api.framing import FrameKind
 from ..api.headers import client_response_headers, upstream_request_headers
-from ..api.models import filter_listing
+from ..api.models import NO_ALIASES, Aliases
 from ..api.record import Outcome
 from ..api.routes import Route, RouteKind
 from ..api.usage import StreamScanner, UsageTally, scan_whole_body
@@ -98,6 +98,7 @@ class ProxyHandler:
         metering: Metering,
         *,
         steps: Sequence[PolicyStep] = (),
+        aliases: Aliases = NO_ALIASES,
         max_response_bytes: int = 256 * 1024 * 1024,
         max_frame_bytes: int = 1 << 20,
     ) -> None:
@@ -105,6 +106,9 @@ class ProxyHandler:
         self._index = index
         self._metering = metering
         self._steps = tuple(steps)
+        # Replaced whole by a config reload; a request reads it once, so one in flight
+        # keeps the target it was sent to.
+        self.aliases = aliases
         self._max_response_bytes = max_response_bytes
         self._max_frame_bytes = max_frame_bytes
         self._big_parses = trio.CapacityLimiter(BIG_PARSES)
@@ -136,6 +140,7 @@ class ProxyHandler:
                 if ex.body_obj is not None:  # first: the steps see max_tokens, never its alias
                     ex.body_dirty, ex.usage_injected = apply_openai_rules(
                         ex.route, ex.body_obj, ex.stream)
+                ex.resolve_alias(self.aliases)  # before the steps: limits judge the target
                 for step in self._steps:
                     await step(ex)
                 with responder.stop_scope():  # a drain's grace ends the wait here
@@ -190,7 +195,7 @@ class ProxyHandler:
                 draft.tally = UsageTally()  # sent: from here on, usage is unknown until counted
             try:
                 response = await backend.pool.request(
-                    ex.upstream_method, backend.target(request.target), headers, body,
+                    ex.upstream_method, backend.target(ex.upstream_target), headers, body,
                     on_sent=self._metering.while_waiting)
             except UpstreamUnreachable as err:
                 draft.tally = UsageTally(exact=True)  # never reached a backend: nothing used
@@ -230,8 +235,8 @@ class ProxyHandler:
             draft.tally = scan_whole_body(body)
         elif metered and upstream.status < 500:  # refused by the backend: nothing used
             draft.tally = UsageTally(exact=True)
-        if ex.visible_models is not None and 200 <= upstream.status < 300 and body:
-            body = filter_listing(ex.visible_models, body)
+        if ex.rewrites_reply and 200 <= upstream.status < 300 and body:
+            body = ex.reply(body)
         await self._record(draft, Outcome.OK if upstream.status < 500 else Outcome.UPSTREAM_ERROR)
         if ex.upstream_method == "HEAD":  # no body came: the length the backend announced
             length = upstream.header(b"content-length")

@@ -9,7 +9,8 @@ import pytest
 
 from ollama_proxy.api.body_rules import apply_openai_rules, parse_body
 from ollama_proxy.api.exchange import Exchange
-from ollama_proxy.api.routes import ROUTES
+from ollama_proxy.api.models import Aliases
+from ollama_proxy.api.routes import PREFIX_ROUTES, ROUTES
 from ollama_proxy.http.messages import Request
 
 
@@ -70,3 +71,35 @@ def test_a_filtered_listing_is_fetched_whole_for_a_head(method, visible, sent):
     ex = exchange("/api/tags", b"", method)
     ex.visible_models = visible
     assert ex.upstream_method == sent
+
+
+# -- aliases -----------------------------------------------------------------------------
+
+ALIASES = Aliases([("gpt-4o-mini", "llama3.2:latest")])
+
+
+def test_an_alias_in_the_body_becomes_its_target():
+    """The field Ollama reads is rewritten (the body re-encoded); the alias is kept."""
+    ex = exchange("/api/show", b'{"model": "", "name": "GPT-4o-mini"}')
+    ex.resolve_alias(ALIASES)
+    assert (ex.model, ex.alias) == ("llama3.2:latest", "GPT-4o-mini")
+    assert json.loads(ex.body()) == {"model": "", "name": "llama3.2:latest"}
+
+
+@pytest.mark.parametrize(("path", "raw"), [
+    ("/api/chat", b'{"model": "llama3.2", "messages": []}'),  # not an alias
+    ("/api/pull", b'{"name": "gpt-4o-mini"}'),  # management names models, never aliases
+])
+def test_a_body_without_an_alias_goes_as_received(path, raw):
+    ex = exchange(path, raw)
+    ex.resolve_alias(ALIASES)
+    assert ex.alias is None and ex.body() is raw
+
+
+def test_an_alias_in_the_path_is_asked_for_as_its_target():
+    path = "/v1/models/gpt-4o-mini"
+    ex = Exchange(Request("GET", path, path, "", [], b"", "127.0.0.1"), PREFIX_ROUTES[0][1], b"r")
+    ex.resolve_alias(ALIASES)
+    assert (ex.model, ex.upstream_target, ex.rewrites_reply) == (
+        "llama3.2:latest", "/v1/models/llama3.2:latest", True)
+    assert json.loads(ex.reply(b'{"id": "llama3.2:latest"}')) == {"id": "gpt-4o-mini"}
