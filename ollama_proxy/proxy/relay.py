@@ -88,6 +88,11 @@ def _frame_kind(content_type: bytes | None) -> FrameKind | None:
     return None
 
 
+def _shutting_down() -> ShuttingDown:
+    """A drain's grace ran out before the backend answered: the client may retry."""
+    return ShuttingDown("the gateway is shutting down; retry", retry_after_s=1)
+
+
 class ProxyHandler:
     """The request handler for every proxied path."""
 
@@ -146,7 +151,7 @@ class ProxyHandler:
                 with responder.stop_scope():  # a drain's grace ends the wait here
                     upstream = await self._send_upstream(ex, draft)
                 if upstream is None:
-                    raise ShuttingDown("the gateway is shutting down; retry", retry_after_s=1)
+                    raise _shutting_down()
             except ProxyError as err:
                 await self._fail(responder, draft, err)
                 return
@@ -224,7 +229,7 @@ class ProxyHandler:
             with responder.stop_scope():  # a drain's grace ends the read here
                 body = await upstream.read_all(self._max_response_bytes)
             if body is None:
-                raise ShuttingDown("the gateway is shutting down; retry", retry_after_s=1)
+                raise _shutting_down()
         except ProxyError as err:
             if isinstance(err, ResponseTooLarge) and ex.route.kind is RouteKind.GENERATION:
                 draft.tally.frames = err.received // BYTES_PER_TOKEN  # what the reply held, roughly
