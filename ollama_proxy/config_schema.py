@@ -22,6 +22,7 @@ from .config_parsers import (
     globs,
     integer,
     listen_address,
+    number,
     optional_env_var,
     optional_path,
     optional_time,
@@ -152,6 +153,10 @@ SCHEMA: tuple[Key, ...] = (
         "From this moment on, users get 403: an ISO 8601 date or time, e.g. 2026-12-31 or\n"
         "2026-12-31T18:00:00+01:00 (UTC unless an offset is given); empty: never.",
         "expires_at", show=lambda at: iso(at) or ""),
+    Key("limits", "weight", number(0, 1000), "1",
+        "A user's share of the GPU slots while requests wait for them (number > 0 and <= 1000):\n"
+        "the fair queue serves a user of weight 2 about twice the tokens of a user of weight 1.\n"
+        "Not a cap: with no one waiting, every user gets what is free.", "weight"),
     Key("routing", "refresh_s", seconds(0, inclusive=False), "30",
         "Seconds between two reads of a backend's own model list (/api/tags or /v1/models) when\n"
         "its models key is empty (number > 0); a request for a model no backend is known to serve\n"

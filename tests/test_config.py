@@ -69,6 +69,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.routing == RoutingConfig(
         refresh_s=30.0, health_interval_s=5.0, queue_timeout_s=60.0, max_queue=256,
         max_queued_per_user=16, eject_after_failures=3, eject_s=30.0, fair_queue=True)
+    assert config.limits.weight == 1.0
 
 
 def test_routing_dataclass_defaults_are_the_schema_defaults() -> None:
@@ -164,6 +165,10 @@ BAD_VALUES = [
     ("limits", "allowed_models", "llama3.2;qwen", "'llama3.2;qwen' is not one"),
     ("limits", "expires_at", "tomorrow", "expected an ISO 8601 date or time"),
     ("limits", "expires_at", "2026-02-30", "expected an ISO 8601 date or time"),
+    ("limits", "weight", "0", "expected a number > 0 and <= 1000"),
+    ("limits", "weight", "1001", "expected a number > 0 and <= 1000"),
+    ("limits", "weight", "nan", "expected a number > 0 and <= 1000"),
+    ("limits", "weight", "heavy", "expected a number > 0"),
     ("routing", "refresh_s", "0", "expected a number of seconds > 0"),
     ("routing", "health_interval_s", "-1", "expected a number of seconds > 0"),
     ("routing", "queue_timeout_s", "forever", "expected a number of seconds > 0"),
@@ -613,3 +618,12 @@ def test_a_models_glob_too_long_for_a_model_name_is_refused(tmp_path: Path) -> N
     assert message.startswith(f'{tmp_path / "proxy.ini"}: [upstream.a] models = "llama3*, ')
     assert "is longer than" in message
 
+
+def test_weight_limit_in_the_limits_section(tmp_path: Path) -> None:
+    """[limits] weight is every user's default share of the slots; fractions are fine; it
+    is no count, so a user with only a weight still takes the unbounded fast path."""
+    config = load(tmp_path, "[limits]\nweight = 0.25\n")
+    assert config.limits == Limits(weight=0.25) and config.limits.unbounded
+    assert settings(config)["limits"]["weight"] == "0.25"
+    env = load(tmp_path, "", env={"OLLAMA_PROXY_LIMITS_WEIGHT": "1000"})
+    assert env.limits.weight == 1000.0
