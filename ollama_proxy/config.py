@@ -31,6 +31,7 @@ ADMIN_KEY_ENV = "OLLAMA_PROXY_ADMIN_KEY"
 _UPSTREAM_NAME = re.compile(r"[a-z0-9_-]+")
 _API_KEY_CHARS = re.compile(r"[\x21-\x7e]+")  # it goes into an HTTP header: no spaces, no CR/LF
 TLS_KEYS = ("ca_file", "tls_verify")  # [upstream.NAME] keys of an https url only
+GB = 10**9  # max_model_gb: Ollama reports model sizes in bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,24 @@ class UpstreamConfig:
     first_byte_timeout_s: float
     chunk_gap_timeout_s: float
     tokenize: str  # "auto" or "off"
+    models: tuple[str, ...] = ()  # globs it may serve; (): its own list, learned
+    priority: int = 0  # lower is preferred
+    slots: int = 0  # requests in flight at once; 0: no limit
+    max_model_bytes: int | None = None  # largest model routed here (max_model_gb); None: any
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    """``[routing]``: the defaults are the schema's (a test keeps them equal)."""
+
+    refresh_s: float = 30.0
+    health_interval_s: float = 5.0
+    queue_timeout_s: float = 60.0
+    max_queue: int = 256
+    max_queued_per_user: int = 16
+    eject_after_failures: int = 3
+    eject_s: float = 30.0
+    fair_queue: bool = True  # False: first come first served
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +105,7 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...]
     source: str | None
     aliases: Aliases = NO_ALIASES  # [aliases]: model names that stand for others
+    routing: RoutingConfig = RoutingConfig()
 
 
 Raw = dict[str, tuple[str, str]]  # key -> (text, origin for messages)
@@ -145,8 +165,8 @@ def _read_file(path: str | None) -> tuple[str | None, dict[str, Raw]]:
                 raise ConfigError(f"{path}: [{section}]: an upstream NAME may only hold lowercase "
                                   "letters, digits, _ and -")
         elif section not in (*SECTIONS, ALIASES):
-            raise ConfigError(f"{path}: [{section}]: unknown section; allowed: [server], [log], "
-                              f"[limits], [upstream.NAME], [aliases]"
+            raise ConfigError(f"{path}: [{section}]: unknown section; allowed: "
+                              f"{', '.join(f'[{s}]' for s in SECTIONS)}, [upstream.NAME], [aliases]"
                               f"{_hint(section, [*SECTIONS, 'upstream.NAME', ALIASES])}")
         known = [row.name for row in rows(section)]
         entries: Raw = {}
@@ -195,8 +215,9 @@ def _apply_env(sections: dict[str, Raw], dropped: dict[str, Raw], env: Mapping[s
         if var not in referenced:
             raise ConfigError(
                 f"environment variable {var}: matches no setting{_hint(var, list(targets))}; "
-                f"expected {ENV_PREFIX}<SECTION>_<KEY> for a key of [server], [log], [limits] or an "
-                f"[upstream.NAME] in the config file, or {ADMIN_KEY_ENV}")
+                f"expected {ENV_PREFIX}<SECTION>_<KEY> for a key of "
+                f"{', '.join(f'[{s}]' for s in SECTIONS)} or an [upstream.NAME] in the config "
+                f"file, or {ADMIN_KEY_ENV}")
 
 
 def _parse_section(section: str, raw: Raw) -> dict[str, Any]:
@@ -260,13 +281,24 @@ def _check_tls(raw: Raw, values: Mapping[str, Any], scheme: str) -> None:
                                   f'url is {values["url"]}')
 
 
+def _check_models(raw: Raw, globs: Sequence[str]) -> None:
+    """Each of ``models``' globs must be a name a model could have."""
+    for glob in globs:
+        problem = name_problem(glob)
+        if problem is not None:
+            text, where = raw["models"]
+            raise ConfigError(f'{where} = "{_redact(text.strip())}": the glob {glob!r} {problem}')
+
+
 def _build_upstream(section: str, raw: Raw, env: Mapping[str, str]) -> UpstreamConfig:
     values = _parse_section(section, raw)
     parts = urlsplit(values["url"])
     _check_tls(raw, values, parts.scheme)
+    _check_models(raw, values["models"])
     return UpstreamConfig(name=section[len(UPSTREAM) + 1:], scheme=parts.scheme,
                           host=parts.hostname or "", port=parts.port or DEFAULT_PORTS[parts.scheme],
                           base_path=parts.path, api_key=_api_key(raw, values, env),
+                          max_model_bytes=round(values["max_model_gb"] * GB) or None,
                           **_fields(section, values))
 
 
@@ -333,6 +365,7 @@ def load_config(path: str | None = None, *, env: Mapping[str, str] | None = None
                         if name.startswith(UPSTREAM + ".")),
         source=source,
         aliases=aliases,
+        routing=RoutingConfig(**_fields("routing", _parse_section("routing", sections["routing"]))),
     )
 
 
@@ -350,7 +383,7 @@ def settings(config: Config) -> dict[str, dict[str, str]]:
     """The effective settings as the ini writes them, by section; secrets only as ``(set)``."""
     out: dict[str, dict[str, str]] = {}
     named: list[tuple[str, Any]] = [("server", config.server), ("log", config.log),
-                                    ("limits", config.limits)]
+                                    ("limits", config.limits), ("routing", config.routing)]
     named += [(f"{UPSTREAM}.{u.name}", u) for u in config.upstreams]
     for section, obj in named:
         values = out[section] = {}
@@ -359,6 +392,8 @@ def settings(config: Config) -> dict[str, dict[str, str]]:
                 continue  # not to be set with http
             if row.field is not None:
                 values[row.name] = _show(row, getattr(obj, row.field))
+            elif row.name == "max_model_gb":
+                values[row.name] = f"{(obj.max_model_bytes or 0) / GB:.15g}"
             elif row.name == "listen":
                 values["listen"] = host_port(obj.host, obj.port)
             elif row.name == "api_key_env":

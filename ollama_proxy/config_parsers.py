@@ -19,6 +19,15 @@ DEFAULT_PORTS = {"http": 80, "https": 443}  # a backend URL's schemes
 _ENV_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def _finite(text: str) -> float:
+    """The number ``text`` spells, or NaN when it spells none or an infinite one."""
+    try:
+        value = float(text)
+    except ValueError:
+        return math.nan
+    return value if math.isfinite(value) else math.nan
+
+
 def whole(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         if not re.fullmatch(r"[0-9]{1,18}", text) or int(text) < low:
@@ -29,14 +38,37 @@ def whole(low: int) -> Callable[[str], int]:
 
 def seconds(low: float, *, inclusive: bool) -> Callable[[str], float]:
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+        value = _finite(text)
+        if math.isnan(value) or value < low or (value == low and not inclusive):
             raise ValueError(f"expected a number of seconds {'>=' if inclusive else '>'} {low:g}")
         return value
     return parse
+
+
+def integer(text: str) -> int:
+    """A whole number that may be negative."""
+    if not re.fullmatch(r"-?[0-9]{1,18}", text):
+        raise ValueError("expected a whole number, e.g. -1, 0 or 10")
+    return int(text)
+
+
+def number(low: float, high: float = math.inf) -> Callable[[str], float]:
+    """A finite number > ``low`` and <= ``high``."""
+    def parse(text: str) -> float:
+        value = _finite(text)
+        if not low < value <= high:  # False for NaN
+            bound = f" and <= {high:g}" if math.isfinite(high) else ""
+            raise ValueError(f"expected a number > {low:g}{bound}")
+        return value
+    return parse
+
+
+def gigabytes(text: str) -> float:
+    """A size in GB (10**9 bytes), >= 0."""
+    value = _finite(text)
+    if not value >= 0:  # False for NaN
+        raise ValueError("expected a number of GB >= 0 (0: no limit), e.g. 8 or 0.5")
+    return value
 
 
 def choice(*options: str) -> Callable[[str], str]:
@@ -77,6 +109,11 @@ def optional_whole(text: str) -> int | None:
     if not re.fullmatch(r"[0-9]{1,18}", text):
         raise ValueError("expected a whole number >= 0 (0: none allowed), or nothing for unlimited")
     return int(text)
+
+
+def words(text: str) -> tuple[str, ...]:
+    """Items separated by commas and/or spaces (the caller judges each); nothing: ()."""
+    return tuple(w for w in re.split(r"[\s,]+", text) if w)
 
 
 _GLOB = re.compile(r"[A-Za-z0-9._:/@*?\[\]!-]+")

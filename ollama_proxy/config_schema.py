@@ -18,8 +18,11 @@ from .config_parsers import (
     cidrs,
     file_path,
     flag,
+    gigabytes,
     globs,
+    integer,
     listen_address,
+    number,
     optional_env_var,
     optional_path,
     optional_time,
@@ -27,12 +30,13 @@ from .config_parsers import (
     seconds,
     show_cidrs,
     whole,
+    words,
 )
 from .isotime import iso
 
 ENV_PREFIX = "OLLAMA_PROXY_"
 UPSTREAM = "upstream"  # schema section shared by every [upstream.NAME]
-SECTIONS = ("server", "log", "limits")  # the fixed sections, besides [upstream.NAME]
+SECTIONS = ("server", "log", "limits", "routing")  # the fixed sections, besides [upstream.NAME]
 # Free-form NAME = TARGET lines, no schema rows: from the file only (an environment
 # variable's name cannot spell a model name's dots, colons and slashes).
 ALIASES = "aliases"
@@ -46,7 +50,7 @@ class Key:
     the dataclass attribute it fills, times ``scale`` (None: the loader derives the
     fields: host and port from listen, api_key from api_key_env or api_key_file)."""
 
-    section: str  # "server", "log", "limits" or UPSTREAM
+    section: str  # one of SECTIONS or UPSTREAM
     name: str
     parse: Callable[[str], Any]
     default: str
@@ -149,6 +153,38 @@ SCHEMA: tuple[Key, ...] = (
         "From this moment on, users get 403: an ISO 8601 date or time, e.g. 2026-12-31 or\n"
         "2026-12-31T18:00:00+01:00 (UTC unless an offset is given); empty: never.",
         "expires_at", show=lambda at: iso(at) or ""),
+    Key("limits", "weight", number(0, 1000), "1",
+        "A user's share of the GPU slots while requests wait for them (number > 0 and <= 1000):\n"
+        "the fair queue serves a user of weight 2 about twice the tokens of a user of weight 1.\n"
+        "Not a cap: with no one waiting, every user gets what is free.", "weight"),
+    Key("routing", "refresh_s", seconds(0, inclusive=False), "30",
+        "Seconds between two reads of a backend's own model list (/api/tags or /v1/models) when\n"
+        "its models key is empty (number > 0); a request for a model no backend is known to serve\n"
+        "reads the lists at once (at most once a second per backend).", "refresh_s"),
+    Key("routing", "health_interval_s", seconds(0, inclusive=False), "5",
+        "Seconds between two health checks of each backend (number > 0): GET /api/version and\n"
+        "/api/ps for ollama, GET /v1/models for openai; they never load a model. A backend that\n"
+        "fails them gets no requests until one succeeds.", "health_interval_s"),
+    Key("routing", "queue_timeout_s", seconds(0, inclusive=False), "60",
+        "Seconds a request may wait for a free slot (number > 0); longer gets 503 with Retry-After.",
+        "queue_timeout_s"),
+    Key("routing", "max_queue", whole(1), "256",
+        "Most requests waiting for a slot, all users together (whole number >= 1); one more gets\n"
+        "503 with Retry-After.", "max_queue"),
+    Key("routing", "max_queued_per_user", whole(1), "16",
+        "Most requests one user may have waiting for a slot (whole number >= 1); one more gets 429.",
+        "max_queued_per_user"),
+    Key("routing", "eject_after_failures", whole(1), "3",
+        "Failures in a row (a refused connection, no first byte, a 5xx at once) after which a\n"
+        "backend is ejected (whole number >= 1); requests go on to the next eligible backend.",
+        "eject_after_failures"),
+    Key("routing", "eject_s", seconds(0, inclusive=False), "30",
+        "Seconds an ejected backend gets no requests (number > 0), doubled on each repeat up to\n"
+        "5 minutes; then it is probed.", "eject_s"),
+    Key("routing", "fair_queue", flag, "true",
+        "When requests wait for slots, give a freed slot to the waiting user served least lately,\n"
+        "counted in tokens divided by the user's weight limit (true); false: first come first\n"
+        "served (for comparison).", "fair_queue"),
     Key(UPSTREAM, "url", backend_url, "http://127.0.0.1:11434",
         "Backend base URL, http://HOST[:PORT][/PATH] or https://HOST[:PORT][/PATH]; a PATH is\n"
         "put in front of every request path, e.g. http://gpu1:8000/ollama.", "url"),
@@ -161,6 +197,22 @@ SCHEMA: tuple[Key, ...] = (
     Key(UPSTREAM, "kind", choice("ollama", "openai"), "ollama",
         "API the backend speaks: ollama (Ollama: /api and /v1) or openai (an OpenAI-compatible\n"
         "server such as vLLM or llama.cpp's llama-server).", "kind"),
+    Key(UPSTREAM, "models", words, "",
+        "Models this backend may serve, as globs separated by commas or spaces, e.g. llama3*,\n"
+        "qwen2.5:7b (case-insensitive; llama3.2 is llama3.2:latest). Empty: the backend's own\n"
+        "list, read from /api/tags (ollama) or /v1/models (openai) every [routing] refresh_s.",
+        "models", show=lambda globs: ", ".join(globs)),
+    Key(UPSTREAM, "priority", integer, "0",
+        "Preference among the backends serving a model (a whole number, may be negative): lower\n"
+        "is preferred; a higher number is a fallback, used only when every preferred backend\n"
+        "serving the model is down or full.", "priority"),
+    Key(UPSTREAM, "slots", whole(0), "0",
+        "Most requests in flight at this backend at once (whole number >= 0; 0: no limit); match\n"
+        "it to the server's OLLAMA_NUM_PARALLEL, vLLM's max batch or llama-server's -np. Requests\n"
+        "beyond it wait in the gateway's fair queue (see [routing]), not at the backend.", "slots"),
+    Key(UPSTREAM, "max_model_gb", gigabytes, "0",
+        "Largest model routed to this backend, in GB of 10^9 bytes (the size /api/tags reports, in\n"
+        "bytes, divided by 1000000000); a number >= 0, e.g. 40 or 7.5; 0: no limit."),
     Key(UPSTREAM, "api_key_env", optional_env_var, "",
         "Name of an environment variable holding the bearer key sent to this backend\n"
         "(empty: no key)."),
@@ -188,7 +240,7 @@ SCHEMA: tuple[Key, ...] = (
 
 
 def rows(section: str) -> tuple[Key, ...]:
-    """The schema rows of ``section`` ("server", "log", "limits" or an "upstream.NAME")."""
+    """The schema rows of ``section`` (one of SECTIONS or an "upstream.NAME")."""
     kind = UPSTREAM if section.startswith(UPSTREAM + ".") else section
     return tuple(row for row in SCHEMA if row.section == kind)
 

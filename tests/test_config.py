@@ -12,14 +12,16 @@ import trustme
 from ollama_proxy.access.limits import Limits
 from ollama_proxy.config import (
     DEFAULT_CONFIG_FILE,
+    GB,
     Config,
+    RoutingConfig,
     ServerConfig,
     UpstreamConfig,
     describe,
     load_config,
     settings,
 )
-from ollama_proxy.config_schema import SCHEMA, UPSTREAM, Key
+from ollama_proxy.config_schema import SCHEMA, UPSTREAM, Key, rows
 from ollama_proxy.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,7 +64,19 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         name="default", url="http://127.0.0.1:11434", scheme="http", host="127.0.0.1", port=11434,
         base_path="", ca_file=None, tls_verify=True, kind="ollama", api_key=None,
         max_connections=1024, connect_timeout_s=5.0, first_byte_timeout_s=600.0,
-        chunk_gap_timeout_s=300.0, tokenize="auto"),)
+        chunk_gap_timeout_s=300.0, tokenize="auto", models=(), priority=0, slots=0,
+        max_model_bytes=None),)
+    assert config.routing == RoutingConfig(
+        refresh_s=30.0, health_interval_s=5.0, queue_timeout_s=60.0, max_queue=256,
+        max_queued_per_user=16, eject_after_failures=3, eject_s=30.0, fair_queue=True)
+    assert config.limits.weight == 1.0
+
+
+def test_routing_dataclass_defaults_are_the_schema_defaults() -> None:
+    """RoutingConfig() (a Config built without [routing]) holds the schema's defaults."""
+    for row in rows("routing"):
+        assert row.field is not None
+        assert getattr(RoutingConfig(), row.field) == row.parse(row.default), row.name
 
 
 def test_config_is_frozen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -93,6 +107,7 @@ def test_shipped_example_equals_defaults(tmp_path: Path, monkeypatch: pytest.Mon
     shipped = load_config(str(REPO / DEFAULT_CONFIG_FILE), env={})
     assert shipped.server == expected.server and shipped.log == expected.log
     assert shipped.limits == expected.limits == Limits()
+    assert shipped.routing == expected.routing == RoutingConfig()
     assert [dataclasses.replace(u, name="default") for u in shipped.upstreams] == list(expected.upstreams)
     assert [u.name for u in shipped.upstreams] == ["local"]
 
@@ -150,6 +165,18 @@ BAD_VALUES = [
     ("limits", "allowed_models", "llama3.2;qwen", "'llama3.2;qwen' is not one"),
     ("limits", "expires_at", "tomorrow", "expected an ISO 8601 date or time"),
     ("limits", "expires_at", "2026-02-30", "expected an ISO 8601 date or time"),
+    ("limits", "weight", "0", "expected a number > 0 and <= 1000"),
+    ("limits", "weight", "1001", "expected a number > 0 and <= 1000"),
+    ("limits", "weight", "nan", "expected a number > 0 and <= 1000"),
+    ("limits", "weight", "heavy", "expected a number > 0"),
+    ("routing", "refresh_s", "0", "expected a number of seconds > 0"),
+    ("routing", "health_interval_s", "-1", "expected a number of seconds > 0"),
+    ("routing", "queue_timeout_s", "forever", "expected a number of seconds > 0"),
+    ("routing", "max_queue", "0", "expected a whole number >= 1"),
+    ("routing", "max_queued_per_user", "1.5", "expected a whole number >= 1"),
+    ("routing", "eject_after_failures", "0", "expected a whole number >= 1"),
+    ("routing", "eject_s", "inf", "expected a number of seconds > 0"),
+    ("routing", "fair_queue", "yes", "expected true or false"),
     ("upstream.gpu-1", "url", "ftp://gpu1", "expected http://HOST[:PORT][/PATH]"),
     ("upstream.gpu-1", "url", "http://", "expected http://HOST"),
     ("upstream.gpu-1", "url", "gpu1:11434", "expected http://HOST"),
@@ -163,6 +190,12 @@ BAD_VALUES = [
     ("upstream.gpu-1", "ca_file", "/", "cannot read the CA file"),
     ("upstream.gpu-1", "tls_verify", "maybe", "expected true or false"),
     ("upstream.gpu-1", "kind", "vllm", "expected one of: ollama, openai"),
+    ("upstream.gpu-1", "models", "llama\x01x", r"the glob 'llama\x01x' holds a control character"),
+    ("upstream.gpu-1", "priority", "1.5", "expected a whole number, e.g. -1, 0 or 10"),
+    ("upstream.gpu-1", "priority", "high", "expected a whole number"),
+    ("upstream.gpu-1", "slots", "-1", "expected a whole number >= 0"),
+    ("upstream.gpu-1", "max_model_gb", "-8", "expected a number of GB >= 0 (0: no limit)"),
+    ("upstream.gpu-1", "max_model_gb", "70B", "expected a number of GB >= 0"),
     ("upstream.gpu-1", "tokenize", "yes", "expected one of: auto, off"),
     ("upstream.gpu-1", "api_key_env", "MY-KEY", "name of an environment variable"),
     ("upstream.gpu-1", "api_key_file", "/nonexistent/key", "cannot read the key file"),
@@ -200,11 +233,13 @@ def test_bad_env_value_names_the_variable(tmp_path: Path, section: str, key: str
 @pytest.mark.parametrize("text,expected", [
     ("[server]\nlisten_port = 1\n",
      "[server] listen_port: unknown key (did you mean listen?); allowed: listen,"),
-    ("[upstream.a]\npriority = 1\n",
-     "[upstream.a] priority: unknown key; allowed: url, ca_file, tls_verify, kind,"),
+    ("[upstream.a]\nweight = 1\n",
+     "[upstream.a] weight: unknown key; allowed: url, ca_file, tls_verify, kind, models,"),
+    ("[routing]\nslots = 1\n", "[routing] slots: unknown key; allowed: refresh_s,"),
     ("[servr]\n",
-     "[servr]: unknown section; allowed: [server], [log], [limits], [upstream.NAME], [aliases] "
-     "(did you mean server?)"),
+     "[servr]: unknown section; allowed: [server], [log], [limits], [routing], [upstream.NAME], "
+     "[aliases] (did you mean server?)"),
+    ("[routng]\n", "(did you mean routing?)"),
     ("[upstream]\n", "[upstream]: unknown section"),
     ("[upstream.GPU]\n", "[upstream.GPU]: an upstream NAME may only hold lowercase letters, digits, _ and -"),
     ("[upstream.a.b]\n", "[upstream.a.b]: an upstream NAME may only hold"),
@@ -517,3 +552,78 @@ def test_aliases_come_from_the_file_only(tmp_path: Path) -> None:
                        env={"OLLAMA_PROXY_ALIASES_GPT": "qwen"})
     assert message == ("environment variable OLLAMA_PROXY_ALIASES_GPT: [aliases] come from the "
                        "config file only (a variable's name cannot spell a model name)")
+
+
+def test_routing_section(tmp_path: Path) -> None:
+    """[routing] fills Config.routing; the environment overrides it as OLLAMA_PROXY_ROUTING_*;
+    settings() and describe() show it, and describe's text loads back to the same values."""
+    config = load(tmp_path, "[routing]\nrefresh_s = 2.5\nmax_queue = 10\nfair_queue = FALSE\n",
+                  env={"OLLAMA_PROXY_ROUTING_QUEUE_TIMEOUT_S": "7",
+                       "OLLAMA_PROXY_ROUTING_MAX_QUEUED_PER_USER": "2",
+                       "OLLAMA_PROXY_ROUTING_EJECT_S": "0.5"})
+    assert config.routing == RoutingConfig(refresh_s=2.5, max_queue=10, fair_queue=False,
+                                           queue_timeout_s=7.0, max_queued_per_user=2, eject_s=0.5)
+    assert settings(config)["routing"] == {
+        "refresh_s": "2.5", "health_interval_s": "5", "queue_timeout_s": "7", "max_queue": "10",
+        "max_queued_per_user": "2", "eject_after_failures": "3", "eject_s": "0.5",
+        "fair_queue": "False"}
+    text = "\n".join(line for line in describe(config).splitlines() if not line.startswith("api_key"))
+    assert "\n[routing]\nrefresh_s = 2.5\n" in text
+    assert load(tmp_path, text).routing == config.routing
+
+
+def test_a_config_built_without_routing_has_the_defaults(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Config(...) without routing= still builds, with [routing]'s defaults."""
+    config = defaults(tmp_path, monkeypatch)
+    again = Config(server=config.server, log=config.log, limits=config.limits,
+                   upstreams=config.upstreams, source=None)
+    assert again.routing == config.routing == RoutingConfig()
+
+
+def test_upstream_routing_keys(tmp_path: Path) -> None:
+    """models (globs split on commas and spaces), priority (may be negative), slots and
+    max_model_gb (GB of 10^9 bytes; 0: no limit) per backend; the environment sets them
+    too, and describe() writes them back to the same values."""
+    config = load(tmp_path, "[upstream.big]\nurl = http://big:11434\nmodels = llama3*, qwen2.5:7b"
+                            "  mistral\npriority = -1\nslots = 4\nmax_model_gb = 7.5\n"
+                            "[upstream.old]\nurl = http://old:11434\npriority = 10\n",
+                  env={"OLLAMA_PROXY_UPSTREAM_OLD_SLOTS": "1",
+                       "OLLAMA_PROXY_UPSTREAM_OLD_MAX_MODEL_GB": "0.000000001"})
+    big, old = config.upstreams
+    assert (big.models, big.priority, big.slots, big.max_model_bytes) == (
+        ("llama3*", "qwen2.5:7b", "mistral"), -1, 4, 7_500_000_000)
+    assert (old.models, old.priority, old.slots, old.max_model_bytes) == ((), 10, 1, 1)
+    assert GB == 1_000_000_000
+    shown = settings(config)
+    assert {k: shown["upstream.big"][k] for k in ("models", "priority", "slots", "max_model_gb")} == {
+        "models": "llama3*, qwen2.5:7b, mistral", "priority": "-1", "slots": "4",
+        "max_model_gb": "7.5"}
+    assert (shown["upstream.old"]["models"], shown["upstream.old"]["max_model_gb"]) == ("", "1e-09")
+    text = "\n".join(line for line in describe(config).splitlines() if not line.startswith("api_key"))
+    assert load(tmp_path, text).upstreams == config.upstreams
+
+
+def test_max_model_gb_zero_is_no_limit(tmp_path: Path) -> None:
+    """max_model_gb = 0 (the default) is no limit: max_model_bytes None; describe writes 0."""
+    config = load(tmp_path, "[upstream.a]\nmax_model_gb = 0.0\n")
+    assert config.upstreams[0].max_model_bytes is None
+    assert settings(config)["upstream.a"]["max_model_gb"] == "0"
+
+
+def test_a_models_glob_too_long_for_a_model_name_is_refused(tmp_path: Path) -> None:
+    """Each glob of models is judged as a model name: one longer than any can be is refused."""
+    long = "m" * 2000
+    message = error_of(tmp_path, f"[upstream.a]\nmodels = llama3*, {long}\n")
+    assert message.startswith(f'{tmp_path / "proxy.ini"}: [upstream.a] models = "llama3*, ')
+    assert "is longer than" in message
+
+
+def test_weight_limit_in_the_limits_section(tmp_path: Path) -> None:
+    """[limits] weight is every user's default share of the slots; fractions are fine; it
+    is no count, so a user with only a weight still takes the unbounded fast path."""
+    config = load(tmp_path, "[limits]\nweight = 0.25\n")
+    assert config.limits == Limits(weight=0.25) and config.limits.unbounded
+    assert settings(config)["limits"]["weight"] == "0.25"
+    env = load(tmp_path, "", env={"OLLAMA_PROXY_LIMITS_WEIGHT": "1000"})
+    assert env.limits.weight == 1000.0

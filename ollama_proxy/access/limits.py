@@ -13,13 +13,22 @@ from ..isotime import iso
 LIMIT_NAMES = (
     "requests_per_minute", "requests_per_day", "tokens_per_minute", "tokens_per_day",
     "token_quota", "quota_period", "max_concurrent", "max_tokens_per_request",
-    "allowed_models", "expires_at",
+    "allowed_models", "expires_at", "weight",
 )
 QUOTA_PERIODS = ("total", "month")
+MAX_WEIGHT = 1000.0
 
 
 _INT_LIMITS = ("requests_per_minute", "requests_per_day", "tokens_per_minute", "tokens_per_day",
                "token_quota", "max_concurrent", "max_tokens_per_request")
+
+
+def weight_problem(value: object) -> str | None:
+    """Why ``value`` cannot be a weight (None: it can): one rule for the config, the
+    admin API, the CLI and the stored limits."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_WEIGHT:
+        return f"must be a number > 0 and <= {MAX_WEIGHT:g}"  # NaN fails the range too
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +45,9 @@ class Limits:
     max_tokens_per_request: int | None = None
     allowed_models: tuple[str, ...] | None = None  # globs; () = no model
     expires_at: float | None = None  # Unix seconds
+    # The user's share of GPU slots under contention: the fair queue divides the growth of
+    # the user's token counter by it. Never a count, so not part of ``unbounded``.
+    weight: float = 1.0
     # No count applies (the fast path of ``check``); derived, not a limit.
     unbounded: bool = field(init=False, repr=False, compare=False)
 
@@ -57,6 +69,10 @@ class Limits:
         exp = self.expires_at
         if exp is not None and (isinstance(exp, bool) or not isinstance(exp, (int, float))):
             raise ValueError(f"expires_at must be Unix seconds or null, not {exp!r}")
+        problem = weight_problem(self.weight)
+        if problem is not None:
+            raise ValueError(f"weight {problem}, not {self.weight!r}")
+        object.__setattr__(self, "weight", float(self.weight))
 
     @staticmethod
     def merged(defaults: Limits, overrides: Mapping[str, Any] | None) -> Limits:

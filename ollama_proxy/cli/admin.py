@@ -155,17 +155,19 @@ def assignment(text: str) -> tuple[str, str]:
 def limit_value(name: str, text: str) -> Any:
     """A limit's value as the JSON API would carry it; ``validate_limits`` judges it.
 
-    ``null`` clears it; whole numbers become ints; ``allowed_models`` is a comma-separated
-    list of globs (empty: none allowed); anything else (``total``, ``month``, an ISO date)
-    stays text."""
+    ``null`` clears it; whole numbers become ints, other numbers (a ``weight`` of 0.5)
+    floats; ``allowed_models`` is a comma-separated list of globs (empty: none allowed);
+    anything else (``total``, ``month``, an ISO date) stays text."""
     if text == "null":
         return None
     if name == "allowed_models":
         return [glob.strip() for glob in text.split(",") if glob.strip()]
-    try:
-        return int(text)
-    except ValueError:
-        return text
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    return text
 
 
 def limit_values(assignments: Sequence[tuple[str, str]] | None,
@@ -328,7 +330,8 @@ def add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         return cmd
 
     limit_help = ("set a limit, named as in [limits] (repeatable): requests_per_minute=60, "
-                  "quota_period=month, allowed_models=llama3*,qwen*, expires_at=2025-12-31, ...; "
+                  "quota_period=month, allowed_models=llama3*,qwen*, expires_at=2025-12-31, "
+                  "weight=2, ...; "
                   "VALUE null = the default, 0 = none allowed (allowed_models= : no model)")
 
     users = group("users", "manage users on the database file (offline)")

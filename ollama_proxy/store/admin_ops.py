@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..access import keys
-from ..access.limits import LIMIT_NAMES, QUOTA_PERIODS
+from ..access.limits import LIMIT_NAMES, QUOTA_PERIODS, weight_problem
 from ..errors import BadRequest
 from ..isotime import parse_time
 from . import accounts, reports
@@ -58,8 +58,8 @@ def valid_time(value: object, field: str) -> float:
 
 
 def validate_limits(obj: object, field: str = "limits") -> dict[str, Any]:
-    """A limits object as stored: checked, whole floats as ints, ``expires_at`` in
-    whole Unix seconds; ``null`` values are kept (= the default)."""
+    """A limits object as stored: checked, whole floats as ints (``weight`` a float),
+    ``expires_at`` in whole Unix seconds; ``null`` values are kept (= the default)."""
     if not isinstance(obj, dict):
         raise BadRequest(f'"{field}" must be a JSON object')
     result: dict[str, Any] = {}
@@ -79,6 +79,11 @@ def validate_limits(obj: object, field: str = "limits") -> dict[str, Any]:
             result[name] = list(value)
         elif name == "expires_at":
             result[name] = math.floor(valid_time(value, where))  # the API shows whole seconds
+        elif name == "weight":
+            problem = weight_problem(value)
+            if problem is not None or not isinstance(value, (int, float)):
+                raise BadRequest(f'"{where}" {problem}, or null')
+            result[name] = float(value)
         else:
             result[name] = _whole_number(value, where)
     return result

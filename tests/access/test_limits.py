@@ -43,6 +43,13 @@ def test_merged_takes_the_stored_form_and_to_dict_shows_it():
     {"quota_period": "week"},
     {"allowed_models": "llama3.2"},
     {"expires_at": "2025-02-01T00:00:00Z"},  # the store keeps numbers
+    {"weight": 0},
+    {"weight": -1.0},
+    {"weight": 1000.5},
+    {"weight": True},
+    {"weight": "2"},
+    {"weight": float("nan")},
+    {"weight": float("inf")},
 ])
 def test_merged_rejects_bad_values(overrides):
     """Unknown names and bad values raise ValueError naming the problem."""
@@ -65,3 +72,21 @@ def test_expired_is_the_one_expiry_rule_and_answer(expires_at, now, refused):
         assert error is not None
         assert (error.status, error.code, error.message) == (
             403, "user_expired", "this user expired (expires_at)")
+
+
+def test_weight_defaults_to_one_and_is_a_float_never_a_count():
+    """weight: 1 by default, stored as given (an int from JSON too) and held as a float;
+    a weight alone leaves the unbounded fast path (no count applies) untouched."""
+    assert Limits().weight == 1.0
+    got = Limits.merged(Limits(weight=0.5), {"weight": 3})
+    assert got.weight == 3.0 and isinstance(got.weight, float) and got.unbounded
+    assert Limits.merged(Limits(weight=0.5), {"weight": None}).weight == 0.5
+    assert got.to_dict()["weight"] == 3.0
+    assert Limits(weight=1000).weight == 1000.0
+    assert not Limits(weight=2, max_concurrent=1).unbounded
+
+
+def test_a_bad_weight_names_the_limit_and_the_range():
+    """The message says what a weight may be."""
+    with pytest.raises(ValueError, match=r"weight must be a number > 0 and <= 1000, not 0"):
+        Limits(weight=0)

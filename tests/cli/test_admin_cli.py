@@ -244,13 +244,15 @@ def test_limits_print_set_and_unset(cli: Cli) -> None:
     body = cli.json("users", "limits", "alice",
                     "--set", "requests_per_minute=60", "--set", "tokens_per_day=0",
                     "--set", "quota_period=month", "--set", "token_quota=100000",
-                    "--set", "allowed_models=llama3*, qwen*", "--set", "expires_at=2031-01-02")
+                    "--set", "allowed_models=llama3*, qwen*", "--set", "expires_at=2031-01-02",
+                    "--set", "weight=0.5")
     limits = body["limits"]
     assert limits["requests_per_minute"] == 60 and limits["tokens_per_day"] == 0
     assert limits["quota_period"] == "month" and limits["token_quota"] == 100000
     assert limits["allowed_models"] == ["llama3*", "qwen*"]
-    assert limits["expires_at"] == "2031-01-02T00:00:00Z"
+    assert limits["expires_at"] == "2031-01-02T00:00:00Z" and limits["weight"] == 0.5
     text = cli("users", "limits", "alice").out
+    assert re.search(r"^weight\s+0.5$", text, re.MULTILINE)
     assert re.search(r"^requests_per_minute\s+60$", text, re.MULTILINE)
     assert re.search(r"^allowed_models\s+llama3\*,qwen\*$", text, re.MULTILINE)
 
@@ -277,6 +279,9 @@ def test_no_allowed_model_is_not_shown_blank(cli: Cli) -> None:
     ("max_concurrent=-1", "max_concurrent"),
     ("quota_period=weekly", "quota_period"),
     ("expires_at=someday", "expires_at"),
+    ("weight=0", "limits.weight\" must be a number > 0 and <= 1000"),
+    ("weight=nan", "limits.weight"),
+    ("weight=heavy", "limits.weight"),
     ("no_such_limit=1", "no_such_limit"),
 ])
 def test_bad_limit_value_names_the_limit(cli: Cli, assignment: str, name: str) -> None:

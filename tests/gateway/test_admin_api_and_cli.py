@@ -15,7 +15,8 @@ from gateway_stack import Stack, bearer
 from ollama_proxy.__main__ import main
 
 TIMEOUT_S = 10
-LIMITS = {"tokens_per_day": 100, "expires_at": "2030-01-01T00:00:00Z", "allowed_models": ["ll*"]}
+LIMITS = {"tokens_per_day": 100, "expires_at": "2030-01-01T00:00:00Z", "allowed_models": ["ll*"],
+          "weight": 0.5}
 
 
 def cli(stack: Stack, capsys: pytest.CaptureFixture[str], *argv: str) -> Any:

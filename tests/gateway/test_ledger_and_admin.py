@@ -346,6 +346,7 @@ BAD_USER_BODIES = [
     ({"name": "x", "limits": {"colour": 1}}, "limits.colour"),
     ({"name": "x", "limits": {"quota_period": "week"}}, "limits.quota_period"),
     ({"name": "x", "limits": {"expires_at": "soon"}}, "limits.expires_at"),
+    ({"name": "x", "limits": {"weight": 0}}, '"limits.weight" must be a number > 0 and <= 1000'),
     ({"name": "x", "limits": [1]}, '"limits"'),
     ({"name": "x", "colour": "red"}, '"colour"'),
 ]
@@ -375,6 +376,8 @@ async def test_admin_validation_errors_name_the_field(stack: Stack) -> None:
             await create_user(client, stack, "alice")
             for body, field in (({"suspended": "yes"}, '"suspended"'), ({"role": "root"}, '"role"'),
                                 ({"limits": {"max_concurrent": 1.5}}, "limits.max_concurrent"),
+                                ({"limits": {"weight": "2"}}, '"limits.weight" must be a number'),
+                                ({"limits": {"weight": 1e9}}, "<= 1000"),
                                 ({"name": "bob"}, '"name"')):
                 response = await client.patch("/admin/api/users/alice", json=body)
                 assert_openai_error(response, 400, field)

@@ -369,7 +369,7 @@ async def test_me_shows_effective_limits_and_what_remains(stack):
         async with httpx.AsyncClient(timeout=10) as client:
             key = await new_user(client, stack, "ann", requests_per_day=10, token_quota=1000,
                                  quota_period="month", max_concurrent=3,
-                                 expires_at="2099-01-01")
+                                 expires_at="2099-01-01", weight=2.5)
             answer = await client.post(stack.url + "/api/chat", json=chat(stream=False),
                                        headers=bearer(key))
             me = (await client.get(stack.url + "/v1/me", headers=bearer(key))).json()
@@ -378,7 +378,7 @@ async def test_me_shows_effective_limits_and_what_remains(stack):
         "requests_per_minute": None, "requests_per_day": 10, "tokens_per_minute": None,
         "tokens_per_day": None, "token_quota": 1000, "quota_period": "month",
         "max_concurrent": 3, "max_tokens_per_request": None, "allowed_models": None,
-        "expires_at": "2099-01-01T00:00:00Z"}
+        "expires_at": "2099-01-01T00:00:00Z", "weight": 2.5}
     assert me["remaining"] == {
         "requests_per_minute": None, "requests_per_day": 9, "tokens_per_minute": None,
         "tokens_per_day": None, "token_quota": 1000 - used, "max_concurrent": 3}

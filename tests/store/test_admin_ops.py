@@ -66,6 +66,12 @@ BAD_CREATIONS = [  # (name, role, limits) → what the 400 says
     ("alice", "user", {"allowed_models": [""]}, '"limits.allowed_models" must be a list'),
     ("alice", "user", {"expires_at": "tomorrow"}, '"limits.expires_at" must be an ISO 8601'),
     ("alice", "user", {"expires_at": 1700000000}, '"limits.expires_at" must be an ISO 8601'),
+    ("alice", "user", {"weight": 0}, '"limits.weight" must be a number > 0 and <= 1000, or null'),
+    ("alice", "user", {"weight": -2.5}, '"limits.weight" must be a number > 0'),
+    ("alice", "user", {"weight": 1000.001}, '"limits.weight" must be a number > 0 and <= 1000'),
+    ("alice", "user", {"weight": True}, '"limits.weight" must be a number'),
+    ("alice", "user", {"weight": "2"}, '"limits.weight" must be a number'),
+    ("alice", "user", {"weight": [2]}, '"limits.weight" must be a number'),
 ]
 
 
@@ -99,12 +105,25 @@ def test_limits_are_stored_normalised_and_shown_as_given():
     stored = admin_ops.validate_limits({
         "tokens_per_minute": 1000.0, "max_tokens_per_request": 0, "quota_period": "month",
         "expires_at": "2026-11-27T08:14:39.75+01:00", "allowed_models": ["a", "b*"],
-        "token_quota": None,
+        "token_quota": None, "weight": 2,
     })
     assert stored == {"tokens_per_minute": 1000, "max_tokens_per_request": 0,
                       "quota_period": "month", "expires_at": utc(2026, 11, 27, 7, 14, 39),
-                      "allowed_models": ["a", "b*"], "token_quota": None}
+                      "allowed_models": ["a", "b*"], "token_quota": None, "weight": 2.0}
+    assert isinstance(stored["weight"], float)
     assert accounts.shown_limits(stored)["expires_at"] == "2026-11-27T07:14:39Z"
+
+
+def test_weight_is_kept_in_the_users_limits_json(conn, secret):
+    """weight needs no new column: the users row's limits JSON holds it; null brings the
+    default back."""
+    admin_ops.create_user(conn, secret, "alice", limits={"weight": 0.25}, actor="root")
+    row = conn.execute("SELECT limits FROM users WHERE name = 'alice'").fetchone()
+    assert json.loads(row[0]) == {"weight": 0.25}
+    user = admin_ops.update_user(conn, "alice", limits={"weight": 4}, actor="root")
+    assert user.to_json()["limits"] == {"weight": 4.0}
+    user = admin_ops.update_user(conn, "alice", limits={"weight": None}, actor="root")
+    assert user.limits == {}
 
 
 def test_expiry_is_a_number_in_the_row_and_iso_in_every_answer(conn, secret):
