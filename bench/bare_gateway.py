@@ -17,6 +17,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from ollama_proxy.api.record import RequestRecord  # noqa: E402
 from ollama_proxy.app import make_backend, server_settings  # noqa: E402
 from ollama_proxy.backends.registry import BackendSet  # noqa: E402
+from ollama_proxy.backends.router import Router  # noqa: E402
+from ollama_proxy.backends.settings import RoutingSettings  # noqa: E402
 from ollama_proxy.config import load_config  # noqa: E402
 from ollama_proxy.dispatch import DispatchTable, proxied_rows  # noqa: E402
 from ollama_proxy.http.server import HttpServer, Request  # noqa: E402
@@ -48,8 +50,9 @@ def main() -> None:
     parser.add_argument("--upstream", required=True)
     args = parser.parse_args()
     config = load_config(None, env={}, listen=args.listen, upstream_urls=[args.upstream])
-    backends = BackendSet([make_backend(u) for u in config.upstreams])
-    handler = ProxyHandler(backends, NoKeys(), Metering(NoLedger()))  # type: ignore[arg-type]
+    routing = RoutingSettings()
+    router = Router(BackendSet([make_backend(u, routing) for u in config.upstreams], routing))
+    handler = ProxyHandler(router, NoKeys(), Metering(NoLedger()))  # type: ignore[arg-type]
     server = HttpServer(DispatchTable(proxied_rows(handler.handle)).handle,
                         server_settings(config.server))
 

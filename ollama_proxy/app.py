@@ -18,7 +18,9 @@ from .admin.api import AdminApi
 from .admin.status import Status
 from .api.prompt_overhead import PromptOverheads
 from .api.record import RequestRecord
-from .backends.registry import Backend, BackendSet
+from .backends.registry import Backend, BackendSet, BackendSpec
+from .backends.router import Router
+from .backends.settings import RoutingSettings
 from .config import Config, ServerConfig, UpstreamConfig, settings
 from .dispatch import DispatchTable, gateway_table
 from .errors import BadRequest, ConfigError, ProxyError
@@ -37,7 +39,7 @@ from .store.threads import LedgerWriter, Store
 log = logging.getLogger("ollama_proxy.app")
 
 # Config sections a reload applies at once; a change anywhere else needs a restart.
-LIVE_SECTIONS = ("limits", "log", "aliases")
+LIVE_SECTIONS = ("limits", "log", "aliases", "upstream")
 BACKLOG_RETRY_S = 5.0  # after a failed read of the ledger rows the quotas miss at start
 
 
@@ -108,12 +110,16 @@ def pool_settings(cfg: UpstreamConfig) -> PoolSettings:
     return from_section(PoolSettings, cfg, tls=tls)
 
 
-def make_backend(cfg: UpstreamConfig) -> Backend:
+def make_backend(cfg: UpstreamConfig, routing: RoutingSettings) -> Backend:
     if cfg.scheme == "https" and not cfg.tls_verify:
         log.warning("backend %s: tls_verify = false: its certificate and name are not checked "
                     "(for testing only)", cfg.name)
-    return Backend(cfg.name, kind=cfg.kind, url=cfg.url, base_path=cfg.base_path,
-                   api_key=cfg.api_key, pool=UpstreamPool(pool_settings(cfg)))
+    spec = BackendSpec(cfg.name, kind=cfg.kind, url=cfg.url, base_path=cfg.base_path,
+                       api_key=cfg.api_key, priority=cfg.priority, slots=cfg.slots,
+                       globs=cfg.models or None, max_model_bytes=cfg.max_model_bytes)
+    backend = Backend(spec, UpstreamPool(pool_settings(cfg)), routing)
+    backend.origin = cfg
+    return backend
 
 
 def _flat_settings(config: Config) -> dict[str, str]:
@@ -140,7 +146,9 @@ class Gateway:
         # and the estimated usage rows both add it to the text.
         self.overheads = PromptOverheads()
         self.limiter = Limiter(config.limits, overheads=self.overheads)
-        self.backends = BackendSet([make_backend(u) for u in config.upstreams])
+        routing = config.routing
+        self.backends = BackendSet([make_backend(u, routing) for u in config.upstreams], routing)
+        self.router = Router(self.backends)
         self.store = Store(config.server.database)  # accounts: keys, users, audit
         self.reports = Store(config.server.database)  # usage reports, never in the way of those
         self.ledger = LedgerWriter(config.server.database, wait=config.server.ledger_wait)
@@ -155,6 +163,7 @@ class Gateway:
             recounter=self.recounter, observers=[on_record] if on_record else [])
         self._admin_key = admin_key
         self.secret = b""  # the key-hashing secret, once the database is open
+        self._nursery: trio.Nursery | None = None  # background tasks, while running
         self.index: KeyIndex | None = None
         self.relay: ProxyHandler | None = None
         self.admin: AdminApi | None = None
@@ -182,7 +191,7 @@ class Gateway:
         await index.reload()
         self.index = index
         self.admin = AdminApi(self.store, self.reports, self.ledger.touch, index, secret,
-                              self.backends, self.limiter, self.reload)
+                              self.router, self.limiter, self.reload)
         return index
 
     async def reload(self, actor: str) -> dict[str, Any]:
@@ -203,10 +212,11 @@ class Gateway:
         self.limiter.set_defaults(new.limits)
         if self.relay is not None:
             self.relay.aliases = new.aliases
+        self._swap_backends(new)
         if new.log.level != self.config.log.level:
             logging.getLogger().setLevel(new.log.level.upper())
         self.config = dataclasses.replace(self.config, limits=new.limits, log=new.log,
-                                          aliases=new.aliases)
+                                          aliases=new.aliases, upstreams=new.upstreams)
         answer = {
             "reloaded": new.source,
             "applied": [c for c in changed if c.split(".")[0] in LIVE_SECTIONS],
@@ -214,6 +224,26 @@ class Gateway:
         }
         await self.store.call(accounts.audit, actor, "config.reload", new.source or "", answer)
         return answer
+
+    def _swap_backends(self, new: Config) -> None:
+        """Backends added, removed or changed by a reload; an unchanged one keeps its
+        state, a removed or changed one finishes its requests in flight, then closes."""
+        if new.upstreams == self.config.upstreams:
+            return
+        current = {b.origin: b for b in self.backends.backends}
+        routing = self.backends.routing
+        fresh = [current.get(u) or make_backend(u, routing) for u in new.upstreams]
+        for backend in self.backends.replace(fresh):
+            log.info("backend %s removed or changed by the reload: it finishes its %d "
+                     "requests in flight", backend.name, backend.requests)
+            if self._nursery is not None:
+                self._nursery.start_soon(self._close_retired, backend)
+        self.router.wake_all()
+
+    @staticmethod
+    async def _close_retired(backend: Backend) -> None:
+        await backend.drained.wait()
+        await backend.pool.close_idle()
 
     async def run(
         self,
@@ -229,7 +259,7 @@ class Gateway:
             # Before the first request: a restart neither resets a window nor forgets a quota.
             self.limiter.store, backlog = await self.reports.call(load_counters,
                                                                   self.limiter.clock())
-            self.relay = ProxyHandler(self.backends, index, self.metering, steps=[self.limiter],
+            self.relay = ProxyHandler(self.router, index, self.metering, steps=[self.limiter],
                                       aliases=self.config.aliases,
                                       max_response_bytes=cfg.max_response_bytes)
             assert self.admin is not None
@@ -241,6 +271,8 @@ class Gateway:
                 await nursery.start(self.recounter.run)
                 nursery.start_soon(index.keep_fresh)
                 nursery.start_soon(self.backends.run_health_checks)
+                nursery.start_soon(self.router.run)
+                self._nursery = nursery
                 nursery.start_soon(self.access_log.run)
                 if handle_signals:
                     nursery.start_soon(self._drain_on_signals)

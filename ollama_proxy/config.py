@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from .access.limits import Limits
 from .api.models import NO_ALIASES, Aliases, canonical_model, name_problem
+from .backends.settings import RoutingSettings
 from .config_parsers import DEFAULT_PORTS, IpNetwork
 from .config_schema import ALIASES, ENV_PREFIX, SECTIONS, UPSTREAM, Key, env_name, rows
 from .errors import ConfigError
@@ -84,20 +85,6 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class RoutingConfig:
-    """``[routing]``: the defaults are the schema's (a test keeps them equal)."""
-
-    refresh_s: float = 30.0
-    health_interval_s: float = 5.0
-    queue_timeout_s: float = 60.0
-    max_queue: int = 256
-    max_queued_per_user: int = 16
-    eject_after_failures: int = 3
-    eject_s: float = 30.0
-    fair_queue: bool = True  # False: first come first served
-
-
-@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     log: LogConfig
@@ -105,7 +92,7 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...]
     source: str | None
     aliases: Aliases = NO_ALIASES  # [aliases]: model names that stand for others
-    routing: RoutingConfig = RoutingConfig()
+    routing: RoutingSettings = RoutingSettings()
 
 
 Raw = dict[str, tuple[str, str]]  # key -> (text, origin for messages)
@@ -365,7 +352,7 @@ def load_config(path: str | None = None, *, env: Mapping[str, str] | None = None
                         if name.startswith(UPSTREAM + ".")),
         source=source,
         aliases=aliases,
-        routing=RoutingConfig(**_fields("routing", _parse_section("routing", sections["routing"]))),
+        routing=RoutingSettings(**_fields("routing", _parse_section("routing", sections["routing"]))),
     )
 
 

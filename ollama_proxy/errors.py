@@ -161,6 +161,36 @@ class UpstreamTimeout(ProxyError):
     code = "upstream_timeout"
 
 
+class ModelNotServed(ProxyError):
+    """No backend serves the model (or none that speaks the request's API)."""
+
+    status = 404
+    code = "model_not_found"
+
+
+class NoBackendAvailable(ProxyError):
+    """Backends serve the model, but every one is down or ejected: retry later."""
+
+    status = 503
+    code = "backend_unavailable"
+    openai_type = "server_error"
+
+
+class Overloaded(ProxyError):
+    """The fair queue is full, or the request waited its whole ``queue_timeout_s``."""
+
+    status = 503
+    code = "overloaded"
+    openai_type = "server_error"
+
+
+class TooManyQueued(ProxyError):
+    """This user already has ``max_queued_per_user`` requests waiting for a slot."""
+
+    status = 429
+    code = "too_many_queued"
+
+
 class LimitError(ProxyError):
     """A per-user limit refused the request , before any backend saw it.
 

@@ -60,6 +60,13 @@ class Stack:
         return {"Authorization": f"Bearer {self.key}"}
 
 
+def relayed(sim: Simulator) -> list[SimRecord]:
+    """What reached the simulator from clients, without the gateway's own requests
+    (health checks, model lists): those carry no X-Request-Id."""
+    return [r for r in sim.records
+            if any(name.lower() == b"x-request-id" for name, _ in r.headers)]
+
+
 def _scratch_dir() -> str:
     path = tempfile.mkdtemp(prefix="ollama-proxy-test-")
     atexit.register(shutil.rmtree, path, True)

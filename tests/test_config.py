@@ -14,7 +14,7 @@ from ollama_proxy.config import (
     DEFAULT_CONFIG_FILE,
     GB,
     Config,
-    RoutingConfig,
+    RoutingSettings,
     ServerConfig,
     UpstreamConfig,
     describe,
@@ -66,17 +66,17 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         max_connections=1024, connect_timeout_s=5.0, first_byte_timeout_s=600.0,
         chunk_gap_timeout_s=300.0, tokenize="auto", models=(), priority=0, slots=0,
         max_model_bytes=None),)
-    assert config.routing == RoutingConfig(
+    assert config.routing == RoutingSettings(
         refresh_s=30.0, health_interval_s=5.0, queue_timeout_s=60.0, max_queue=256,
         max_queued_per_user=16, eject_after_failures=3, eject_s=30.0, fair_queue=True)
     assert config.limits.weight == 1.0
 
 
 def test_routing_dataclass_defaults_are_the_schema_defaults() -> None:
-    """RoutingConfig() (a Config built without [routing]) holds the schema's defaults."""
+    """RoutingSettings() (a Config built without [routing]) holds the schema's defaults."""
     for row in rows("routing"):
         assert row.field is not None
-        assert getattr(RoutingConfig(), row.field) == row.parse(row.default), row.name
+        assert getattr(RoutingSettings(), row.field) == row.parse(row.default), row.name
 
 
 def test_config_is_frozen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -107,7 +107,7 @@ def test_shipped_example_equals_defaults(tmp_path: Path, monkeypatch: pytest.Mon
     shipped = load_config(str(REPO / DEFAULT_CONFIG_FILE), env={})
     assert shipped.server == expected.server and shipped.log == expected.log
     assert shipped.limits == expected.limits == Limits()
-    assert shipped.routing == expected.routing == RoutingConfig()
+    assert shipped.routing == expected.routing == RoutingSettings()
     assert [dataclasses.replace(u, name="default") for u in shipped.upstreams] == list(expected.upstreams)
     assert [u.name for u in shipped.upstreams] == ["local"]
 
@@ -561,7 +561,7 @@ def test_routing_section(tmp_path: Path) -> None:
                   env={"OLLAMA_PROXY_ROUTING_QUEUE_TIMEOUT_S": "7",
                        "OLLAMA_PROXY_ROUTING_MAX_QUEUED_PER_USER": "2",
                        "OLLAMA_PROXY_ROUTING_EJECT_S": "0.5"})
-    assert config.routing == RoutingConfig(refresh_s=2.5, max_queue=10, fair_queue=False,
+    assert config.routing == RoutingSettings(refresh_s=2.5, max_queue=10, fair_queue=False,
                                            queue_timeout_s=7.0, max_queued_per_user=2, eject_s=0.5)
     assert settings(config)["routing"] == {
         "refresh_s": "2.5", "health_interval_s": "5", "queue_timeout_s": "7", "max_queue": "10",
@@ -578,7 +578,7 @@ def test_a_config_built_without_routing_has_the_defaults(tmp_path: Path,
     config = defaults(tmp_path, monkeypatch)
     again = Config(server=config.server, log=config.log, limits=config.limits,
                    upstreams=config.upstreams, source=None)
-    assert again.routing == config.routing == RoutingConfig()
+    assert again.routing == config.routing == RoutingSettings()
 
 
 def test_upstream_routing_keys(tmp_path: Path) -> None:

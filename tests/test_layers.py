@@ -21,8 +21,8 @@ SHELLS = {
     "__main__", "app",
     "http.server", "http.connection", "http.responder", "http.watch", "http.client", "http.sockio",
     "access.identity",
-    "backends.registry",
-    "proxy.relay", "proxy.metering", "proxy.recount",
+    "backends.registry", "backends.router",
+    "proxy.relay", "proxy.metering", "proxy.recount", "proxy.fanout",
     "observe.access_log",
     "store.threads",
     "cli.demo",
@@ -168,7 +168,7 @@ def test_the_proxy_never_imports_admin_cli_or_the_simulator():
     ("config_parsers", ("errors", "isotime", "http.messages")),
     ("config_schema", ("errors", "isotime", "config_parsers")),
     ("config", ("errors", "isotime", "config_parsers", "config_schema", "access.limits",
-                "api.models", "http.messages")),
+                "api.models", "backends.settings", "http.messages")),
 ])
 def test_the_shared_top_level_modules_import_only_values(module, allowed):
     """errors, isotime and the config sit under everything: they import only values."""

@@ -132,6 +132,7 @@ class Limiter:
         entry = ex.principal
         assert entry is not None  # the gateway identifies the caller before this step
         limits, tokens = self._resolve(entry)
+        ex.weight = limits.weight
         route = ex.route
         if self.quota_pending is not None and route.metered:
             await self.quota_known(limits)

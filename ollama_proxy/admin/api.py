@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl
 from ..access.identity import KeyIndex, authorize
 from ..access.limiter import Limiter
 from ..api.jsonbody import decode_object
-from ..backends.registry import BackendSet
+from ..backends.router import Router
 from ..errors import BadRequest
 from ..http.messages import JSON_TYPE, Request
 from ..http.responder import Responder
@@ -65,13 +65,13 @@ class AdminApi:
     """The admin endpoints; ``endpoint`` makes each a dispatch-table handler."""
 
     def __init__(self, store: Store, reports: Store, touch: Touch, index: KeyIndex,
-                 secret: bytes, backends: BackendSet, limiter: Limiter, reload: Reload) -> None:
+                 secret: bytes, router: Router, limiter: Limiter, reload: Reload) -> None:
         self._store = store
         self._reports = reports
         self._touch = touch
         self._index = index
         self._secret = secret
-        self._backends = backends
+        self._router = router
         self._limiter = limiter
         self._reload = reload
 
@@ -191,10 +191,8 @@ class AdminApi:
 
     async def backends(self, request: Request, entry: KeyEntry,
                        params: Params) -> tuple[int, Any]:
-        out = []
-        for backend in self._backends.backends:
-            info = backend.describe()
-            info["in_flight"] = backend.pool.in_use
-            out.append(info)
-        return 200, {"backends": out}
+        router = self._router
+        return 200, {"backends": [b.describe(queued=router.queued_for(b))
+                                  for b in router.backends.backends],
+                     "queued": router.queue.waiting()}
 

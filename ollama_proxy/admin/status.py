@@ -35,6 +35,6 @@ class Status:
             "version": __version__,
             "uptime_s": round(time.time() - self._started, 3),
             # anyone may ask: names and state only (URLs and errors are for /admin/api/backends)
-            "backends": [{"name": b.name, "up": bool(b.state.up)} for b in self._backends.backends],
+            "backends": [{"name": b.name, "up": bool(b.health.up)} for b in self._backends.backends],
         }).encode()
         await responder.respond(200 if up else 503, [(b"content-type", JSON_TYPE)], body)

@@ -39,6 +39,9 @@ class Exchange:
     alias: str | None = None  # the alias the client named; ``model`` is then its target
     path_model: str | None = None  # the target of an alias the path names
     listed_aliases: Aliases | None = None  # a model list gets an entry per alias
+    target_override: str | None = None  # the target sent upstream, when not the client's
+    pinned: Any = None  # the backend ``?backend=NAME`` named (a ``Backend``: api knows none)
+    weight: float = 1.0  # the user's share of GPU slots when they are contended (a limit)
 
     @property
     def model(self) -> str | None:
@@ -103,6 +106,8 @@ class Exchange:
     def upstream_target(self) -> str:
         """The request target sent upstream: the client's, with an alias in the
         path replaced by its target."""
+        if self.target_override is not None:
+            return self.target_override
         prefix = self.route.model_in_path
         if self.path_model is None or prefix is None:
             return self.request.target

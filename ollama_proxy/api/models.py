@@ -136,15 +136,29 @@ def _with_aliases(entries: list[Any], name_fields: tuple[str, ...],
     return out
 
 
+def dump_json(doc: Any) -> bytes:
+    """Compact JSON, as Go writes it. A lone surrogate (from a ``\\udc00`` escape)
+    cannot be UTF-8: then every non-ASCII character is escaped instead."""
+    try:
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _load(body: bytes) -> Any:
+    """The JSON document, or None when it is not one (nested too deep counts)."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
 def filter_listing(globs: Iterable[str] | None, body: bytes,
                    aliases: Aliases = NO_ALIASES) -> bytes:
     """A model list reply (``/api/tags``, ``/api/ps``, ``/v1/models``) without the
     models ``globs`` do not allow (None: all allowed), with an entry per alias whose
     target it lists; anything else comes back unchanged."""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return body
+    doc = _load(body)
     if not isinstance(doc, dict):
         return body
     pats = None if globs is None else tuple(globs)
@@ -160,16 +174,13 @@ def filter_listing(globs: Iterable[str] | None, body: bytes,
         doc[key] = kept
     if not changed:
         return body
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+    return dump_json(doc)
 
 
 def rename_model(body: bytes, alias: str) -> bytes:
     """A ``/v1/models/{id}`` reply for the target, given the alias's id."""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return body
+    doc = _load(body)
     if not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
         return body
     doc["id"] = alias
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+    return dump_json(doc)

@@ -51,6 +51,7 @@ class RequestRecord:
     key_prefix: str | None = None  # which key, by its non-secret prefix
     metered: bool = False  # a generation or an embedding: it counts for the limits
     alias: str | None = None  # the [aliases] name the client used; ``model`` is its target
+    queued_s: float = 0.0  # waited in the fair queue for a GPU slot
 
     def to_json(self) -> str:
         """One compact JSON object (asdict's deep copy is too slow per request)."""

@@ -52,6 +52,13 @@ class Route:
         return self.kind is RouteKind.GENERATION or self.kind is RouteKind.EMBEDDING
 
     @property
+    def routes_by_model(self) -> bool:
+        """The model it names picks the backend (generations, embeddings, /api/show,
+        /v1/models/{id}); the rest go to any backend that speaks its API."""
+        return self.kind is not RouteKind.MANAGEMENT and (
+            self.model_required or self.model_in_path is not None)
+
+    @property
     def openai_generation(self) -> bool:
         """/v1 chat and completions: a stream reports usage only if asked
         (``stream_options.include_usage``), and llama.cpp servers ignore the ask."""

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
-from ..api.models import canonical_model, model_allowed, name_problem
+from ..api.models import canonical_model, dump_json, model_allowed, name_problem
 
 # A hostile or broken backend could list millions of models; the list is kept for the
 # life of the process and scanned for the admin page, so it is bounded. Ollama's
@@ -110,17 +110,17 @@ class Catalogue:
 
 def merged_tags(bodies: Sequence[bytes]) -> bytes:
     """One ``/api/tags`` reply from several backends' replies (see ``_merged``)."""
-    return _dumps({"models": _merged(bodies, *_TAGS)})
+    return dump_json({"models": _merged(bodies, *_TAGS)})
 
 
 def merged_ps(bodies: Sequence[bytes]) -> bytes:
     """One ``/api/ps`` reply from several backends' replies (see ``_merged``)."""
-    return _dumps({"models": _merged(bodies, *_TAGS)})
+    return dump_json({"models": _merged(bodies, *_TAGS)})
 
 
 def merged_openai_models(bodies: Sequence[bytes]) -> bytes:
     """One ``/v1/models`` reply from several backends' replies (see ``_merged``)."""
-    return _dumps({"object": "list", "data": _merged(bodies, *_OPENAI)})
+    return dump_json({"object": "list", "data": _merged(bodies, *_OPENAI)})
 
 
 def _merged(bodies: Sequence[bytes], key: str, fields: tuple[str, ...]) -> list[Any]:
@@ -206,10 +206,3 @@ def _size(value: Any) -> int | None:
     return value
 
 
-def _dumps(doc: dict[str, Any]) -> bytes:
-    """Compact JSON, as Go writes it. A lone surrogate (from a ``\\udc00`` escape)
-    cannot be UTF-8: then every non-ASCII character is escaped instead."""
-    try:
-        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
-    except UnicodeEncodeError:
-        return json.dumps(doc, separators=(",", ":")).encode()

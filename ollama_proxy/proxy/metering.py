@@ -24,6 +24,7 @@ from ..api.exchange import Exchange
 from ..api.record import Outcome, RequestRecord
 from ..api.usage import StreamScanner, UsageTally, estimate_prompt_tokens
 from ..backends.registry import Backend
+from ..backends.router import Lease
 from ..observe.access_log import AccessLog
 from .recount import Recounter
 
@@ -46,12 +47,14 @@ BuiltHook = Callable[[Exchange, RequestRecord], None]
 class RecordDraft:
     """What is known of one request's record while the request runs."""
 
-    __slots__ = ("exchange", "backend", "status", "tally", "ttfb_s", "scanner", "record",
+    __slots__ = ("exchange", "backend", "lease", "queued_s", "status", "tally", "ttfb_s", "scanner", "record",
                  "recorded", "started")
 
     def __init__(self, exchange: Exchange) -> None:
         self.exchange = exchange
         self.backend: Backend | None = None
+        self.lease: Lease | None = None  # the backend's slot it holds, given back at its end
+        self.queued_s = 0.0  # waited for a slot (summed over the backends tried)
         self.status = 0
         self.tally = UsageTally(exact=True)  # nothing used until a backend is asked
         self.ttfb_s: float | None = None
@@ -108,6 +111,7 @@ class Metering:
             key_prefix=ex.principal.prefix if ex.principal else None,
             metered=ex.route.metered,
             alias=ex.alias,
+            queued_s=round(draft.queued_s, 6),
         )
         draft.recorded = True
         for hook in self._on_built:

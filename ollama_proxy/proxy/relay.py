@@ -28,8 +28,11 @@ from ..api.models import NO_ALIASES, Aliases
 from ..api.record import Outcome
 from ..api.routes import Route, RouteKind
 from ..api.usage import StreamScanner, UsageTally, scan_whole_body
-from ..backends.registry import BackendSet
+from ..backends.registry import Backend
+from ..backends.router import Lease, Router
 from ..errors import (
+    ApiFamily,
+    BadRequest,
     ProxyError,
     ShuttingDown,
     Unauthorized,
@@ -41,6 +44,7 @@ from ..errors import (
 from ..http.client import ResponseTooLarge, UpstreamResponse
 from ..http.messages import JSON_TYPE, Request
 from ..http.responder import ClientGone, ClientStalled, Responder
+from .fanout import ask_all, backend_param, management_answer, merged_listing, no_backend
 from .metering import Metering, RecordDraft
 
 log = logging.getLogger("ollama_proxy.relay")
@@ -54,6 +58,12 @@ PARSE_IN_THREAD_CONTAINERS = 1000
 BIG_PARSES = 2
 # A reply cut for its size is counted by its bytes (its usage was at its end).
 BYTES_PER_TOKEN = 4
+# A request that could not be served goes to the next eligible backend at most this often,
+# and never once its first byte went to the client.
+MAX_RETRIES = 2
+# Sent to every ollama backend unless ?backend=NAME picks one (the rest need one named).
+FAN_OUT_MANAGEMENT = frozenset({"pull", "delete"})
+NDJSON_TYPE = b"application/x-ndjson"
 # A client's X-Request-Id is kept when it looks like an id, else we make one.
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
@@ -88,6 +98,15 @@ def _frame_kind(content_type: bytes | None) -> FrameKind | None:
     return None
 
 
+def _native(ex: Exchange) -> bool:
+    return ex.route.family is ApiFamily.NATIVE
+
+
+def _routing_model(ex: Exchange) -> str | None:
+    """The model that picks the backend (None: any backend of the API's kind)."""
+    return ex.model if ex.route.routes_by_model else None
+
+
 def _shutting_down() -> ShuttingDown:
     """A drain's grace ran out before the backend answered: the client may retry."""
     return ShuttingDown("the gateway is shutting down; retry", retry_after_s=1)
@@ -98,7 +117,7 @@ class ProxyHandler:
 
     def __init__(
         self,
-        backends: BackendSet,
+        router: Router,
         index: KeyIndex,
         metering: Metering,
         *,
@@ -107,7 +126,7 @@ class ProxyHandler:
         max_response_bytes: int = 256 * 1024 * 1024,
         max_frame_bytes: int = 1 << 20,
     ) -> None:
-        self._backends = backends
+        self._router = router
         self._index = index
         self._metering = metering
         self._steps = tuple(steps)
@@ -148,6 +167,8 @@ class ProxyHandler:
                 ex.resolve_alias(self.aliases)  # before the steps: limits judge the target
                 for step in self._steps:
                     await step(ex)
+                if await self._serve_several(ex, responder, draft):
+                    return
                 with responder.stop_scope():  # a drain's grace ends the wait here
                     upstream = await self._send_upstream(ex, draft)
                 if upstream is None:
@@ -170,6 +191,9 @@ class ProxyHandler:
             await self._record(draft, Outcome.ERROR)
             raise
         finally:
+            if draft.lease is not None:  # the slot first: synchronous, cannot be cancelled
+                tally = draft.tally
+                draft.lease.release(tally.completion_tokens if tally.exact else tally.frames)
             if not draft.recorded:  # cancelled: the client left, or shutdown
                 await self._record(draft, Outcome.CLIENT_CLOSED if responder.client_gone
                                    else Outcome.CANCELLED)
@@ -186,31 +210,122 @@ class ProxyHandler:
                                              limiter=self._big_parses)
 
     async def _send_upstream(self, ex: Exchange, draft: RecordDraft) -> UpstreamResponse:
-        """Send to the first backend that takes the connection."""
-        request = ex.request
+        """Send to a backend the router picks; one that refuses, breaks before its
+        answer or answers a 5xx at once is marked, and the next one is tried
+        (``MAX_RETRIES``): nothing has reached the client yet."""
         body = ex.body()
+        tried: set[Backend] = set()
         failure: ProxyError | None = None
-        for backend in self._backends.candidates(ex):
+        for attempt in range(MAX_RETRIES + 1):
+            try:
+                lease = await self._lease(ex, frozenset(tried))
+            except ProxyError:
+                if failure is None:
+                    raise
+                raise failure from None  # no other backend to try: the failure stands
+            backend = lease.backend
+            draft.lease, draft.backend = lease, backend
+            draft.queued_s += lease.queued_s
             headers = upstream_request_headers(
-                request.headers, host=backend.host_header, body_length=len(body),
+                ex.request.headers, host=backend.host_header, body_length=len(body),
                 api_key=backend.api_key, request_id=ex.request_id,
             )
-            draft.backend = backend
             if ex.route.metered:
                 draft.tally = UsageTally()  # sent: from here on, usage is unknown until counted
             try:
                 response = await backend.pool.request(
                     ex.upstream_method, backend.target(ex.upstream_target), headers, body,
                     on_sent=self._metering.while_waiting)
-            except UpstreamUnreachable as err:
-                draft.tally = UsageTally(exact=True)  # never reached a backend: nothing used
-                backend.mark(False, err.message)
+            except (UpstreamUnreachable, UpstreamTimeout, UpstreamProtocolError) as err:
+                if isinstance(err, UpstreamUnreachable):  # never reached it: nothing used
+                    draft.tally = UsageTally(exact=True)
+                    backend.unreachable(err.message)
+                else:
+                    log.warning("%s: backend %s failed before answering: %s",
+                                ex.request_id.decode(), backend.name, err.message)
+                    backend.failed(err.message)
+                lease.release()
+                tried.add(backend)
                 failure = err
                 continue
-            backend.mark(True)
+            if response.status < 500:
+                backend.succeeded()
+            else:  # an overloaded Ollama answers 503 at once: it must not look fast
+                backend.failed(f"answered {response.status}")
+                tried.add(backend)
+                if attempt < MAX_RETRIES and self._router.eligible(
+                        _routing_model(ex), _native(ex), frozenset(tried)):
+                    await response.aclose()
+                    lease.release()
+                    draft.tally = UsageTally(exact=True)
+                    failure = None
+                    continue
             return response
         assert failure is not None
         raise failure
+
+    async def _serve_several(self, ex: Exchange, responder: Responder, draft: RecordDraft
+                             ) -> bool:
+        """A model list or a management request for several backends: sent to each,
+        answered once (True). False: it goes to one backend (``ex.pinned`` set when
+        ``?backend=NAME`` names it)."""
+        route, native = ex.route, _native(ex)
+        kinds = self._router.backends.of_kind(native)
+        if route.kind is RouteKind.MANAGEMENT:
+            name, ex.target_override = backend_param(ex.request.target)
+            if name is not None:
+                ex.pinned = self._router.backends.by_name(name)
+                if ex.pinned is None or not ex.pinned.native:
+                    raise BadRequest(f"?backend={name}: no ollama backend has that name; "
+                                     f"they are: {', '.join(b.name for b in kinds)}")
+                return False
+            if len(kinds) <= 1:
+                return False
+            if route.name not in FAN_OUT_MANAGEMENT:
+                raise BadRequest(f"{ex.request.path} with several ollama backends: name one with "
+                                 f"?backend=NAME ({', '.join(b.name for b in kinds)})")
+        elif not route.lists_models or len(kinds) <= 1:
+            return False
+        backends = self._router.eligible(None, native, frozenset())
+        if not backends:
+            raise no_backend(native)
+        if route.lists_models:
+            answers = await ask_all(backends, "GET", ex.request.target, ex.request.headers, b"",
+                                    ex.request_id)
+            status, body, ctype = 200, merged_listing(route, answers), JSON_TYPE
+            if ex.rewrites_reply:
+                body = ex.reply(body)
+        else:
+            obj = dict(ex.body_obj or {}, stream=False)  # one answer per backend, not progress
+            answers = await ask_all(backends, ex.request.method, ex.request.target,
+                                    ex.request.headers, json.dumps(obj).encode(), ex.request_id,
+                                    timeout_s=None, max_bytes=self._max_response_bytes)
+            status, payload = management_answer(answers, route.name)
+            body = json.dumps(payload).encode()
+            ctype = JSON_TYPE
+            if ex.stream:  # the client reads progress lines: the one line says it all
+                body, ctype = body + b"\n", NDJSON_TYPE
+        draft.status = status
+        await self._record(draft, Outcome.OK)
+        headers = [(b"content-type", ctype), (b"x-request-id", ex.request_id),
+                   *(ex.extra_headers or ())]
+        if ex.request.method == "HEAD":
+            await responder.start(status, headers, length=len(body))
+            await responder.end()
+        else:
+            await responder.respond(status, headers, body)
+        return True
+
+    async def _lease(self, ex: Exchange, exclude: frozenset[Backend]) -> Lease:
+        if ex.pinned is not None:
+            return self._router.pinned(ex.pinned)
+        principal = ex.principal
+        metered = ex.route.metered
+        return await self._router.lease(
+            model=_routing_model(ex), native=_native(ex),
+            slotted=metered, user=principal.user if principal else "",
+            weight=ex.weight, exclude=exclude,
+            prompt_tokens=len(ex.request.body) // BYTES_PER_TOKEN if metered else 0)
 
     def _response_headers(self, ex: Exchange, upstream: UpstreamResponse,
                           streaming: bool) -> list[tuple[bytes, bytes]]:
@@ -260,6 +375,8 @@ class ProxyHandler:
             kind, drop_usage_chunk=ex.usage_injected, max_frame_bytes=self._max_frame_bytes,
             capture_bytes=self._metering.capture_bytes(draft.backend, ex))
         tally = draft.tally = scanner.tally
+        if draft.lease is not None:
+            draft.lease.stream_progress(lambda: tally.frames)
         await responder.start(upstream.status, self._response_headers(ex, upstream, True))
         failure: str | None = None
         cut = False  # by a drain

@@ -207,6 +207,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE ledger ADD COLUMN alias TEXT;
     """,
+    # Migration 6: the seconds a request waited in the fair queue for a GPU slot.
+    """
+    ALTER TABLE ledger ADD COLUMN queued_s REAL NOT NULL DEFAULT 0;
+    """,
 ]
 
 

@@ -21,7 +21,7 @@ from .db import SUMMARIES, WATERMARK, fold_sql
 
 _COLUMNS = ("time", "user", "key_prefix", "backend", "model", "endpoint", "status", "outcome",
             "prompt_tokens", "completion_tokens", "estimated", "stream", "duration_s", "ttfb_s",
-            "request_id", "client", "metered", "alias")
+            "request_id", "client", "metered", "alias", "queued_s")
 _INSERT = (f"INSERT INTO ledger ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
 
@@ -107,6 +107,8 @@ def storable(record: RequestRecord, now: float) -> tuple[RequestRecord, tuple[st
         changes["time"] = _seconds(r.time, MAX_TIME - 1, now)
     if not (type(r.duration_s) in _NUMBER and 0 <= r.duration_s <= MAX_SECONDS):
         changes["duration_s"] = _seconds(r.duration_s, MAX_SECONDS, 0.0)
+    if not (type(r.queued_s) in _NUMBER and 0 <= r.queued_s <= MAX_SECONDS):
+        changes["queued_s"] = _seconds(r.queued_s, MAX_SECONDS, 0.0)
     if r.ttfb_s is not None and not (type(r.ttfb_s) in _NUMBER and 0 <= r.ttfb_s <= MAX_SECONDS):
         changes["ttfb_s"] = _seconds(r.ttfb_s, MAX_SECONDS, 0.0)
     if not changes:
@@ -124,7 +126,7 @@ def storable_count(value: object) -> tuple[int, bool]:
 def _row(r: RequestRecord) -> tuple[Any, ...]:
     return (r.time, r.user, r.key_prefix, r.backend, r.model, r.endpoint, r.status, r.outcome,
             r.prompt_tokens, r.completion_tokens, int(r.estimated), int(r.stream), r.duration_s,
-            r.ttfb_s, r.request_id, r.client, int(r.metered), r.alias)
+            r.ttfb_s, r.request_id, r.client, int(r.metered), r.alias, r.queued_s)
 
 
 # --- writing (inside the caller's transaction) --------------------------------------
@@ -248,7 +250,7 @@ def rows_since(conn: sqlite3.Connection, since: float) -> list[RequestRecord]:
                         completion_tokens=r[9], estimated=bool(r[10]), stream=bool(r[11]),
                         duration_s=r[12] if r[12] is not None else 0.0, ttfb_s=r[13],
                         client=r[15] or "", user=r[1], key_prefix=r[2], metered=bool(r[16]),
-                        alias=r[17])
+                        alias=r[17], queued_s=r[18] or 0.0)
             for r in rows]
 
 

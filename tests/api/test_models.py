@@ -90,3 +90,17 @@ def test_rename_model_gives_the_alias_its_id():
     assert json.loads(rename_model(body, "gpt-4o-mini")) == {
         "id": "gpt-4o-mini", "object": "model", "created": 1}
     assert rename_model(b"not json", "x") == b"not json"
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"models":' * 50_000])
+def test_a_list_nested_too_deep_comes_back_unchanged(body):
+    """A hostile reply nested past the parser's depth is passed on, not a crash."""
+    assert filter_listing(("llama*",), body) == body
+    assert rename_model(body, "alias") == body
+
+
+def test_a_lone_surrogate_survives_filtering():
+    """A "\\udc00" escape cannot be UTF-8: the filtered list escapes it again."""
+    body = b'{"models":[{"name":"llama3.2:latest","x":"\\udc00"},{"name":"qwen:1b"}]}'
+    got = filter_listing(("llama*",), body)
+    assert json.loads(got) == {"models": [{"name": "llama3.2:latest", "x": "\udc00"}]}

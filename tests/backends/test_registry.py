@@ -10,14 +10,21 @@ import pytest
 import trio
 
 from default_settings import pool_settings
-from ollama_proxy.backends.registry import HEALTH_TIMEOUT_S, Backend, BackendSet
+from ollama_proxy.backends.registry import (
+    HEALTH_TIMEOUT_S,
+    Backend,
+    BackendSet,
+    BackendSpec,
+)
+from ollama_proxy.backends.settings import RoutingSettings
 from ollama_proxy.http.client import UpstreamPool
 
 
 def backend(name: str = "b", *, port: int = 1, host: str = "127.0.0.1", kind: str = "ollama",
             base_path: str = "", api_key: str | None = None) -> Backend:
-    return Backend(name, kind=kind, url=f"http://{host}:{port}{base_path}", base_path=base_path,
-                   api_key=api_key, pool=UpstreamPool(pool_settings(port, host=host)))
+    spec = BackendSpec(name, kind=kind, url=f"http://{host}:{port}{base_path}",
+                       base_path=base_path, api_key=api_key)
+    return Backend(spec, UpstreamPool(pool_settings(port, host=host)))
 
 
 class HealthServer:
@@ -60,21 +67,6 @@ def test_a_set_needs_a_backend():
         BackendSet([])
 
 
-@pytest.mark.parametrize(("states", "order"), [
-    ((None, None, None), "abc"),      # nothing probed yet: as configured
-    ((True, True, True), "abc"),
-    ((False, True, None), "bca"),     # a backend known to be down goes last
-    ((False, False, True), "cab"),
-    ((False, False, False), "abc"),   # all down: still tried, as a last resort
-])
-def test_candidates_put_healthy_backends_first(states, order):
-    """Backends known to be down are tried last; otherwise the configured order holds."""
-    backends = [backend(name) for name in "abc"]
-    for b, up in zip(backends, states):
-        b.state.up = up
-    assert "".join(b.name for b in BackendSet(backends).candidates(None)) == order
-
-
 @pytest.mark.parametrize(("states", "up"), [
     ((None,), False), ((False, None), False), ((False, True), True), ((True, True), True),
 ])
@@ -82,7 +74,7 @@ def test_any_up(states, up):
     """Up only once a health check (or a request) found a backend up."""
     backends = [backend(str(i)) for i in range(len(states))]
     for b, state in zip(backends, states):
-        b.state.up = state
+        b.health.up = state
     assert BackendSet(backends).any_up() is up
 
 
@@ -100,19 +92,22 @@ def test_host_header_and_target(host, base_path, host_header, target):
     assert (b.host_header, b.target("/api/chat?x=1")) == (host_header, target)
 
 
-def test_mark_logs_changes_only(caplog):
+async def test_probe_results_log_changes_only(caplog):
     """Up and down are logged when they change; the last error is kept for the admin API."""
     b = backend("gpu")
     with caplog.at_level(logging.INFO, logger="ollama_proxy.backends"):
-        b.mark(False, "refused")
-        b.mark(False, "refused again")
-        b.mark(True)
-        b.mark(True)
+        b.unreachable("refused")
+        b.unreachable("refused again")
+        b.succeeded()
+        b.succeeded()
     assert [r.getMessage() for r in caplog.records] == ["backend gpu is down: refused",
                                                         "backend gpu is up"]
     assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.INFO]
-    assert b.describe() == {"name": "gpu", "url": "http://127.0.0.1:1", "kind": "ollama",
-                            "up": True, "error": None, "connections": {"idle": 0, "in_use": 0}}
+    described = b.describe()
+    assert {k: described[k] for k in ("name", "url", "kind", "up", "error", "in_flight",
+                                      "queued", "models_from")} == {
+        "name": "gpu", "url": "http://127.0.0.1:1", "kind": "ollama", "up": True, "error": None,
+        "in_flight": 0, "queued": 0, "models_from": "backend"}
 
 
 # -- health checks ----------------------------------------------------------------------
@@ -131,10 +126,10 @@ async def test_a_probe_asks_what_every_backend_of_its_kind_answers(nursery, kind
     port = await serve(nursery, server)
     b = backend(port=port, kind=kind, api_key=api_key,
                 base_path="/base" if kind == "openai" else "")
-    await BackendSet([b]).probe(b)
+    await b.probe()
     expected = [line.replace(b"{port}", str(port).encode()) for line in head]
     assert server.heads[0].lower().split(b"\r\n") == [line.lower() for line in expected]
-    assert (b.state.up, b.state.last_error) == (True, None)
+    assert (b.health.up, b.health.last_error) == (True, None)
 
 
 @pytest.mark.parametrize(("status", "up", "error"), [
@@ -144,8 +139,8 @@ async def test_a_probe_asks_what_every_backend_of_its_kind_answers(nursery, kind
 async def test_a_probe_judges_by_the_status(nursery, status, up, error):
     """Any answer below 500 means the backend is up; a 5xx means it is not."""
     b = backend(port=await serve(nursery, HealthServer(reply(status))))
-    await BackendSet([b]).probe(b)
-    assert (b.state.up, b.state.last_error) == (up, error)
+    await b.probe()
+    assert (b.health.up, b.health.last_error) == (up, error)
 
 
 async def test_a_silent_backend_is_down_after_the_timeout(nursery, autojump_clock):
@@ -153,10 +148,10 @@ async def test_a_silent_backend_is_down_after_the_timeout(nursery, autojump_cloc
     server = HealthServer(None)
     b = backend(port=await serve(nursery, server))
     started = trio.current_time()
-    await BackendSet([b]).probe(b)
+    await b.probe()
     assert server.asked.is_set()
     assert trio.current_time() - started == pytest.approx(HEALTH_TIMEOUT_S)
-    assert (b.state.up, b.state.last_error) == (
+    assert (b.health.up, b.health.last_error) == (
         False, f"no answer to a health check within {HEALTH_TIMEOUT_S:g} s")
 
 
@@ -167,8 +162,8 @@ async def test_an_unreachable_backend_is_down_with_the_reason():
     port = listener.getsockname()[1]
     listener.close()  # nothing listens there now
     b = backend(port=port)
-    await BackendSet([b]).probe(b)
-    assert b.state.up is False and b.state.last_error
+    await b.probe()
+    assert b.health.up is False and b.health.last_error
 
 
 async def test_health_checks_probe_every_backend_each_interval(nursery, autojump_clock):
@@ -176,6 +171,11 @@ async def test_health_checks_probe_every_backend_each_interval(nursery, autojump
     servers = [HealthServer(reply(200)), HealthServer(reply(503))]
     backends = [backend(str(i), port=await serve(nursery, s)) for i, s in enumerate(servers)]
     with trio.move_on_after(25):
-        await BackendSet(backends).run_health_checks(interval_s=10)
-    assert [len(s.heads) for s in servers] == [3, 3]  # at 0, 10 and 20 s
-    assert [b.state.up for b in backends] == [True, False]
+        await BackendSet(backends, RoutingSettings(health_interval_s=10, refresh_s=1000)
+                         ).run_health_checks()
+    versions = [[h for h in s.heads if h.startswith(b"GET /api/version ")] for s in servers]
+    assert [len(v) for v in versions] == [3, 3]  # at 0, 10 and 20 s
+    # the model list once (refresh_s is long); the loaded models with each check that passed
+    assert [sum(h.startswith(b"GET /api/tags ") for h in s.heads) for s in servers] == [1, 1]
+    assert [sum(h.startswith(b"GET /api/ps ") for h in s.heads) for s in servers] == [3, 0]
+    assert [b.health.up for b in backends] == [True, False]

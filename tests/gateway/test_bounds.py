@@ -147,10 +147,10 @@ async def test_a_drain_never_cuts_a_write_to_a_slow_client(stack, caplog):
 async def test_a_bug_is_a_500_with_its_own_ledger_row(stack, caplog, monkeypatch):
     """An unexpected exception: a short 500 in the path's dialect, logged once, and
     a ledger row with status 500 and outcome error (not a client that left)."""
-    def broken_choice(exchange: object) -> list:
+    async def broken_choice(**request: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(stack.gateway.backends, "candidates", broken_choice)
+    monkeypatch.setattr(stack.gateway.router, "lease", broken_choice)
     with trio.fail_after(10):
         async with httpx.AsyncClient(headers=stack.headers) as client:
             response = await client.post(stack.url + "/v1/chat/completions", json=CHAT)

@@ -12,6 +12,7 @@ import trustme
 
 from default_settings import pool_settings
 from ollama_proxy.app import make_backend
+from ollama_proxy.backends.settings import RoutingSettings
 from ollama_proxy.config import load_config
 from ollama_proxy.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 from ollama_proxy.http.client import UpstreamPool, tls_context
@@ -161,7 +162,7 @@ async def test_pool_is_bounded(nursery, autojump_clock):
 def test_a_pools_settings_are_its_upstreams():
     """Each pool setting is its [upstream.NAME] value, built by the app: no second default."""
     config = load_config(None, env={}, upstream_urls=["http://[::1]:9000"])
-    backend = make_backend(config.upstreams[0])
+    backend = make_backend(config.upstreams[0], RoutingSettings())
     pool = backend.pool
     assert (pool.settings.host, pool.settings.port) == ("::1", 9000)
     assert pool.settings.first_byte_timeout_s == config.upstreams[0].first_byte_timeout_s

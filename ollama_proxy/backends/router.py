@@ -1,0 +1,212 @@
+"""Which backend serves a request, and when: the trio shell around ``choice`` (the
+pick) and ``fairqueue`` (whose turn it is when every slot is taken).
+
+A request that finds no free slot waits, not pinned to a backend: when a slot
+frees at any backend it may use, the fair queue names the waiting user with the
+least service, and that user's oldest request that may use it gets the slot.
+A slot is given back by ``Lease.release``, which is synchronous, so neither a
+cancelled stream nor a client that left can keep one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import trio
+
+from ..api.models import canonical_model
+from ..errors import ModelNotServed, NoBackendAvailable, Overloaded, TooManyQueued
+from .choice import choose
+from .fairqueue import FairQueue, QueueFull, Service, UserQueueFull, Waiter
+from .registry import Backend, BackendSet
+
+RETRY_AFTER_DOWN_S = 5  # no backend up for the model: when to ask again, at most
+
+
+class Lease:
+    """One request's hold on a backend (and on one of its slots, if it took one)."""
+
+    __slots__ = ("backend", "queued_s", "_router", "_service", "_released")
+
+    def __init__(self, router: Router, backend: Backend, service: Service | None,
+                 queued_s: float) -> None:
+        self.backend = backend
+        self.queued_s = queued_s
+        self._router = router
+        self._service = service
+        self._released = False
+        backend.requests += 1
+
+    def stream_progress(self, completion_tokens: Callable[[], int]) -> None:
+        """Charge the user's counter with the tokens as they stream (read when a
+        slot frees, never per chunk)."""
+        if self._service is not None:
+            self._service.progress = completion_tokens
+
+    def release(self, completion_tokens: int = 0) -> None:
+        """Give the slot back and charge the output; once, whatever happened."""
+        if self._released:
+            return
+        self._released = True
+        backend = self.backend
+        backend.requests -= 1
+        if backend.retired and backend.requests == 0:
+            backend.drained.set()
+        if self._service is not None:
+            self._router.give_back(backend, self._service, completion_tokens)
+
+
+class Router:
+    """Chooses backends, holds slots, and runs the fair queue of one gateway."""
+
+    def __init__(self, backends: BackendSet) -> None:
+        self.backends = backends
+        routing = backends.routing
+        self.queue = FairQueue(max_queue=routing.max_queue,
+                               max_queued_per_user=routing.max_queued_per_user,
+                               fair=routing.fair_queue)
+        self._wakers: dict[Waiter, trio.Event] = {}  # the requests waiting, by their waiter
+
+    def queued_for(self, backend: Backend) -> int:
+        """How many waiting requests could use ``backend``."""
+        return sum(1 for waiter in self._wakers if waiter.eligible(backend))
+
+    def eligible(self, model: str | None, native: bool, exclude: frozenset[Backend]
+                 ) -> list[Backend]:
+        """The backends that may take this request now: the API's kind, serving the
+        model, up and not ejected, not retired, not already tried."""
+        now = trio.current_time()
+        pool = self.backends.of_kind(native) if model is None else \
+            self.backends.serving(model, native)
+        return [b for b in pool if b not in exclude and not b.retired
+                and b.health.available(now)]
+
+    async def lease(self, *, model: str | None, native: bool, slotted: bool, user: str,
+                    weight: float = 1.0, prompt_tokens: int = 0,
+                    exclude: frozenset[Backend] = frozenset()) -> Lease:
+        """A backend for this request, waiting for a slot if ``slotted`` and all are
+        taken. Raises ``ModelNotServed`` (404), ``NoBackendAvailable`` (503),
+        ``Overloaded`` (503: queue full or waited too long), ``TooManyQueued`` (429)."""
+        key = canonical_model(model) if model else None
+        eligible = self.eligible(key, native, exclude)
+        if not eligible and key is not None and not exclude and \
+                not self.backends.serving(key, native):
+            await self.backends.refresh_for_miss(native)
+            eligible = self.eligible(key, native, exclude)
+            if not eligible and len(self.backends.of_kind(native)) == 1:
+                # the only backend for this API answers for itself (its own 404, or a
+                # model its list did not show), as it would without the gateway
+                eligible = self.eligible(None, native, exclude)
+        if not eligible:
+            raise self._none_eligible(model, key, native, exclude)
+        if not slotted:
+            return Lease(self, min(eligible, key=lambda b: b.requests), None, 0.0)
+        backend = choose(eligible, key)
+        if backend is not None:
+            return self._admit(backend, user, weight, prompt_tokens, 0.0)
+        return await self._wait(key, native, exclude, user, weight, prompt_tokens)
+
+    def pinned(self, backend: Backend) -> Lease:
+        """The backend the request named (``?backend=NAME``), no slot taken."""
+        return Lease(self, backend, None, 0.0)
+
+    def _none_eligible(self, model: str | None, key: str | None, native: bool,
+                       exclude: frozenset[Backend]) -> Exception:
+        if key is None or self.backends.serving(key, native):
+            now = trio.current_time()
+            soonest = min(((b.health.ejected_until or now) - now for b in
+                           self.backends.of_kind(native) if b.health.ejected(now)),
+                          default=RETRY_AFTER_DOWN_S)
+            what = f"model '{model}'" if model else "this request"
+            return NoBackendAvailable(f"no backend that serves {what} is up; retry later",
+                                      retry_after_s=max(1, min(math.ceil(soonest),
+                                                               RETRY_AFTER_DOWN_S * 60)))
+        if native and any(b.serves(key) for b in self.backends.backends):
+            return ModelNotServed(
+                f"model '{model}' is served only by OpenAI-compatible backends: use the /v1 "
+                "API for it")
+        return ModelNotServed(f"model '{model}' not found")  # Ollama's own words
+
+    def _admit(self, backend: Backend, user: str, weight: float, prompt_tokens: int,
+               queued_s: float) -> Lease:
+        backend.in_flight += 1
+        service = self.queue.admit(user, weight, prompt_tokens, trio.current_time())
+        return Lease(self, backend, service, queued_s)
+
+    async def _wait(self, key: str | None, native: bool, exclude: frozenset[Backend],
+                    user: str, weight: float, prompt_tokens: int) -> Lease:
+        """Queue until ``give_back`` grants a slot, the client leaves or the timeout."""
+        routing = self.backends.routing
+        arrived = trio.current_time()
+        granted = trio.Event()
+
+        def may_use(backend: object) -> bool:
+            return isinstance(backend, Backend) and backend in self.eligible(key, native, exclude)
+
+        waiter = Waiter(user=user, weight=weight, prompt_tokens=prompt_tokens, eligible=may_use,
+                        arrived=arrived)
+        try:
+            self.queue.push(waiter)
+        except UserQueueFull:
+            raise TooManyQueued(
+                f"{user} already has {routing.max_queued_per_user} requests waiting for a "
+                "GPU slot; wait for one to finish", retry_after_s=1) from None
+        except QueueFull:
+            raise Overloaded(f"{routing.max_queue} requests are already waiting for a GPU "
+                             "slot; retry later", retry_after_s=_retry_after(routing.queue_timeout_s)
+                             ) from None
+        self._wakers[waiter] = granted
+        try:
+            with trio.move_on_after(routing.queue_timeout_s):
+                await granted.wait()
+        except BaseException:  # the client left: a slot granted meanwhile goes on
+            if isinstance(waiter.granted, Backend):
+                self.queue.abandon(waiter)
+                waiter.granted.in_flight -= 1
+                self.hand_on(waiter.granted)
+            raise
+        finally:
+            del self._wakers[waiter]
+            if waiter.granted is None:
+                self.queue.remove(waiter)
+        backend = waiter.granted
+        if backend is None:
+            raise Overloaded(f"no GPU slot freed within queue_timeout_s "
+                             f"({routing.queue_timeout_s:g} s); retry later",
+                             retry_after_s=_retry_after(routing.queue_timeout_s))
+        assert isinstance(backend, Backend)
+        # the slot ``hand_on`` reserved for it (``in_flight`` already counts it)
+        service = self.queue.admit(user, weight, prompt_tokens, trio.current_time(),
+                                   waiter=waiter)
+        return Lease(self, backend, service, trio.current_time() - arrived)
+
+    def give_back(self, backend: Backend, service: Service, completion_tokens: int) -> None:
+        """A slot freed: charge the finished request, then hand the slot on."""
+        self.queue.finish(service, completion_tokens)
+        backend.in_flight -= 1
+        self.hand_on(backend)
+
+    def hand_on(self, backend: Backend) -> None:
+        """Give ``backend``'s free slots to waiters the fair queue names."""
+        while not backend.retired and (backend.slots == 0 or backend.in_flight < backend.slots):
+            waiter = self.queue.grant_next(backend, trio.current_time())
+            if waiter is None:
+                return
+            backend.in_flight += 1  # reserved now: no newcomer can take it meanwhile
+            self._wakers[waiter].set()
+
+    async def run(self) -> None:
+        """Hand free slots on whenever backends change (up again, a reload, new lists)."""
+        while True:
+            await self.backends.changed.park()
+            self.wake_all()
+
+    def wake_all(self) -> None:
+        """Backends came up or changed: slots may be free for waiters."""
+        for backend in list(self.backends.backends):
+            self.hand_on(backend)
+
+
+def _retry_after(queue_timeout_s: float) -> int:
+    return max(1, min(60, math.ceil(queue_timeout_s / 4)))
