@@ -94,12 +94,15 @@ class Router:
                 not self.backends.serving(key, native):
             await self.backends.refresh_for_miss(native)
             eligible = self.eligible(key, native, exclude)
-            if not eligible and len(self.backends.of_kind(native)) == 1:
+            if not eligible and len(self.backends.of_kind(native)) == 1 and \
+                    not any(b.serves(key) for b in self.backends.backends):
                 # the only backend for this API answers for itself (its own 404, or a
                 # model its list did not show), as it would without the gateway
                 eligible = self.eligible(None, native, exclude)
+                if eligible:
+                    key = None
         if not eligible:
-            raise self._none_eligible(model, key, native, exclude)
+            raise self._none_eligible(model, native)
         if not slotted:
             return Lease(self, min(eligible, key=lambda b: b.requests), None, 0.0)
         backend = choose(eligible, key)
@@ -111,8 +114,8 @@ class Router:
         """The backend the request named (``?backend=NAME``), no slot taken."""
         return Lease(self, backend, None, 0.0)
 
-    def _none_eligible(self, model: str | None, key: str | None, native: bool,
-                       exclude: frozenset[Backend]) -> Exception:
+    def _none_eligible(self, model: str | None, native: bool) -> Exception:
+        key = canonical_model(model) if model else None
         if key is None or self.backends.serving(key, native):
             now = trio.current_time()
             soonest = min(((b.health.ejected_until or now) - now for b in
