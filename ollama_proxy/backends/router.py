@@ -84,9 +84,11 @@ class Router:
 
     async def lease(self, *, model: str | None, native: bool, slotted: bool, user: str,
                     weight: float = 1.0, prompt_tokens: int = 0,
-                    exclude: frozenset[Backend] = frozenset()) -> Lease:
+                    exclude: frozenset[Backend] = frozenset(),
+                    on_waited: Callable[[float], None] | None = None) -> Lease:
         """A backend for this request, waiting for a slot if ``slotted`` and all are
-        taken. Raises ``ModelNotServed`` (404), ``NoBackendAvailable`` (503),
+        taken; ``on_waited`` hears how long it waited, also when it got no slot (timeout,
+        client gone). Raises ``ModelNotServed`` (404), ``NoBackendAvailable`` (503),
         ``Overloaded`` (503: queue full or waited too long), ``TooManyQueued`` (429)."""
         key = canonical_model(model) if model else None
         eligible = self.eligible(key, native, exclude)
@@ -108,7 +110,7 @@ class Router:
         backend = choose(eligible, key)
         if backend is not None:
             return self._admit(backend, user, weight, prompt_tokens, 0.0)
-        return await self._wait(key, native, exclude, user, weight, prompt_tokens)
+        return await self._wait(key, native, exclude, user, weight, prompt_tokens, on_waited)
 
     def pinned(self, backend: Backend) -> Lease:
         """The backend the request named (``?backend=NAME``), no slot taken."""
@@ -138,7 +140,8 @@ class Router:
         return Lease(self, backend, service, queued_s)
 
     async def _wait(self, key: str | None, native: bool, exclude: frozenset[Backend],
-                    user: str, weight: float, prompt_tokens: int) -> Lease:
+                    user: str, weight: float, prompt_tokens: int,
+                    on_waited: Callable[[float], None] | None) -> Lease:
         """Queue until ``give_back`` grants a slot, the client leaves or the timeout."""
         routing = self.backends.routing
         arrived = trio.current_time()
@@ -173,6 +176,8 @@ class Router:
             del self._wakers[waiter]
             if waiter.granted is None:
                 self.queue.remove(waiter)
+            if on_waited is not None:
+                on_waited(trio.current_time() - arrived)
         backend = waiter.granted
         if backend is None:
             raise Overloaded(f"no GPU slot freed within queue_timeout_s "

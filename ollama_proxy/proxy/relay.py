@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import trio
 
@@ -216,16 +216,19 @@ class ProxyHandler:
         body = ex.body()
         tried: set[Backend] = set()
         failure: ProxyError | None = None
+
+        def waited(seconds: float) -> None:  # for a slot, whether it got one or not
+            draft.queued_s += seconds
+
         for attempt in range(MAX_RETRIES + 1):
             try:
-                lease = await self._lease(ex, frozenset(tried))
+                lease = await self._lease(ex, frozenset(tried), waited)
             except ProxyError:
                 if failure is None:
                     raise
                 raise failure from None  # no other backend to try: the failure stands
             backend = lease.backend
             draft.lease, draft.backend = lease, backend
-            draft.queued_s += lease.queued_s
             headers = upstream_request_headers(
                 ex.request.headers, host=backend.host_header, body_length=len(body),
                 api_key=backend.api_key, request_id=ex.request_id,
@@ -316,7 +319,8 @@ class ProxyHandler:
             await responder.respond(status, headers, body)
         return True
 
-    async def _lease(self, ex: Exchange, exclude: frozenset[Backend]) -> Lease:
+    async def _lease(self, ex: Exchange, exclude: frozenset[Backend],
+                     on_waited: Callable[[float], None]) -> Lease:
         if ex.pinned is not None:
             return self._router.pinned(ex.pinned)
         principal = ex.principal
@@ -324,7 +328,7 @@ class ProxyHandler:
         return await self._router.lease(
             model=_routing_model(ex), native=_native(ex),
             slotted=metered, user=principal.user if principal else "",
-            weight=ex.weight, exclude=exclude,
+            weight=ex.weight, exclude=exclude, on_waited=on_waited,
             prompt_tokens=len(ex.request.body) // BYTES_PER_TOKEN if metered else 0)
 
     def _response_headers(self, ex: Exchange, upstream: UpstreamResponse,
