@@ -27,12 +27,10 @@ RETRY_AFTER_DOWN_S = 5  # no backend up for the model: when to ask again, at mos
 class Lease:
     """One request's hold on a backend (and on one of its slots, if it took one)."""
 
-    __slots__ = ("backend", "queued_s", "_router", "_service", "_released")
+    __slots__ = ("backend", "_router", "_service", "_released")
 
-    def __init__(self, router: Router, backend: Backend, service: Service | None,
-                 queued_s: float) -> None:
+    def __init__(self, router: Router, backend: Backend, service: Service | None) -> None:
         self.backend = backend
-        self.queued_s = queued_s
         self._router = router
         self._service = service
         self._released = False
@@ -106,15 +104,15 @@ class Router:
         if not eligible:
             raise self._none_eligible(model, native)
         if not slotted:
-            return Lease(self, min(eligible, key=lambda b: b.requests), None, 0.0)
+            return Lease(self, min(eligible, key=lambda b: b.requests), None)
         backend = choose(eligible, key)
         if backend is not None:
-            return self._admit(backend, user, weight, prompt_tokens, 0.0)
+            return self._admit(backend, user, weight, prompt_tokens)
         return await self._wait(key, native, exclude, user, weight, prompt_tokens, on_waited)
 
     def pinned(self, backend: Backend) -> Lease:
         """The backend the request named (``?backend=NAME``), no slot taken."""
-        return Lease(self, backend, None, 0.0)
+        return Lease(self, backend, None)
 
     def _none_eligible(self, model: str | None, native: bool) -> Exception:
         key = canonical_model(model) if model else None
@@ -133,11 +131,10 @@ class Router:
                 "API for it")
         return ModelNotServed(f"model '{model}' not found")  # Ollama's own words
 
-    def _admit(self, backend: Backend, user: str, weight: float, prompt_tokens: int,
-               queued_s: float) -> Lease:
+    def _admit(self, backend: Backend, user: str, weight: float, prompt_tokens: int) -> Lease:
         backend.in_flight += 1
         service = self.queue.admit(user, weight, prompt_tokens, trio.current_time())
-        return Lease(self, backend, service, queued_s)
+        return Lease(self, backend, service)
 
     async def _wait(self, key: str | None, native: bool, exclude: frozenset[Backend],
                     user: str, weight: float, prompt_tokens: int,
@@ -187,7 +184,7 @@ class Router:
         # the slot ``hand_on`` reserved for it (``in_flight`` already counts it)
         service = self.queue.admit(user, weight, prompt_tokens, trio.current_time(),
                                    waiter=waiter)
-        return Lease(self, backend, service, trio.current_time() - arrived)
+        return Lease(self, backend, service)
 
     def give_back(self, backend: Backend, service: Service, completion_tokens: int) -> None:
         """A slot freed: charge the finished request, then hand the slot on."""
