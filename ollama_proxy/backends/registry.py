@@ -238,10 +238,13 @@ class BackendSet:
         again now (each backend at most once a second), so a model pulled a moment
         ago works without waiting for ``refresh_s``."""
         now = trio.current_time()
-        due = [b for b in self.of_kind(native) if now - b.last_miss_refresh >= MISS_REFRESH_S
-               and b.spec.globs is None]
+        # one under way (another request's, or the periodic one) is waited for: a request
+        # for the model it is learning must not get a 404 meanwhile
+        due = [b for b in self.of_kind(native) if b.spec.globs is None and (
+            now - b.last_miss_refresh >= MISS_REFRESH_S or b._refreshing is not None)]
         for backend in due:
-            backend.last_miss_refresh = now
+            if backend._refreshing is None:
+                backend.last_miss_refresh = now
         if due:
             async with trio.open_nursery() as nursery:
                 for backend in due:

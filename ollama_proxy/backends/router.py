@@ -64,7 +64,8 @@ class Router:
         self.queue = FairQueue(max_queue=routing.max_queue,
                                max_queued_per_user=routing.max_queued_per_user,
                                fair=routing.fair_queue)
-        self._wakers: dict[Waiter, trio.Event] = {}  # the requests waiting, by their waiter
+        # the requests waiting, by their waiter: the event that wakes it, the model it asks for
+        self._wakers: dict[Waiter, tuple[trio.Event, str | None]] = {}
 
     def queued_for(self, backend: Backend) -> int:
         """How many waiting requests could use ``backend``."""
@@ -89,6 +90,7 @@ class Router:
         client gone). Raises ``ModelNotServed`` (404), ``NoBackendAvailable`` (503),
         ``Overloaded`` (503: queue full or waited too long), ``TooManyQueued`` (429)."""
         key = canonical_model(model) if model else None
+        match = key  # the model the backends must serve (None: any of the API's kind)
         eligible = self.eligible(key, native, exclude)
         if not eligible and key is not None and not exclude and \
                 not self.backends.serving(key, native):
@@ -98,29 +100,33 @@ class Router:
                     not any(b.serves(key) for b in self.backends.backends):
                 # the only backend for this API answers for itself (its own 404, or a
                 # model its list did not show), as it would without the gateway
+                match = None
                 eligible = self.eligible(None, native, exclude)
-                if eligible:
-                    key = None
         if not eligible:
-            raise self._none_eligible(model, native)
-        if not slotted:
-            return Lease(self, min(eligible, key=lambda b: b.requests), None)
+            raise self._none_eligible(model, key, native, exclude)
+        if not slotted:  # the least busy of the preferred priority
+            return Lease(self, min(eligible, key=lambda b: (b.priority, b.requests)), None)
         backend = choose(eligible, key)
         if backend is not None:
             return self._admit(backend, user, weight, prompt_tokens)
-        return await self._wait(key, native, exclude, user, weight, prompt_tokens, on_waited)
+        return await self._wait(key, match, native, exclude, user, weight, prompt_tokens,
+                                on_waited)
 
     def pinned(self, backend: Backend) -> Lease:
         """The backend the request named (``?backend=NAME``), no slot taken."""
         return Lease(self, backend, None)
 
-    def _none_eligible(self, model: str | None, native: bool) -> Exception:
-        key = canonical_model(model) if model else None
-        if key is None or self.backends.serving(key, native):
+    def _none_eligible(self, model: str | None, key: str | None, native: bool,
+                       exclude: frozenset[Backend]) -> Exception:
+        serving = self.backends.of_kind(native) if key is None else \
+            self.backends.serving(key, native)
+        if key is None or serving:
+            # the soonest one of them may be back: an ejected one when its ejection
+            # ends, a down one (or one tried already) after a health check or so
             now = trio.current_time()
-            soonest = min(((b.health.ejected_until or now) - now for b in
-                           self.backends.of_kind(native) if b.health.ejected(now)),
-                          default=RETRY_AFTER_DOWN_S)
+            soonest = min((b.health.ejected_until - now
+                           if b.health.ejected(now) and b.health.ejected_until is not None
+                           else RETRY_AFTER_DOWN_S for b in serving), default=RETRY_AFTER_DOWN_S)
             what = f"model '{model}'" if model else "this request"
             return NoBackendAvailable(f"no backend that serves {what} is up; retry later",
                                       retry_after_s=max(1, min(math.ceil(soonest),
@@ -132,20 +138,22 @@ class Router:
         return ModelNotServed(f"model '{model}' not found")  # Ollama's own words
 
     def _admit(self, backend: Backend, user: str, weight: float, prompt_tokens: int) -> Lease:
-        backend.in_flight += 1
         service = self.queue.admit(user, weight, prompt_tokens, trio.current_time())
+        backend.in_flight += 1  # after admit, which refuses a bad weight: no slot leaks
         return Lease(self, backend, service)
 
-    async def _wait(self, key: str | None, native: bool, exclude: frozenset[Backend],
-                    user: str, weight: float, prompt_tokens: int,
+    async def _wait(self, key: str | None, match: str | None, native: bool,
+                    exclude: frozenset[Backend], user: str, weight: float, prompt_tokens: int,
                     on_waited: Callable[[float], None] | None) -> Lease:
-        """Queue until ``give_back`` grants a slot, the client leaves or the timeout."""
+        """Queue until ``give_back`` grants a slot, the client leaves or the timeout;
+        ``match``: the model its backends must serve (None: any of the API's kind)."""
         routing = self.backends.routing
         arrived = trio.current_time()
         granted = trio.Event()
 
         def may_use(backend: object) -> bool:
-            return isinstance(backend, Backend) and backend in self.eligible(key, native, exclude)
+            return isinstance(backend, Backend) and backend in self.eligible(match, native,
+                                                                             exclude)
 
         waiter = Waiter(user=user, weight=weight, prompt_tokens=prompt_tokens, eligible=may_use,
                         arrived=arrived)
@@ -159,7 +167,7 @@ class Router:
             raise Overloaded(f"{routing.max_queue} requests are already waiting for a GPU "
                              "slot; retry later", retry_after_s=_retry_after(routing.queue_timeout_s)
                              ) from None
-        self._wakers[waiter] = granted
+        self._wakers[waiter] = (granted, key)
         try:
             with trio.move_on_after(routing.queue_timeout_s):
                 await granted.wait()
@@ -171,10 +179,10 @@ class Router:
             raise
         finally:
             del self._wakers[waiter]
-            if waiter.granted is None:
-                self.queue.remove(waiter)
             if on_waited is not None:
                 on_waited(trio.current_time() - arrived)
+            if waiter.granted is None:
+                self.queue.remove(waiter)
         backend = waiter.granted
         if backend is None:
             raise Overloaded(f"no GPU slot freed within queue_timeout_s "
@@ -193,13 +201,21 @@ class Router:
         self.hand_on(backend)
 
     def hand_on(self, backend: Backend) -> None:
-        """Give ``backend``'s free slots to waiters the fair queue names."""
+        """Give ``backend``'s free slots to waiters the fair queue names. A waiter gets
+        the best free backend it may use, as a newcomer would (a preferred or warm one
+        free too: that one, and ``backend``'s slot goes to the next waiter)."""
         while not backend.retired and (backend.slots == 0 or backend.in_flight < backend.slots):
             waiter = self.queue.grant_next(backend, trio.current_time())
             if waiter is None:
                 return
-            backend.in_flight += 1  # reserved now: no newcomer can take it meanwhile
-            self._wakers[waiter].set()
+            granted, key = self._wakers[waiter]
+            best = choose([b for b in self.backends.backends if waiter.eligible(b)], key)
+            if best is not None and best is not backend:
+                waiter.granted = best
+            else:
+                best = backend
+            best.in_flight += 1  # reserved now: no newcomer can take it meanwhile
+            granted.set()
 
     async def run(self) -> None:
         """Hand free slots on whenever backends change (up again, a reload, new lists)."""
