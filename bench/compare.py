@@ -3,6 +3,7 @@ naive relay (bench/naive_relay.py, the yardstick), through the gateway and, with
 --baseline, through another checkout's gateway; the gateway's ratios to each.
 
     python3 bench/compare.py [--quick] [--only NAME,...] [--json-out FILE] [--baseline PATH]
+        [--fair-seconds S] [--fair-tokens N]
 
 The simulator and the relays run as separate processes, pinned to different
 cores when there are two (the relays on core 0, each measured while it alone
@@ -10,6 +11,10 @@ has load; simulator and load tool on core 1), so a relay's cost shows up as its
 own CPU time (read from /proc) and its peak RSS (VmHWM, reset before each
 workload). The machine is shared and noisy: read the ratios, not the absolute
 figures.
+
+Then the fairness workload (one backend with 2 slots, a flood from user A, user B's
+time to first token, with the fair queue and first come first served) and what the
+features cost (each on, off and on again, including routing across two backends).
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
+from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -319,6 +327,11 @@ def format_versus(rows: list[dict], name: str, short: str) -> str:
                    (f"{short} RSS", 7, (*mine, "peak_rss_mb"))], rows)
 
 
+def chosen(only: str | None, name: str) -> bool:
+    """Whether ``--only`` (comma-separated parts, each a substring) picks ``name``."""
+    return not only or any(part and part in name for part in only.split(","))
+
+
 def checkout(path: pathlib.Path) -> str:
     """The checkout's commit (``-dirty`` with uncommitted changes), for the report."""
     proc = subprocess.run(["git", "-C", str(path), "describe", "--always", "--dirty"],
@@ -337,14 +350,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", metavar="PATH", type=pathlib.Path,
                         help="another checkout of this repository: its `serve` is measured on "
                              "the same workloads in the same run (not in the cost phase)")
+    parser.add_argument("--fair-seconds", type=float, metavar="S",
+                        help="how long user A floods in the fairness workload (default 20, "
+                             "--quick 5; 1 for a smoke run)")
+    parser.add_argument("--fair-tokens", type=int, default=20, metavar="N",
+                        help="tokens in each stream of the fairness workload (default 20: 400 ms "
+                             "at 50 tokens/s)")
     args = parser.parse_args(argv)
     if args.baseline is not None and not (args.baseline / "ollama_proxy").is_dir():
         parser.error(f"--baseline {args.baseline}: no ollama_proxy package there")
     baseline = None if args.baseline is None else args.baseline.resolve()
 
     two_cores = len(os.sched_getaffinity(0)) >= 2
-    selected = [w for w in workloads(args.quick)
-                if not args.only or any(part in w.name for part in args.only.split(","))]
+    selected = [w for w in workloads(args.quick) if chosen(args.only, w.name)]
     commits = {"gateway": checkout(ROOT),
                "baseline": None if baseline is None else checkout(baseline)}
     rows = []
@@ -363,16 +381,22 @@ def main(argv: list[str] | None = None) -> int:
             print(format_versus(rows, "baseline", "bl"))
         for line in problems(raw):
             print(line)
+    fairness = None
+    if chosen(args.only, "fairness"):
+        fairness = measure_fairness(args, two_cores)
+        print()
+        print("\n".join(format_fairness(fairness)))
     costs = None
-    if not args.only or "cost" in args.only:
-        costs = measure_costs(args, two_cores)
+    costs_chosen = [c for c in COSTS if chosen(args.only, "cost") or chosen(args.only, c[0])]
+    if costs_chosen:
+        costs = measure_costs(args, two_cores, costs_chosen)
         print()
         for line in format_costs(costs):
             print(line)
     if args.json_out:
         pathlib.Path(args.json_out).write_text(json.dumps(
             {"commits": commits, "baseline": None if baseline is None else str(baseline),
-             "summary": rows, "costs": costs, "raw": raw}, indent=1))
+             "summary": rows, "fairness": fairness, "costs": costs, "raw": raw}, indent=1))
     return 0
 
 
@@ -419,8 +443,10 @@ def measure_workloads(args: argparse.Namespace, selected: list[Workload],
 
 
 # Features measured on and off in the same run: (name, workload, on, off); each side is the
-# gateway to run ("serve", or "bare": bare_gateway.py, the relay with no features) and its env.
-SERVE, BARE = "serve", "bare"
+# gateway to run ("serve"; "serve2": serve with two backends, a simulator each, both serving
+# the model; or "bare": bare_gateway.py, the relay with no features) and its env.
+SERVE, SERVE_TWO, BARE = "serve", "serve2", "bare"
+ROUTING = "routing across two backends"
 COSTS = [
     ("keys + ledger + usage log", "small c=32", (SERVE, {}), (BARE, {})),
     ("keys + ledger + usage log", "small c=1", (SERVE, {}), (BARE, {})),
@@ -429,20 +455,28 @@ COSTS = [
      (SERVE, {"OLLAMA_PROXY_SERVER_LEDGER_WAIT": "false", **LIMITS_ON})),
     ("limits", "small c=32", (SERVE, LIMITS_ON), (SERVE, {})),
     ("limits", "small c=1", (SERVE, LIMITS_ON), (SERVE, {})),
+    (ROUTING, "small c=32", (SERVE_TWO, LIMITS_ON), (SERVE, LIMITS_ON)),
+    (ROUTING, "small c=1", (SERVE_TWO, LIMITS_ON), (SERVE, LIMITS_ON)),
 ]
 
 
-def measure_costs(args: argparse.Namespace, two_cores: bool) -> list[dict]:
+def measure_costs(args: argparse.Namespace, two_cores: bool,
+                  costs: list[tuple[str, str, tuple[str, dict], tuple[str, dict]]]
+                  ) -> list[dict]:
     """Each feature's cost: the same workload through a gateway with it on, off, and on
     again (before and after, averaged, so drift cancels), all in this run."""
     by_name = {w.name: w for w in workloads(args.quick)}
-    sim = Process("sim", [sys.executable, str(HERE / "sim_server.py")], "ready ",
-                  1 if two_cores else None)
+    sims = [Process("sim", [sys.executable, str(HERE / "sim_server.py")], "ready ",
+                    1 if two_cores else None)]
+    if any(side[0] == SERVE_TWO for _, _, *sides in costs for side in sides):
+        sims.append(Process("sim2", [sys.executable, str(HERE / "sim_server.py")], "ready ",
+                            1 if two_cores else None))
+    sim = sims[0]
     workdir = tempfile.mkdtemp(prefix="ollama-proxy-bench-")
     key = new_key()
     out = []
     try:
-        for n, (feature, workload_name, on, off) in enumerate(COSTS):
+        for n, (feature, workload_name, on, off) in enumerate(costs):
             print(f"... cost of {feature} ({workload_name})", file=sys.stderr, flush=True)
             reports = []
             for i, (command, extra) in enumerate((on, off, on)):
@@ -450,10 +484,11 @@ def measure_costs(args: argparse.Namespace, two_cores: bool) -> list[dict]:
                        "OLLAMA_PROXY_SERVER_DATABASE": os.path.join(workdir, f"{n}-{i}.db")}
                 program = ([str(HERE / "bare_gateway.py")] if command == BARE
                            else ["-m", "ollama_proxy", "serve"])
+                upstreams = [arg for one in (sims if command == SERVE_TWO else [sim])
+                             for arg in ("--upstream", f"http://{one.address}")]
                 gateway = Process(f"gateway-cost-{n}-{i}", [
-                    sys.executable, *program, "--listen", "127.0.0.1:0",
-                    "--upstream", f"http://{sim.address}"], "listening on ",
-                    0 if two_cores else None, env)
+                    sys.executable, *program, "--listen", "127.0.0.1:0", *upstreams],
+                    "listening on ", 0 if two_cores else None, env)
                 try:
                     reports.append(run_load(parse_args([
                         "--url", gateway.address, "--json", "--key", key,
@@ -470,7 +505,8 @@ def measure_costs(args: argparse.Namespace, two_cores: bool) -> list[dict]:
                         "on_p50_ms": round(on_p50, 3), "off_p50_ms": round(off_p50, 3),
                         "added_p50_ms": round(on_p50 - off_p50, 3)})
     finally:
-        sim.stop()
+        for one in sims:
+            one.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     return out
 
@@ -480,6 +516,180 @@ def format_costs(costs: list[dict]) -> list[str]:
             f"{c['off_req_s']:.0f} req/s on/off ({c['throughput_cost_pct']:.1f} %), p50 "
             f"{c['on_p50_ms']:.3f} vs {c['off_p50_ms']:.3f} ms ({c['added_p50_ms']:+.3f})"
             for c in costs]
+
+
+# The fairness workload (issue 11): one simulated backend at FAIR_RATE tokens/s behind a
+# gateway with [upstream] slots = FAIR_SLOTS; user A keeps FAIR_FLOOD streams in flight, user
+# B sends one stream at a time; once with the fair queue, once first come first served.
+FAIR_SLOTS, FAIR_RATE, FAIR_FLOOD = 2, 50.0, 16
+FAIR_MODES = (("fair", "true"), ("fifo", "false"))
+USER_A, USER_B = "user-a", "user-b"  # the prompts' first words: the simulator's trace tags
+
+
+def admin(url: str, key: str, method: str, path: str, body: dict | None = None) -> Any:
+    """One admin API call with ``key``; its JSON answer."""
+    request = urllib.request.Request(
+        url + path, method=method, data=None if body is None else json.dumps(body).encode(),
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def stream_args(url: str, key: str, user: str, tokens: int, c: int) -> list[str]:
+    """bench/load.py's arguments for ``c`` streams of ``tokens`` tokens, sent by ``user``."""
+    return ["--url", url, "--key", key, "--json", "-c", str(c), "--workers", "1", "--stream",
+            "--prompt", f"{user} [[sim:tokens={tokens}]]"]
+
+
+def wait_for_flood(url: str, key: str, timeout_s: float = 30.0) -> None:
+    """Until the backend's slots are all taken and the rest of the flood waits in the queue."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        answer = admin(url, key, "GET", "/admin/api/backends")
+        if (answer["backends"][0]["in_flight"] >= FAIR_SLOTS
+                and answer["queued"] >= FAIR_FLOOD - FAIR_SLOTS - 1):
+            return
+        time.sleep(0.01)
+    raise RuntimeError(f"user A's {FAIR_FLOOD} streams did not fill the queue in {timeout_s} s")
+
+
+def slot_use(trace: list[dict], start: float, end: float) -> dict:
+    """Who held the backend's slots between ``start`` and ``end`` (the simulator's trace):
+    slot-seconds per user, A's share of those used, the share of all the slots' time that
+    was used (the rest idled while A's streams waited), the most requests the backend had
+    at once (the slots; one more when a request began at the simulator in the instant
+    between its last write and its end stamp), and how long one of A's generations held a slot."""
+    held: dict[str, float] = {}
+    steps = []
+    for span in trace:
+        a, b = max(span["start"], start), min(span["end"], end)
+        if b > a:
+            held[span["tag"]] = held.get(span["tag"], 0.0) + b - a
+            steps += [(a, 1), (b, -1)]
+    whole = sorted(span["end"] - span["start"] for span in trace
+                   if span["tag"] == USER_A and start <= span["start"] and span["end"] <= end)
+    level = peak = 0
+    for _, step in sorted(steps):  # at the same instant an end (-1) sorts before a start
+        level += step
+        peak = max(peak, level)
+    used, capacity = sum(held.values()), FAIR_SLOTS * (end - start)
+    return {"window_s": round(end - start, 3),
+            "slot_seconds": {tag: round(seconds, 3) for tag, seconds in sorted(held.items())},
+            "a_share": round(held.get(USER_A, 0.0) / used, 3) if used else None,
+            "utilisation": round(used / capacity, 4) if capacity else None,
+            "idle_slot_s": round(capacity - used, 3), "peak_in_flight": peak,
+            "a_generation_p50_ms": round(whole[len(whole) // 2] * 1000, 1) if whole else None}
+
+
+def bad_answers(report: dict) -> int:
+    """Answers other than 200, and broken streams, in a load report."""
+    return sum(count for code, count in (report.get("status") or {}).items()
+               if code != "200") + (report.get("broken") or 0)
+
+
+def fairness_run(url: str, admin_key: str, seconds: float, tokens: int,
+                 trace_path: str) -> dict:
+    """B alone, then B while A floods (A started first, B measured once the queue is full);
+    the slots' use in B's window from the simulator's trace."""
+    keys = {user: admin(url, admin_key, "POST", "/admin/api/users",
+                        {"name": user, "limits": {}})["key"] for user in (USER_A, USER_B)}
+    b_args = stream_args(url, keys[USER_B], USER_B, tokens, 1)
+    alone = run_load(parse_args([*b_args, "--duration", str(max(0.2, seconds / 5))]))
+    flood = subprocess.Popen(  # stopped with SIGINT: its streams in flight end, then it reports
+        [sys.executable, str(HERE / "load.py"),
+         *stream_args(url, keys[USER_A], USER_A, tokens, FAIR_FLOOD),
+         "--duration", str(seconds + 600)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        wait_for_flood(url, admin_key)
+        start = time.monotonic()
+        flooded = run_load(parse_args([*b_args, "--duration", str(seconds)]))
+        end = time.monotonic()
+    finally:
+        if flood.poll() is None:
+            flood.send_signal(signal.SIGINT)
+        out, err = flood.communicate(timeout=120)
+    if flood.returncode != 0:
+        raise RuntimeError(f"user A's load failed ({flood.returncode}):\n{err[-2000:]}")
+    a = json.loads(out)
+    trace = [json.loads(line) for line in pathlib.Path(trace_path).read_text().splitlines()]
+    use = slot_use(trace, start, end)
+    return {
+        "b_alone_ttft_p50_ms": alone["ttft_ms"]["p50"], "b_alone_ttft_p99_ms": alone["ttft_ms"]["p99"],
+        "b_ttft_p50_ms": flooded["ttft_ms"]["p50"], "b_ttft_p99_ms": flooded["ttft_ms"]["p99"],
+        "b_added_p50_ms": None if None in (flooded["ttft_ms"]["p50"], alone["ttft_ms"]["p50"])
+        else round(flooded["ttft_ms"]["p50"] - alone["ttft_ms"]["p50"], 3),
+        "b_requests": flooded["requests"], "b_alone_requests": alone["requests"],
+        "a_requests": a["requests"], **use,
+        "errors": {"a": bad_answers(a), "b_alone": bad_answers(alone),
+                   "b": bad_answers(flooded)},
+        "raw": {"a": a, "b_alone": alone, "b": flooded},
+    }
+
+
+def measure_fairness(args: argparse.Namespace, two_cores: bool) -> dict:
+    """The fairness workload with the fair queue, then first come first served: one
+    simulator (its trace in a file), a fresh gateway and ledger for each."""
+    seconds = args.fair_seconds or (5.0 if args.quick else 20.0)
+    tokens = args.fair_tokens
+    workdir = tempfile.mkdtemp(prefix="ollama-proxy-bench-")
+    trace = os.path.join(workdir, "trace.jsonl")
+    key = new_key()
+    result: dict = {"slots": FAIR_SLOTS, "tokens_per_s": FAIR_RATE, "tokens": tokens,
+                    "flood_streams": FAIR_FLOOD, "seconds": seconds,
+                    "generation_ms": round(tokens / FAIR_RATE * 1000, 1), "modes": {}}
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        sim = Process("sim-fair", [sys.executable, str(HERE / "sim_server.py"),
+                                   "--tokens-per-s", str(FAIR_RATE), "--trace", trace],
+                      "ready ", 1 if two_cores else None)
+        stack.callback(sim.stop)
+        if two_cores:  # the load tool shares the simulator's core; the gateway has its own
+            os.sched_setaffinity(0, {1})
+        for mode, fair_queue in FAIR_MODES:
+            print(f"... fairness, {mode}", file=sys.stderr, flush=True)
+            env = {"OLLAMA_PROXY_ADMIN_KEY": key, **LIMITS_ON, **ONE_ADDRESS,
+                   "OLLAMA_PROXY_SERVER_DATABASE": os.path.join(workdir, f"{mode}.db"),
+                   "OLLAMA_PROXY_UPSTREAM_DEFAULT_SLOTS": str(FAIR_SLOTS),
+                   "OLLAMA_PROXY_ROUTING_FAIR_QUEUE": fair_queue}
+            gateway = Process(f"gateway-{mode}", [
+                sys.executable, "-m", "ollama_proxy", "serve", "--listen", "127.0.0.1:0",
+                "--upstream", f"http://{sim.address}"], "listening on ",
+                0 if two_cores else None, env)
+            try:
+                result["modes"][mode] = fairness_run(gateway.address, key, seconds, tokens,
+                                                     trace)
+            finally:
+                gateway.stop()
+    return result
+
+
+def format_fairness(fairness: dict) -> list[str]:
+    """The fairness table, and B's time to first token against the target."""
+    rows = [{"mode": mode, **figures} for mode, figures in fairness["modes"].items()]
+    for row in rows:
+        row["errors_all"] = sum(row["errors"].values())
+        row["a_slot_s"] = row["slot_seconds"].get(USER_A)
+        row["b_slot_s"] = row["slot_seconds"].get(USER_B)
+    lines = [f"fairness: one backend with {fairness['slots']} slots at "
+             f"{fairness['tokens_per_s']:g} tokens/s; user A keeps {fairness['flood_streams']} "
+             f"streams of {fairness['tokens']} tokens in flight, user B sends one at a time, "
+             f"{fairness['seconds']:g} s (one generation {fairness['generation_ms']:g} ms); "
+             "TTFT in ms, slot time in s",
+             render([("mode", 5, ("mode",)), ("B alone p50", 11, ("b_alone_ttft_p50_ms",)),
+                     ("p99", 8, ("b_alone_ttft_p99_ms",)), ("B flood p50", 11, ("b_ttft_p50_ms",)),
+                     ("p99", 8, ("b_ttft_p99_ms",)), ("+p50", 8, ("b_added_p50_ms",)),
+                     ("B reqs", 6, ("b_requests",)), ("A reqs", 6, ("a_requests",)),
+                     ("A slot s", 8, ("a_slot_s",)), ("B slot s", 8, ("b_slot_s",)),
+                     ("A share", 7, ("a_share",)), ("used", 6, ("utilisation",)),
+                     ("idle s", 6, ("idle_slot_s",)), ("peak", 4, ("peak_in_flight",)),
+                     ("A gen ms", 8, ("a_generation_p50_ms",)),
+                     ("errors", 6, ("errors_all",))], rows)]
+    target = [f"{row['mode']} {row['b_ttft_p50_ms']}" for row in rows]
+    alone = [row["b_alone_ttft_p50_ms"] for row in rows]
+    lines.append(f"target: B's TTFT p50 under the flood <= B alone ({', '.join(map(str, alone))}"
+                 f") + one generation ({fairness['generation_ms']:g}): {', '.join(target)} ms")
+    return lines
 
 
 if __name__ == "__main__":
