@@ -95,7 +95,7 @@ class Router:
             await self.backends.refresh_for_miss(native)
             eligible = self.eligible(key, native, exclude)
             if not eligible and len(self.backends.of_kind(native)) == 1 and \
-                    not (native and self._openai_only(key)):
+                    not (native and self._openai_only(key)) and not self._too_big(key, native):
                 # the only backend for this API answers for itself (its own 404, or a
                 # model its list did not show), as it would without the gateway
                 eligible = self.eligible(None, native, exclude)
@@ -123,6 +123,9 @@ class Router:
             return NoBackendAvailable(f"no backend that serves {what} is up; retry later",
                                       retry_after_s=max(1, min(math.ceil(soonest),
                                                                RETRY_AFTER_DOWN_S * 60)))
+        if self._too_big(key, native):
+            return ModelNotServed(f"model '{model}' is larger than max_model_gb of every "
+                                  "backend that has it")
         if native and self._openai_only(key):
             return ModelNotServed(
                 f"model '{model}' is served only by OpenAI-compatible backends: use the /v1 "
@@ -133,6 +136,10 @@ class Router:
         """An OpenAI-compatible backend serves ``key`` (asked when no native one does):
         a native request for it gets a 404 that says to use /v1."""
         return any(not b.native and b.serves(key) for b in self.backends.backends)
+
+    def _too_big(self, key: str, native: bool) -> bool:
+        """A backend lists ``key`` but over its ``max_model_gb`` (asked when none serves it)."""
+        return any(b.catalogue.knows_size_over_cap(key) for b in self.backends.of_kind(native))
 
     def _admit(self, backend: Backend, user: str, weight: float, prompt_tokens: int,
                queued_s: float) -> Lease:

@@ -539,3 +539,19 @@ async def test_an_openai_backend_gets_its_key_and_serves_v1_only(nursery: trio.N
     for record in fleet.sims["a"].records:
         assert all(name != b"authorization" for name, _ in record.headers)
     assert all(r.path.startswith("/v1/") for r in fleet.sims["b"].records)
+
+
+async def test_max_model_gb_holds_with_one_backend_too(nursery: trio.Nursery,
+                                                       tmp_path: Path) -> None:
+    """The only backend lists a model over its max_model_gb: the request is refused
+    with a 404 that says why, it does not go to the backend anyway."""
+    fleet = await start_fleet(nursery, str(tmp_path), {"a": Simulator(models=[LLAMA, BIG])},
+                              upstream={"a": {"max_model_gb": 10}})
+    with trio.fail_after(TIMEOUT_S):
+        async with httpx.AsyncClient(timeout=10) as client:
+            for path in ("/api/chat", "/v1/chat/completions"):
+                response = await ask(client, fleet, BIG.name, path)
+                assert response.status_code == 404, response.text
+                assert "max_model_gb" in response.text
+            assert (await ask(client, fleet, LLAMA.name)).status_code == 200
+    assert models_sent(fleet.sims["a"]) == [LLAMA.name]
