@@ -97,7 +97,8 @@ class Router:
             await self.backends.refresh_for_miss(native)
             eligible = self.eligible(key, native, exclude)
             if not eligible and len(self.backends.of_kind(native)) == 1 and \
-                    not any(b.serves(key) for b in self.backends.backends):
+                    not any(b.serves(key) for b in self.backends.backends) and \
+                    not self._too_big(key, native):
                 # the only backend for this API answers for itself (its own 404, or a
                 # model its list did not show), as it would without the gateway
                 match = None
@@ -131,11 +132,18 @@ class Router:
             return NoBackendAvailable(f"no backend that serves {what} is up; retry later",
                                       retry_after_s=max(1, min(math.ceil(soonest),
                                                                RETRY_AFTER_DOWN_S * 60)))
+        if self._too_big(key, native):
+            return ModelNotServed(f"model '{model}' is larger than max_model_gb of every "
+                                  "backend that has it")
         if native and any(b.serves(key) for b in self.backends.backends):
             return ModelNotServed(
                 f"model '{model}' is served only by OpenAI-compatible backends: use the /v1 "
                 "API for it")
         return ModelNotServed(f"model '{model}' not found")  # Ollama's own words
+
+    def _too_big(self, key: str, native: bool) -> bool:
+        """A backend lists ``key`` but over its ``max_model_gb`` (asked when none serves it)."""
+        return any(b.catalogue.knows_size_over_cap(key) for b in self.backends.of_kind(native))
 
     def _admit(self, backend: Backend, user: str, weight: float, prompt_tokens: int) -> Lease:
         service = self.queue.admit(user, weight, prompt_tokens, trio.current_time())

@@ -41,7 +41,7 @@ from .catalogue_endpoints import CatalogueEndpoints
 from .frames import JSON_CT, Api, error_body
 from .generation import GenerationEndpoints
 from .models import DEFAULT_KEEP_ALIVE_NS, DEFAULT_MODELS, SimModel, normalize_name
-from .requests import Body, Refusal, allowed, decode
+from .requests import Body, Refusal, allowed, decode, status_message
 from .text import go_json, now_ns
 
 VERSION = "0.33.0"
@@ -109,6 +109,9 @@ class Simulator:
         self.first_byte_delay_s = first_byte_delay_s
         self.default_tokens = default_tokens
         self.embedding_dim = embedding_dim
+        # Set: every generation and embedding is answered this status at once (an
+        # overloaded Ollama answers 503 so); the other paths still answer.
+        self.refuse_status: int | None = None
         self.records: list[SimRecord] = []
         self._served = 0
         self._changed = trio.lowlevel.ParkingLot()
@@ -201,6 +204,11 @@ class Simulator:
         elif request.method not in endpoints:
             text = b"405 method not allowed"
             await self.send(responder, record, 405, text, GIN_TEXT_CT, "refused")
+        elif self.refuse_status is not None and request.path in METERED_PATHS:
+            api = Api.OPENAI if request.path.startswith("/v1/") else Api.NATIVE
+            status = self.refuse_status
+            content_type, body = error_body(api, status, status_message(status, ""))
+            await self.send(responder, record, status, body, content_type, "refused")
         else:
             try:
                 await endpoints[request.method](request, responder, record)
