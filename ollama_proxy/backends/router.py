@@ -94,7 +94,8 @@ class Router:
                 not self.backends.serving(key, native):
             await self.backends.refresh_for_miss(native)
             eligible = self.eligible(key, native, exclude)
-            if not eligible and len(self.backends.of_kind(native)) == 1:
+            if not eligible and len(self.backends.of_kind(native)) == 1 and \
+                    not self._openai_only(key, native):
                 # the only backend for this API answers for itself (its own 404, or a
                 # model its list did not show), as it would without the gateway
                 eligible = self.eligible(None, native, exclude)
@@ -122,11 +123,15 @@ class Router:
             return NoBackendAvailable(f"no backend that serves {what} is up; retry later",
                                       retry_after_s=max(1, min(math.ceil(soonest),
                                                                RETRY_AFTER_DOWN_S * 60)))
-        if native and any(b.serves(key) for b in self.backends.backends):
+        if self._openai_only(key, native):
             return ModelNotServed(
                 f"model '{model}' is served only by OpenAI-compatible backends: use the /v1 "
                 "API for it")
         return ModelNotServed(f"model '{model}' not found")  # Ollama's own words
+
+    def _openai_only(self, key: str | None, native: bool) -> bool:
+        """An Ollama-native request for a model that only ``openai`` backends serve."""
+        return native and key is not None and any(b.serves(key) for b in self.backends.backends)
 
     def _admit(self, backend: Backend, user: str, weight: float, prompt_tokens: int,
                queued_s: float) -> Lease:
