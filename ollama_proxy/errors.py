@@ -251,6 +251,24 @@ def error_body(family: ApiFamily, status: int, message: str, code: str | None,
     return json.dumps(payload).encode()
 
 
+def openai_error(status: int, body: bytes) -> bytes | None:
+    """A backend's error reply for an OpenAI client: None when already OpenAI-shaped
+    (``{"error": {...}}``), else the same message in that shape (FastAPI's
+    ``{"detail": ...}`` from llama-cpp-python, Ollama's ``{"error": "..."}``, plain text)."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
+        return None
+    if isinstance(doc, dict) and ("detail" in doc or isinstance(doc.get("error"), str)):
+        found = doc.get("detail", doc.get("error"))
+        message = found if isinstance(found, str) else json.dumps(found)
+    else:
+        message = body.decode("utf-8", "replace").strip() or f"the backend answered {status}"
+    return error_body(ApiFamily.OPENAI, status, message, None)
+
+
 def render(family: ApiFamily, err: ProxyError) -> bytes:
     """Render a ``ProxyError`` in the API family's shape."""
     return error_body(family, err.status, err.message, err.code, err.openai_type)

@@ -26,6 +26,7 @@ from ollama_proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
     family_of,
+    openai_error,
     render,
 )
 
@@ -126,3 +127,22 @@ def test_the_message_is_json_escaped_not_cut():
 def test_headers_an_error_carries(err, headers):
     """Retry-After when waiting helps; x-should-retry: false on a 429 when it does not."""
     assert err.headers() == headers
+
+
+def test_a_backends_error_in_another_shape_becomes_an_openai_error():
+    """FastAPI's detail (llama-cpp-python), Ollama's string error, plain text: the same
+    message as ``error.message``; an OpenAI-shaped error stays as it is (None)."""
+    def message(body: bytes) -> object:
+        reshaped = openai_error(401, body)
+        assert reshaped is not None
+        doc = json.loads(reshaped)
+        assert doc["error"]["type"] == "authentication_error" and doc["error"]["code"] is None
+        return doc["error"]["message"]
+
+    assert message(b'{"detail":"Invalid API key"}') == "Invalid API key"
+    assert message(b'{"detail":[{"loc":["body"],"msg":"bad"}]}') == \
+        '[{"loc": ["body"], "msg": "bad"}]'
+    assert message(b'{"error":"unauthorized"}') == "unauthorized"
+    assert message(b"Internal Server Error\n") == "Internal Server Error"
+    assert message(b"") == "the backend answered 401"
+    assert openai_error(401, b'{"error":{"message":"no","type":"x"}}') is None

@@ -39,6 +39,7 @@ from ..errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnreachable,
+    openai_error,
     render,
 )
 from ..http.client import ResponseTooLarge, UpstreamResponse
@@ -361,6 +362,10 @@ class ProxyHandler:
             draft.tally = UsageTally(exact=True)
         if ex.rewrites_reply and 200 <= upstream.status < 300 and body:
             body = ex.reply(body)
+        if upstream.status >= 400 and ex.route.family is ApiFamily.OPENAI and \
+                (reshaped := openai_error(upstream.status, body)) is not None:
+            body = reshaped  # an openai client reads error.message: not every backend says it so
+            headers = [h for h in headers if h[0] != b"content-type"] + [(b"content-type", JSON_TYPE)]
         await self._record(draft, Outcome.OK if upstream.status < 500 else Outcome.UPSTREAM_ERROR)
         if ex.upstream_method == "HEAD":  # no body came: the length the backend announced
             length = upstream.header(b"content-length")

@@ -3,9 +3,8 @@ gateway: streams it leaves uncounted are estimated from their tokens, then count
 exactly with its /extras/tokenize; a chat prompt once its template overhead is
 confirmed by two chats it counted itself.
 
-Needs a venv with ``llama-cpp-python[server]==0.3.36`` and a GGUF model (any small one):
-set ``OLLAMA_PROXY_LLAMA_VENV`` and ``OLLAMA_PROXY_LLAMA_MODEL``, or put them at
-``/tmp/llama-venv`` and ``/tmp/tiny.gguf``. Skipped otherwise (a fresh clone has neither).
+The server comes from ``tests/llama_server.py`` (an existing venv, or one made by
+``../shared/realup``); skipped, saying why, where neither can be had.
 """
 
 from __future__ import annotations
@@ -21,8 +20,8 @@ import httpx
 import pytest
 import trio
 
-from child_process import Child
 from gateway_stack import gateway_config, start_gateway
+from llama_server import run_llama
 
 VENV = Path(os.environ.get("OLLAMA_PROXY_LLAMA_VENV", "/tmp/llama-venv"))
 MODEL = Path(os.environ.get("OLLAMA_PROXY_LLAMA_MODEL", "/tmp/tiny.gguf"))
@@ -37,25 +36,21 @@ ONCE = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8, "tempera
 
 @pytest.fixture(scope="module")
 def llama_url() -> Iterator[str]:
-    """The real server on an OS-chosen port, for this module; reaped after."""
-    if not PYTHON.exists() or not MODEL.exists():
-        pytest.skip(f"no llama-cpp-python server: {PYTHON} or {MODEL} is missing (a venv with "
-                    "llama-cpp-python[server]==0.3.36 and a GGUF model: point "
-                    "OLLAMA_PROXY_LLAMA_VENV / OLLAMA_PROXY_LLAMA_MODEL at them)")
-    argv = [str(PYTHON), "-m", "llama_cpp.server", "--model", str(MODEL), "--model_alias",
-            "tiny", "--host", "127.0.0.1", "--port", "0", "--n_ctx", "2048", "--n_threads", "1"]
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
-    with Child(argv, cwd=Path("/tmp"), env=env) as child:
-        port = child.wait_match("stderr", LISTENING, STARTUP_S).group(1)
-        yield f"http://127.0.0.1:{port}"
+    yield from run_llama()
 
 
 async def test_real_llama_cpp_python_streams_end_up_exact(nursery, llama_url):
     """Completion stream: estimated (4, 8) at once, exact (17, 8) after; chat stream:
     estimated (3, 8) and left so until two counted chats confirm the template overhead,
     then exact (40, 8) like the server's own count."""
-    config = gateway_config([llama_url], kind="openai")
+    # health checks and list refreshes (GET /v1/models) cut the server's streams short
+    # (its --interrupt_requests, on by default): none after the first, which is awaited
+    config = gateway_config([llama_url], kind="openai", env={
+        "OLLAMA_PROXY_ROUTING_HEALTH_INTERVAL_S": "3600", "OLLAMA_PROXY_ROUTING_REFRESH_S": "3600"})
     gateway, url, sink, key = await start_gateway(nursery, config)
+    with trio.fail_after(30):
+        while any(b.health.up is None for b in gateway.backends.backends):
+            await gateway.backends.changed.park()
 
     async def row(body: dict, path: str = "/v1/chat/completions") -> tuple[int, int, int]:
         async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"},
