@@ -72,6 +72,7 @@ class Backend:
         self.origin: object = None  # the config it was made from (a reload compares them)
         self.last_miss_refresh = float("-inf")
         self._refreshing: trio.Event | None = None
+        self._idle = trio.lowlevel.ParkingLot()  # woken when ``requests`` drops to 0
 
     @property
     def native(self) -> bool:
@@ -145,9 +146,28 @@ class Backend:
             **({"retired": True} if self.retired else {}),
         }
 
+    @property
+    def busy_openai(self) -> bool:
+        """An openai backend serving requests: the gateway asks it nothing of its own
+        then. llama-cpp-python's server ends a running stream when any other request
+        arrives (its ``interrupt_requests``, on by default); its traffic shows it is up."""
+        return not self.native and self.requests > 0
+
+    def became_idle(self) -> None:
+        """Its last request in flight ended (``Lease.release``)."""
+        self._idle.unpark_all()
+
+    async def wait_idle(self) -> None:
+        """Until no request of a client is in flight here."""
+        while self.requests:
+            await self._idle.park()
+
     async def probe(self) -> None:
         """One health check; never loads a model: ``/api/version`` and ``/api/ps``
-        for ollama (which also tells the loaded models), ``/v1/models`` for openai."""
+        for ollama (which also tells the loaded models), ``/v1/models`` for openai
+        (not while it serves requests: ``busy_openai``)."""
+        if self.busy_openai:
+            return
         try:
             if self.native:
                 status, _ = await self.get("/api/version", HEALTH_TIMEOUT_S)
@@ -164,7 +184,10 @@ class Backend:
         except ProxyError as err:
             self._probed(False, err.message)
         else:
-            if status < 500:
+            if status in (401, 403):  # no request of ours would pass either
+                self._probed(False, f"health check answered {status}: the backend refuses the "
+                                    "gateway's key (api_key_env / api_key_file)")
+            elif status < 500:
                 self._probed(True, None)
             else:
                 self._probed(False, f"health check answered {status}")
@@ -180,6 +203,8 @@ class Backend:
         Concurrent callers share one fetch."""
         if self._refreshing is not None:
             await self._refreshing.wait()
+            return
+        if self.busy_openai:  # its list is read once it is idle (``busy_openai``)
             return
         self._refreshing = done = trio.Event()
         path = "/api/tags" if self.native else "/v1/models"

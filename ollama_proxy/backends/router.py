@@ -49,8 +49,10 @@ class Lease:
         self._released = True
         backend = self.backend
         backend.requests -= 1
-        if backend.retired and backend.requests == 0:
-            backend.drained.set()
+        if backend.requests == 0:
+            backend.became_idle()
+            if backend.retired:
+                backend.drained.set()
         if self._service is not None:
             self._router.give_back(backend, self._service, completion_tokens)
 

@@ -170,6 +170,9 @@ class Recounter:
         try:
             async with state.slots:
                 with trio.fail_after(JOB_TIMEOUT_S):
+                    # the servers that need counting (llama-cpp-python) end a running
+                    # stream when another request arrives: ask between requests
+                    await state.backend.wait_idle()
                     await job
         except (CountError, ProxyError, trio.TooSlowError) as err:
             self.failed += 1

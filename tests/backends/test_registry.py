@@ -133,11 +133,16 @@ async def test_a_probe_asks_what_every_backend_of_its_kind_answers(nursery, kind
 
 
 @pytest.mark.parametrize(("status", "up", "error"), [
-    (200, True, None), (401, True, None), (404, True, None),  # it answers: it is there
+    (200, True, None), (404, True, None),  # it answers: it is there
+    (401, False, "health check answered 401: the backend refuses the gateway's key "
+                 "(api_key_env / api_key_file)"),
+    (403, False, "health check answered 403: the backend refuses the gateway's key "
+                 "(api_key_env / api_key_file)"),
     (500, False, "health check answered 500"), (503, False, "health check answered 503"),
 ])
 async def test_a_probe_judges_by_the_status(nursery, status, up, error):
-    """Any answer below 500 means the backend is up; a 5xx means it is not."""
+    """Any answer below 500 means the backend is up, but a refusal of the gateway's key
+    (401, 403): no request would pass; a 5xx means it is not."""
     b = backend(port=await serve(nursery, HealthServer(reply(status))))
     await b.probe()
     assert (b.health.up, b.health.last_error) == (up, error)

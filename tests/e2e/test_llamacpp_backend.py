@@ -176,26 +176,27 @@ async def test_chat_for_the_llama_model_goes_to_llama_cpp(nursery, tmp_path, lla
     assert relayed(two.sim) == []
 
 
-async def test_a_wrong_upstream_key_gets_the_backends_401_in_openai_shape(
+async def test_a_wrong_upstream_key_makes_the_backend_down_saying_why(
         nursery, tmp_path, llama_url):
-    """The server refuses the key with FastAPI's ``{"detail": ...}``; the client gets a
-    401 whose body is an OpenAI error (the openai client raises AuthenticationError)."""
+    """The server refuses the gateway's key (FastAPI's 401): the first health check marks
+    it down naming the key settings, /admin/api/backends shows why, and a chat for its
+    model is a 503 with Retry-After in OpenAI's shape (the openai client raises
+    InternalServerError), not a 401 that would blame the client's own key."""
     two = await start_two(nursery, tmp_path, llama_url, upstream_key="not-the-key",
                           llama_keys="models = tiny\n")
+    llama = (await two.backends())["llama"]
+    assert llama["up"] is False and "api_key_env" in llama["error"], llama
 
     def chat() -> openai.APIStatusError:
         with two.openai_client() as client:
-            with pytest.raises(openai.AuthenticationError) as caught:
+            with pytest.raises(openai.InternalServerError) as caught:
                 client.chat.completions.create(model="tiny", messages=SAY_HELLO, max_tokens=8)
             return caught.value
 
     error = await in_thread(chat)
-    assert error.status_code == 401
-    body = error.response.json()
-    assert set(body) == {"error"} and isinstance(body["error"]["message"], str), body
-    assert "Invalid API key" in body["error"]["message"]
-    row = await two.row_of(error.response.headers["x-request-id"])
-    assert (row["backend"], row["status"]) == ("llama", 401)
+    assert error.status_code == 503 and int(error.response.headers["retry-after"]) >= 1
+    body = error.response.json()["error"]
+    assert (body["type"], body["code"]) == ("server_error", "backend_unavailable"), body
     assert relayed(two.sim) == []
 
 

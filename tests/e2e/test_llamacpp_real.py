@@ -43,14 +43,8 @@ async def test_real_llama_cpp_python_streams_end_up_exact(nursery, llama_url):
     """Completion stream: estimated (4, 8) at once, exact (17, 8) after; chat stream:
     estimated (3, 8) and left so until two counted chats confirm the template overhead,
     then exact (40, 8) like the server's own count."""
-    # health checks and list refreshes (GET /v1/models) cut the server's streams short
-    # (its --interrupt_requests, on by default): none after the first, which is awaited
-    config = gateway_config([llama_url], kind="openai", env={
-        "OLLAMA_PROXY_ROUTING_HEALTH_INTERVAL_S": "3600", "OLLAMA_PROXY_ROUTING_REFRESH_S": "3600"})
+    config = gateway_config([llama_url], kind="openai")
     gateway, url, sink, key = await start_gateway(nursery, config)
-    with trio.fail_after(30):
-        while any(b.health.up is None for b in gateway.backends.backends):
-            await gateway.backends.changed.park()
 
     async def row(body: dict, path: str = "/v1/chat/completions") -> tuple[int, int, int]:
         async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"},
@@ -76,3 +70,29 @@ async def test_real_llama_cpp_python_streams_end_up_exact(nursery, llama_url):
         assert counted == [(40, 8, 0), (46, 8, 0)]
         assert await row(SAY_HELLO) == (40, 8, 0)
         assert gateway.recounter.failed == 0
+
+
+async def test_health_checks_and_list_refreshes_never_cut_a_stream(nursery, llama_url):
+    """The server ends a running stream when any other request arrives (its
+    ``interrupt_requests``): with a health check and a list refresh due every 10 ms, a
+    long stream still ends with all its tokens, because the gateway asks a busy openai
+    backend nothing; once the stream is over, the checks go on."""
+    config = gateway_config([llama_url], kind="openai", env={
+        "OLLAMA_PROXY_ROUTING_HEALTH_INTERVAL_S": "0.01", "OLLAMA_PROXY_ROUTING_REFRESH_S": "0.01"})
+    gateway, url, sink, key = await start_gateway(nursery, config)
+    backend = gateway.backends.backends[0]
+    body = {"model": "tiny", "prompt": "Once", "max_tokens": 300, "temperature": 0,
+            "stream": True}
+    with trio.fail_after(60):
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"},
+                                     timeout=30) as client:
+            async with client.stream("POST", url + "/v1/completions", json=body) as reply:
+                events = [line async for line in reply.aiter_lines()
+                          if line.startswith("data: ")]
+            assert events[-1] == "data: [DONE]"
+            assert '"finish_reason": "length"' in events[-2]  # not cut: all 300 tokens
+            record = await sink.record_of(reply.headers["x-request-id"])
+            assert (record.outcome, record.completion_tokens) == ("ok", 300)
+            checks = backend.pool.stats()
+            await gateway.backends.changed.park()  # the next round of checks, now idle
+    assert backend.health.up is True and checks is not None
