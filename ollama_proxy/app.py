@@ -122,6 +122,11 @@ def make_backend(cfg: UpstreamConfig, routing: RoutingSettings) -> Backend:
     return backend
 
 
+def _counted(config: Config) -> list[str]:
+    """The backends whose streams without usage are counted with their tokenizer."""
+    return [u.name for u in config.upstreams if u.tokenize == "auto"]
+
+
 def _flat_settings(config: Config) -> dict[str, str]:
     """``{"section.key": value}`` of every effective setting."""
     return {f"{section}.{key}": value for section, values in settings(config).items()
@@ -154,7 +159,7 @@ class Gateway:
         self.ledger = LedgerWriter(config.server.database, wait=config.server.ledger_wait)
         # Streams whose backend reports no usage, counted with its tokenizer afterwards.
         self.recounter = Recounter(
-            self.backends.backends, [u.name for u in config.upstreams if u.tokenize == "auto"],
+            self.backends.backends, _counted(config),
             self.overheads, self.ledger.amend, on_exact=[self.limiter.amend])
         self.access_log = AccessLog()
         self.metering = Metering(
@@ -238,6 +243,7 @@ class Gateway:
                      "requests in flight", backend.name, backend.requests)
             if self._nursery is not None:
                 self._nursery.start_soon(self._close_retired, backend)
+        self.recounter.set_backends(fresh, _counted(new))
         self.router.wake_all()
 
     @staticmethod

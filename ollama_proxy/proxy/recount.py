@@ -79,7 +79,8 @@ class Recounter:
     def __init__(self, backends: Sequence[Backend], enabled: Sequence[str],
                  overheads: PromptOverheads, amend: Amend,
                  on_exact: Sequence[ExactHook] = ()) -> None:
-        self._states = {b.name: _BackendState(b) for b in backends if b.name in enabled}
+        self._states: dict[str, _BackendState] = {}
+        self.set_backends(backends, enabled)
         self._overheads = overheads
         self._amend = amend
         self._on_exact = tuple(on_exact)
@@ -89,6 +90,12 @@ class Recounter:
         self._idle.set()
         self.amended = 0  # rows made exact (stats, tests)
         self.failed = 0
+
+    def set_backends(self, backends: Sequence[Backend], enabled: Sequence[str]) -> None:
+        """A reload's backends: one kept unchanged keeps what was learned of it."""
+        known = {state.backend: state for state in self._states.values()}
+        self._states = {b.name: known.get(b) or _BackendState(b) for b in backends
+                        if b.name in enabled}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Host the jobs until cancelled (they go with it)."""

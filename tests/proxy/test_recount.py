@@ -13,7 +13,10 @@ import pytest
 import trio
 
 from gateway_stack import MemorySink, gateway_config, start_gateway
-from ollama_proxy.app import Gateway
+from ollama_proxy.api.prompt_overhead import PromptOverheads
+from ollama_proxy.app import Gateway, make_backend
+from ollama_proxy.backends.settings import RoutingSettings
+from ollama_proxy.config import load_config
 from ollama_proxy.proxy import recount
 from ollama_proxy.sim.llamacpp import LlamaCppSim, run_llamacpp_sim
 
@@ -229,3 +232,22 @@ async def test_no_room_no_job(nursery, monkeypatch, queued):
         rid = await stack.post("/v1/completions", ONCE)
         assert await stack.settled(rid) == (4, 8, 1)
         assert stack.tokenize_calls() == []
+
+
+def test_a_reload_keeps_what_was_learned_of_an_unchanged_backend():
+    """set_backends: a backend kept by the reload keeps its state (its tokenizer, found
+    once); a new one starts unknown; one removed, or now tokenize = off, is forgotten."""
+    config = load_config(None, env={}, upstream_urls=["http://127.0.0.1:1", "http://127.0.0.1:2"])
+    a, b = (make_backend(u, RoutingSettings()) for u in config.upstreams)
+    async def amend(*_: object) -> None:
+        return None
+
+    counter = recount.Recounter([a], ["default"], PromptOverheads(), amend=amend)
+    state_a = counter._states["default"]
+    state_a.tokenizer = None  # learned: no tokenize endpoint
+    counter.set_backends([a, b], ["default", "default2"])
+    assert counter._states["default"] is state_a
+    assert counter._states["default2"].backend is b
+    assert counter._states["default2"].tokenizer is recount._UNKNOWN
+    counter.set_backends([b], ["default"])
+    assert list(counter._states) == []
