@@ -6,6 +6,7 @@ Shared by access and backends, so it lives here."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 from fnmatch import fnmatchcase
@@ -29,6 +30,7 @@ def name_problem(name: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)  # per request, several times: the same few names
 def _model_names(model: str) -> tuple[str, ...]:
     """The spellings a model name matches a glob under: ``name:tag`` always,
     plus the bare ``name`` when the tag is ``latest``."""

@@ -167,6 +167,8 @@ class FairQueue:
         None. Fair: the user with the lowest counter among those with a waiter that may use
         ``backend`` (ties: the earlier arrival); FIFO: the earliest such waiter. Within a
         user, first come first served. Does not admit: the shell calls ``admit``."""
+        if not self._queues:
+            return None  # nobody waits (the common case: every slot freed when all are idle)
         self._sync()
         best: Waiter | None = None
         best_key: tuple[float, ...] = ()

@@ -239,17 +239,21 @@ class BackendSet:
                  ) -> None:
         if not backends:
             raise ValueError("at least one backend is needed")
-        self.backends = backends
         self.routing = routing
+        self._set(backends)
         self.changed = trio.lowlevel.ParkingLot()  # health, lists or the set changed
         self._wake_checks = trio.Event()
 
     def by_name(self, name: str) -> Backend | None:
         return next((b for b in self.backends if b.name == name), None)
 
+    def _set(self, backends: list[Backend]) -> None:
+        self.backends = backends
+        self._native = [b for b in backends if b.native]  # per request: made once
+
     def of_kind(self, native: bool) -> list[Backend]:
         """The backends that speak a request's API: every one for ``/v1``, ollama for ``/api``."""
-        return [b for b in self.backends if b.native or not native]
+        return self._native if native else self.backends
 
     def serving(self, model: str, native: bool) -> list[Backend]:
         key = canonical_model(model)
@@ -287,7 +291,7 @@ class BackendSet:
             backend.retired = True
             if backend.requests == 0:
                 backend.drained.set()
-        self.backends = new
+        self._set(new)
         self._wake_checks.set()
         self.changed.unpark_all()
         return retired

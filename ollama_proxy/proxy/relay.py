@@ -273,7 +273,10 @@ class ProxyHandler:
         """A model list or a management request for several backends: sent to each,
         answered once (True). False: it goes to one backend (``ex.pinned`` set when
         ``?backend=NAME`` names it)."""
-        route, native = ex.route, _native(ex)
+        route = ex.route
+        if not route.lists_models and route.kind is not RouteKind.MANAGEMENT:
+            return False  # most requests: one backend
+        native = _native(ex)
         kinds = self._router.backends.of_kind(native)
         if route.kind is RouteKind.MANAGEMENT:
             name, ex.target_override = backend_param(ex.request.target)
@@ -310,7 +313,7 @@ class ProxyHandler:
             if ex.stream:  # the client reads progress lines: the one line says it all
                 body, ctype = body + b"\n", NDJSON_TYPE
         draft.status = status
-        await self._record(draft, Outcome.OK)
+        await self._record(draft, Outcome.OK if status < 500 else Outcome.UPSTREAM_ERROR)
         headers = [(b"content-type", ctype), (b"x-request-id", ex.request_id),
                    *(ex.extra_headers or ())]
         if ex.request.method == "HEAD":
@@ -323,6 +326,8 @@ class ProxyHandler:
     async def _lease(self, ex: Exchange, exclude: frozenset[Backend],
                      on_waited: Callable[[float], None]) -> Lease:
         if ex.pinned is not None:
+            if ex.pinned in exclude:  # the one named failed: no other may stand in
+                raise no_backend(True)
             return self._router.pinned(ex.pinned)
         principal = ex.principal
         metered = ex.route.metered

@@ -85,15 +85,18 @@ def test_finish_twice_charges_once():
 
 
 def test_live_progress_is_charged_by_the_delta_since_the_last_sync():
+    """When a slot frees and someone waits, running streams are charged what they sent
+    since the last look (with nobody waiting there is no choice to make, and no sync)."""
     q = queue()
     busy(q)
     service = q.admit("a", 1.0, 0, 0.0)
     streamed = [0]
     service.progress = lambda: streamed[0]
+    q.push(waiter("w", backends=("elsewhere",)))  # someone waits, but not for "b"
     seen = []
     for tokens in (3, 3, 10, 12):
         streamed[0] = tokens
-        q.grant_next("b", 0.0)  # nobody waits: only the sync happens
+        assert q.grant_next("b", 0.0) is None  # only the sync happens
         seen.append(q.counters["a"])
     assert seen == [6.0, 6.0, 20.0, 24.0]
     q.finish(service, 15)  # the rest: 3 more tokens
@@ -106,7 +109,8 @@ def test_finish_below_what_progress_counted_refunds_nothing():
     busy(q)
     service = q.admit("a", 2.0, 0, 0.0)
     service.progress = lambda: 8
-    q.grant_next("b", 0.0)
+    q.push(waiter("w", backends=("elsewhere",)))
+    q.grant_next("b", 0.0)  # a sync: someone waits
     q.finish(service, 5)
     assert q.counters["a"] == 8.0  # 8 tokens * 2 / weight 2
 
