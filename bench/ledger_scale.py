@@ -35,8 +35,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from ollama_proxy import accounts, db  # noqa: E402
 from ollama_proxy.access.keys import key_prefix, new_key  # noqa: E402
+from ollama_proxy.store import accounts, db  # noqa: E402
 
 YEAR_S = 365 * 86400
 USERS = 50
