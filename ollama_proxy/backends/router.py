@@ -137,7 +137,8 @@ class Router:
         if self._too_big(key, native):
             return ModelNotServed(f"model '{model}' is larger than max_model_gb of every "
                                   "backend that has it")
-        if native and any(b.serves(key) for b in self.backends.backends):
+        # known to serve it (a list never read, of a backend down since the start, says nothing)
+        if native and any(b.catalogue.serves(key) for b in self.backends.backends):
             return ModelNotServed(
                 f"model '{model}' is served only by OpenAI-compatible backends: use the /v1 "
                 "API for it")

@@ -542,6 +542,17 @@ async def test_a_model_no_backend_lists_is_not_found(refreshes):
     assert sorted(refreshes) == ["one", "two"]  # the lists were asked again first
 
 
+async def test_an_openai_backend_whose_list_is_unknown_does_not_claim_every_model(refreshes):
+    """An openai backend down since the start (its list never read) may serve anything on
+    /v1, but a native request for a model no ollama backend has is plain "not found",
+    not "served only by OpenAI-compatible backends"."""
+    r = router(backend("ol1"), backend("ol2"), backend("oa", kind="openai", models=None,
+                                                     up=False))
+    with pytest.raises(ModelNotServed) as err:
+        await lease(r, model="nowhere")
+    assert err.value.message == "model 'nowhere' not found"
+
+
 @pytest.mark.parametrize("ollama_backends", [1, 2])
 async def test_a_model_only_openai_backends_serve_is_refused_on_the_native_api(
         refreshes, ollama_backends):
