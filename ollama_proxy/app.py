@@ -110,14 +110,29 @@ def pool_settings(cfg: UpstreamConfig) -> PoolSettings:
     return from_section(PoolSettings, cfg, tls=tls)
 
 
+# The [upstream.NAME] keys a reload changes on the running backend; any other change
+# (its address, kind, TLS, timeouts, pool) makes a new one.
+ROUTING_KEYS = ("priority", "slots", "models", "max_model_bytes", "api_key")
+
+
+def backend_spec(cfg: UpstreamConfig) -> BackendSpec:
+    return BackendSpec(cfg.name, kind=cfg.kind, url=cfg.url, base_path=cfg.base_path,
+                       api_key=cfg.api_key, priority=cfg.priority, slots=cfg.slots,
+                       globs=cfg.models or None, max_model_bytes=cfg.max_model_bytes)
+
+
+def _connection(cfg: object) -> tuple[object, ...]:
+    """What of a backend's config its connections depend on (its routing keys aside)."""
+    assert isinstance(cfg, UpstreamConfig)
+    return tuple(getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                 if f.name not in ROUTING_KEYS)
+
+
 def make_backend(cfg: UpstreamConfig, routing: RoutingSettings) -> Backend:
     if cfg.scheme == "https" and not cfg.tls_verify:
         log.warning("backend %s: tls_verify = false: its certificate and name are not checked "
                     "(for testing only)", cfg.name)
-    spec = BackendSpec(cfg.name, kind=cfg.kind, url=cfg.url, base_path=cfg.base_path,
-                       api_key=cfg.api_key, priority=cfg.priority, slots=cfg.slots,
-                       globs=cfg.models or None, max_model_bytes=cfg.max_model_bytes)
-    backend = Backend(spec, UpstreamPool(pool_settings(cfg)), routing)
+    backend = Backend(backend_spec(cfg), UpstreamPool(pool_settings(cfg)), routing)
     backend.origin = cfg
     return backend
 
@@ -200,9 +215,10 @@ class Gateway:
         return index
 
     async def reload(self, actor: str) -> dict[str, Any]:
-        """Re-read the config: new ``[limits]`` defaults, ``[aliases]`` and log level hold
-        from the next request (one in flight keeps its target); other changes are named as
-        needing a restart. A bad file is a 400 and the running config stays."""
+        """Re-read the config: new ``[limits]`` defaults, ``[aliases]``, backends
+        (``[upstream.NAME]``) and log level hold from the next request (one in flight keeps
+        its target and backend); other changes are named as needing a restart. A bad file
+        is a 400 and the running config stays."""
         if self._loader is None:
             raise BadRequest("this gateway was not started from a config it can re-read",
                              code="invalid_config")
@@ -231,25 +247,30 @@ class Gateway:
         return answer
 
     def _swap_backends(self, new: Config) -> None:
-        """Backends added, removed or changed by a reload; an unchanged one keeps its
-        state, a removed or changed one finishes its requests in flight, then closes."""
+        """Backends added, removed or changed by a reload. One whose address and
+        connection settings are unchanged is the same object, its routing keys updated
+        (its requests in flight, slots in use, health and lists stay); one removed, or
+        now elsewhere, finishes its requests in flight, then its connections close."""
         if new.upstreams == self.config.upstreams:
             return
-        current = {b.origin: b for b in self.backends.backends}
+        current = {b.name: b for b in self.backends.backends}
         routing = self.backends.routing
-        fresh = [current.get(u) or make_backend(u, routing) for u in new.upstreams]
+        fresh = []
+        for cfg in new.upstreams:
+            backend = current.get(cfg.name)
+            if backend is None or _connection(cfg) != _connection(backend.origin):
+                backend = make_backend(cfg, routing)
+            elif cfg != backend.origin:
+                backend.reconfigure(backend_spec(cfg))
+                backend.origin = cfg
+            fresh.append(backend)
         for backend in self.backends.replace(fresh):
-            log.info("backend %s removed or changed by the reload: it finishes its %d "
+            log.info("backend %s removed or moved by the reload: it finishes its %d "
                      "requests in flight", backend.name, backend.requests)
             if self._nursery is not None:
-                self._nursery.start_soon(self._close_retired, backend)
+                self._nursery.start_soon(self.backends.close_retired, backend)
         self.recounter.set_backends(fresh, _counted(new))
         self.router.wake_all()
-
-    @staticmethod
-    async def _close_retired(backend: Backend) -> None:
-        await backend.drained.wait()
-        await backend.pool.close_idle()
 
     async def run(
         self,

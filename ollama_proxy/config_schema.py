@@ -175,7 +175,7 @@ SCHEMA: tuple[Key, ...] = (
         "Most requests one user may have waiting for a slot (whole number >= 1); one more gets 429.",
         "max_queued_per_user"),
     Key("routing", "eject_after_failures", whole(1), "3",
-        "Failures in a row (a refused connection, no first byte, a 5xx at once) after which a\n"
+        "Failures in a row (a refused connection, no first byte, 502, 503 or 504) after which a\n"
         "backend is ejected (whole number >= 1); requests go on to the next eligible backend.",
         "eject_after_failures"),
     Key("routing", "eject_s", seconds(0, inclusive=False), "30",

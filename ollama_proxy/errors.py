@@ -257,7 +257,7 @@ def openai_error(status: int, body: bytes) -> bytes | None:
     ``{"detail": ...}`` from llama-cpp-python, Ollama's ``{"error": "..."}``, plain text)."""
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
         doc = None
     if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
         return None

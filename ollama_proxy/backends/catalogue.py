@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ..api.models import canonical_model, dump_json, model_allowed, name_problem
 
@@ -108,35 +108,40 @@ class Catalogue:
         return [info.name for info in self.learned.values() if self.serves(info.name)]
 
 
-def merged_tags(bodies: Sequence[bytes]) -> bytes:
-    """One ``/api/tags`` reply from several backends' replies (see ``_merged``)."""
-    return dump_json({"models": _merged(bodies, *_TAGS)})
+Keep = Callable[[str], bool]  # which of one backend's models its list may show
 
 
-def merged_ps(bodies: Sequence[bytes]) -> bytes:
-    """One ``/api/ps`` reply from several backends' replies (see ``_merged``)."""
-    return dump_json({"models": _merged(bodies, *_TAGS)})
+def merged_tags(bodies: Sequence[bytes], keep: Sequence[Keep] = ()) -> bytes:
+    """One ``/api/tags`` (or ``/api/ps``: the same shape) reply from several backends'
+    replies, each showing only what ``keep[i]`` allows of body i (see ``_merged``)."""
+    return dump_json({"models": _merged(bodies, keep, *_TAGS)})
 
 
-def merged_openai_models(bodies: Sequence[bytes]) -> bytes:
+def merged_openai_models(bodies: Sequence[bytes], keep: Sequence[Keep] = ()) -> bytes:
     """One ``/v1/models`` reply from several backends' replies (see ``_merged``)."""
-    return dump_json({"object": "list", "data": _merged(bodies, *_OPENAI)})
+    return dump_json({"object": "list", "data": _merged(bodies, keep, *_OPENAI)})
 
 
-def _merged(bodies: Sequence[bytes], key: str, fields: tuple[str, ...]) -> list[Any]:
+def _merged(bodies: Sequence[bytes], keep: Sequence[Keep], key: str,
+            fields: tuple[str, ...]) -> list[Any]:
     """The union of the bodies' entries: one per canonical name, the first seen wins
-    and keeps its place, each entry as its backend wrote it. A body that does not
-    parse is skipped (its backend is down or broken; the others still answer);
+    and keeps its place, each entry as its backend wrote it; of body i only the models
+    ``keep[i]`` allows (its backend's globs and size cap: what it is sent). A body that
+    does not parse is skipped (its backend is down or broken; the others still answer);
     ValueError only when none parses, so the caller can answer with an error."""
     seen: set[str] = set()
     merged: list[Any] = []
     parsed = 0
-    for body in bodies:
+    for i, body in enumerate(bodies):
         try:
             entries = _entries(body, key)
         except ValueError:
             continue
         parsed += 1
+        if i < len(keep):
+            allowed = keep[i]
+            entries = [e for e in entries
+                       if (name := _entry_name(e, fields)) is not None and allowed(name)]
         merged.extend(entry for _, _, entry in _named(entries, fields, seen))
     if not parsed:
         raise ValueError(f"no model list parsed (of {len(bodies)})")

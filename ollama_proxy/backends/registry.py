@@ -26,6 +26,7 @@ log = logging.getLogger("ollama_proxy.backends")
 
 HEALTH_TIMEOUT_S = 5.0
 LIST_TIMEOUT_S = 10.0
+RETRY_AFTER_DOWN_S = 5  # no backend up: when to ask again, at most
 MISS_REFRESH_S = 1.0  # a request for an unknown model refreshes a backend's list at most this often
 MAX_LIST_BYTES = 32 << 20  # a model list (10,000 models is ~5 MB)
 DEFAULT_ROUTING = RoutingSettings()
@@ -74,6 +75,15 @@ class Backend:
         self._refreshing: trio.Event | None = None
         self._idle = trio.lowlevel.ParkingLot()  # woken when ``requests`` drops to 0
 
+    def reconfigure(self, spec: BackendSpec) -> None:
+        """A reload's new routing keys (priority, slots, models, size cap, key) for the
+        same server: what it has in flight, its health and its lists stay."""
+        assert (spec.name, spec.kind, spec.url) == (self.name, self.kind, self.url)
+        self.spec = spec
+        self.priority, self.slots, self.api_key = spec.priority, spec.slots, spec.api_key
+        self.catalogue.globs = spec.globs
+        self.catalogue.max_model_bytes = spec.max_model_bytes
+
     @property
     def native(self) -> bool:
         """Whether it serves Ollama's native ``/api`` paths (an openai one: ``/v1`` only)."""
@@ -86,12 +96,15 @@ class Backend:
     def warm(self, model: str) -> bool:
         return self.catalogue.warm(model)
 
+    @property
+    def list_known(self) -> bool:
+        """Its globs, or a list learned from it, say which models it serves."""
+        return self.spec.globs is not None or self.catalogue.learned_at is not None
+
     def serves(self, model: str) -> bool:
         """Known to serve ``model``; a backend whose list was never learned (and has
         no globs) may serve anything: it answers for itself."""
-        if self.spec.globs is None and self.catalogue.learned_at is None:
-            return True
-        return self.catalogue.serves(model)
+        return self.catalogue.serves(model) if self.list_known else True
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """Headers for the gateway's own requests to it (checks, lists)."""
@@ -111,7 +124,7 @@ class Backend:
         return response.status, body or b""
 
     def failed(self, error: str) -> None:
-        """A request could not be served here (refused, broke before its answer, 5xx)."""
+        """A request could not be served here (refused, broke before its answer, 502-504)."""
         now = trio.current_time()
         if self.health.failed(now, error):
             left = (self.health.ejected_until or now) - now
@@ -137,7 +150,8 @@ class Backend:
             **self.health.describe(now),
             "priority": self.priority,
             "slots": self.slots,
-            "in_flight": self.requests,
+            "in_flight": self.requests,  # all its requests; those holding a slot:
+            "slots_in_use": self.in_flight,
             "queued": queued,
             "models": self.catalogue.models(),
             "loaded": sorted(self.catalogue.loaded),
@@ -154,8 +168,11 @@ class Backend:
         return not self.native and self.requests > 0
 
     def became_idle(self) -> None:
-        """Its last request in flight ended (``Lease.release``)."""
+        """Its last request in flight ended (``Lease.release``); a retired one is drained
+        unless a slot is still granted to a request about to go."""
         self._idle.unpark_all()
+        if self.retired and self.in_flight == 0:
+            self.drained.set()
 
     async def wait_idle(self) -> None:
         """Until no request of a client is in flight here."""
@@ -241,6 +258,7 @@ class BackendSet:
             raise ValueError("at least one backend is needed")
         self.routing = routing
         self._set(backends)
+        self.retired: list[Backend] = []  # removed by a reload, requests still in flight
         self.changed = trio.lowlevel.ParkingLot()  # health, lists or the set changed
         self._wake_checks = trio.Event()
 
@@ -256,8 +274,16 @@ class BackendSet:
         return self._native if native else self.backends
 
     def serving(self, model: str, native: bool) -> list[Backend]:
+        """Those known to serve ``model``; none: those whose list is not known yet (just
+        started, or added by a reload), which may have it: never a guess when a
+        backend is known to have it."""
+        known = self.known_to_serve(model, native)
+        return known or [b for b in self.of_kind(native) if not b.list_known]
+
+    def known_to_serve(self, model: str, native: bool) -> list[Backend]:
+        """Those whose list (or globs) names ``model``: a list never read says nothing."""
         key = canonical_model(model)
-        return [b for b in self.of_kind(native) if b.serves(key)]
+        return [b for b in self.of_kind(native) if b.catalogue.serves(key)]
 
     def any_up(self) -> bool:
         return any(b.health.up for b in self.backends)
@@ -269,8 +295,9 @@ class BackendSet:
         now = trio.current_time()
         # one under way (another request's, or the periodic one) is waited for: a request
         # for the model it is learning must not get a 404 meanwhile
-        due = [b for b in self.of_kind(native) if b.spec.globs is None and (
-            now - b.last_miss_refresh >= MISS_REFRESH_S or b._refreshing is not None)]
+        due = [b for b in self.of_kind(native) if b.spec.globs is None
+               and b.health.available(now)  # a dead one would only make the request wait
+               and (now - b.last_miss_refresh >= MISS_REFRESH_S or b._refreshing is not None)]
         for backend in due:
             if backend._refreshing is None:
                 backend.last_miss_refresh = now
@@ -287,9 +314,10 @@ class BackendSet:
         if not new:
             raise ValueError("at least one backend is needed")
         retired = [b for b in self.backends if b not in new]
+        self.retired += retired
         for backend in retired:
             backend.retired = True
-            if backend.requests == 0:
+            if backend.requests == 0 and backend.in_flight == 0:
                 backend.drained.set()
         self._set(new)
         self._wake_checks.set()
@@ -318,6 +346,12 @@ class BackendSet:
                 await self._wake_checks.wait()
                 next_refresh = float("-inf")  # new backends: learn their lists
 
+    async def close_retired(self, backend: Backend) -> None:
+        """Close a retired backend's connections once its last request ended."""
+        await backend.drained.wait()
+        await backend.pool.close_idle()
+        self.retired.remove(backend)
+
     async def aclose(self) -> None:
-        for backend in self.backends:
+        for backend in [*self.backends, *self.retired]:
             await backend.pool.close_idle()

@@ -16,24 +16,22 @@ from typing import Callable
 import trio
 
 from ..api.models import canonical_model
-from ..errors import ModelNotServed, NoBackendAvailable, Overloaded, TooManyQueued
-from .choice import choose
+from ..errors import ModelNotServed, NoBackendAvailable, NotFound, Overloaded, TooManyQueued
+from .choice import choose, has_free_slot
 from .fairqueue import FairQueue, QueueFull, Service, UserQueueFull, Waiter
-from .registry import Backend, BackendSet
-
-RETRY_AFTER_DOWN_S = 5  # no backend up for the model: when to ask again, at most
+from .registry import RETRY_AFTER_DOWN_S, Backend, BackendSet
 
 
 class Lease:
     """One request's hold on a backend (and on one of its slots, if it took one)."""
 
-    __slots__ = ("backend", "_router", "_service", "_released")
+    __slots__ = ("backend", "_router", "_service", "_slot_freed", "_released")
 
     def __init__(self, router: Router, backend: Backend, service: Service | None) -> None:
         self.backend = backend
         self._router = router
         self._service = service
-        self._released = False
+        self._slot_freed = self._released = False
         backend.requests += 1
 
     def stream_progress(self, completion_tokens: Callable[[], int]) -> None:
@@ -42,19 +40,25 @@ class Lease:
         if self._service is not None:
             self._service.progress = completion_tokens
 
+    def free_slot(self, completion_tokens: int = 0) -> None:
+        """The backend is done generating: give the slot to the next in line and charge
+        the output (once; before the ledger's commit and the client's last bytes)."""
+        if self._slot_freed:
+            return
+        self._slot_freed = True
+        if self._service is not None:
+            self._router.give_back(self.backend, self._service, completion_tokens)
+
     def release(self, completion_tokens: int = 0) -> None:
-        """Give the slot back and charge the output; once, whatever happened."""
+        """The request is over, its connection back: the slot too if not yet; once."""
         if self._released:
             return
         self._released = True
+        self.free_slot(completion_tokens)
         backend = self.backend
         backend.requests -= 1
         if backend.requests == 0:
             backend.became_idle()
-            if backend.retired:
-                backend.drained.set()
-        if self._service is not None:
-            self._router.give_back(backend, self._service, completion_tokens)
 
 
 class Router:
@@ -95,14 +99,16 @@ class Router:
         match = key  # the model the backends must serve (None: any of the API's kind)
         eligible = self.eligible(key, native, exclude)
         if not eligible and key is not None and not exclude and \
-                not self.backends.serving(key, native):
+                not self.backends.known_to_serve(key, native):
             await self.backends.refresh_for_miss(native)
             eligible = self.eligible(key, native, exclude)
-            if not eligible and len(self.backends.of_kind(native)) == 1 and \
+            kinds = self.backends.of_kind(native)
+            if not eligible and len(kinds) == 1 and kinds[0].spec.globs is None and \
                     not any(b.serves(key) for b in self.backends.backends) and \
                     not self._too_big(key, native):
                 # the only backend for this API answers for itself (its own 404, or a
-                # model its list did not show), as it would without the gateway
+                # model its list did not show), as it would without the gateway; not
+                # past the models its config names
                 match = None
                 eligible = self.eligible(None, native, exclude)
         if not eligible:
@@ -121,6 +127,10 @@ class Router:
 
     def _none_eligible(self, model: str | None, key: str | None, native: bool,
                        exclude: frozenset[Backend]) -> Exception:
+        if not self.backends.of_kind(native):  # only openai backends: waiting cures nothing
+            return NotFound("no ollama backend is configured: only the OpenAI-compatible "
+                            "paths (/v1) are served")
+        # a backend whose list was never read (down since the start) may have it: 503
         serving = self.backends.of_kind(native) if key is None else \
             self.backends.serving(key, native)
         if key is None or serving:
@@ -162,9 +172,13 @@ class Router:
         arrived = trio.current_time()
         granted = trio.Event()
 
-        def may_use(backend: object) -> bool:
-            return isinstance(backend, Backend) and backend in self.eligible(match, native,
-                                                                             exclude)
+        def may_use(backend: object) -> bool:  # asked per waiter and backend: no lists
+            return (isinstance(backend, Backend) and not backend.retired
+                    and backend not in exclude and (backend.native or not native)
+                    and backend.health.available(trio.current_time())
+                    and (match is None or backend.catalogue.serves(match) or (
+                        not backend.list_known
+                        and not self.backends.known_to_serve(match, native))))
 
         waiter = Waiter(user=user, weight=weight, prompt_tokens=prompt_tokens, eligible=may_use,
                         arrived=arrived)
@@ -187,6 +201,8 @@ class Router:
                 self.queue.abandon(waiter)
                 waiter.granted.in_flight -= 1
                 self.hand_on(waiter.granted)
+                if waiter.granted.requests == 0:
+                    waiter.granted.became_idle()
             raise
         finally:
             del self._wakers[waiter]
@@ -215,7 +231,7 @@ class Router:
         """Give ``backend``'s free slots to waiters the fair queue names. A waiter gets
         the best free backend it may use, as a newcomer would (a preferred or warm one
         free too: that one, and ``backend``'s slot goes to the next waiter)."""
-        while not backend.retired and (backend.slots == 0 or backend.in_flight < backend.slots):
+        while not backend.retired and has_free_slot(backend):
             waiter = self.queue.grant_next(backend, trio.current_time())
             if waiter is None:
                 return

@@ -18,16 +18,13 @@ import trio
 
 from ..api.headers import upstream_request_headers
 from ..api.routes import Route
-from ..backends.catalogue import merged_openai_models, merged_ps, merged_tags
-from ..backends.registry import Backend
+from ..backends.catalogue import Keep, merged_openai_models, merged_tags
+from ..backends.registry import LIST_TIMEOUT_S, MAX_LIST_BYTES, RETRY_AFTER_DOWN_S, Backend
 from ..errors import NoBackendAvailable, ProxyError, UpstreamProtocolError
 
-LIST_TIMEOUT_S = 10.0
-MAX_LIST_BYTES = 32 << 20
-
-MERGES: dict[str, Callable[[Sequence[bytes]], bytes]] = {
+MERGES: dict[str, Callable[[Sequence[bytes], Sequence[Keep]], bytes]] = {
     "tags": merged_tags,
-    "ps": merged_ps,
+    "ps": merged_tags,  # the same shape
     "openai_models": merged_openai_models,
 }
 
@@ -93,10 +90,11 @@ async def ask_all(backends: Sequence[Backend], method: str, target: str,
 
 def merged_listing(route: Route, answers: Sequence[Answer]) -> bytes:
     """The union of the model lists that came back; a 502 when none did."""
-    bodies = [a.body for a in answers if a.status == 200]
-    if bodies:
-        try:
-            return MERGES[route.name](bodies)
+    ok = [a for a in answers if a.status == 200]
+    if ok:
+        try:  # each backend's list shows what it is sent: its globs and size cap
+            return MERGES[route.name]([a.body for a in ok],
+                                      [a.backend.catalogue.serves for a in ok])
         except ValueError:
             pass
     raise UpstreamProtocolError("no backend answered the model list: " + "; ".join(
@@ -140,4 +138,5 @@ def backend_param(target: str) -> tuple[str | None, str | None]:
 
 def no_backend(native: bool) -> NoBackendAvailable:
     kind = "ollama " if native else ""
-    return NoBackendAvailable(f"no {kind}backend is up; retry later", retry_after_s=5)
+    return NoBackendAvailable(f"no {kind}backend is up; retry later",
+                              retry_after_s=RETRY_AFTER_DOWN_S)

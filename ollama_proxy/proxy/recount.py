@@ -175,11 +175,12 @@ class Recounter:
     async def _guarded(self, state: _BackendState, ex: Exchange,
                        job: Coroutine[Any, Any, None]) -> None:
         try:
-            async with state.slots:
-                with trio.fail_after(JOB_TIMEOUT_S):
+            with trio.fail_after(JOB_TIMEOUT_S):
+                if not state.backend.native:
                     # the servers that need counting (llama-cpp-python) end a running
                     # stream when another request arrives: ask between requests
                     await state.backend.wait_idle()
+                async with state.slots:
                     await job
         except (CountError, ProxyError, trio.TooSlowError) as err:
             self.failed += 1

@@ -33,6 +33,7 @@ from ..backends.router import Lease, Router
 from ..errors import (
     ApiFamily,
     BadRequest,
+    NotFound,
     ProxyError,
     ShuttingDown,
     Unauthorized,
@@ -45,7 +46,7 @@ from ..errors import (
 from ..http.client import ResponseTooLarge, UpstreamResponse
 from ..http.messages import JSON_TYPE, Request
 from ..http.responder import ClientGone, ClientStalled, Responder
-from .fanout import ask_all, backend_param, management_answer, merged_listing, no_backend
+from .fanout import Answer, ask_all, backend_param, management_answer, merged_listing, no_backend
 from .metering import Metering, RecordDraft
 
 log = logging.getLogger("ollama_proxy.relay")
@@ -62,6 +63,9 @@ BYTES_PER_TOKEN = 4
 # A request that could not be served goes to the next eligible backend at most this often,
 # and never once its first byte went to the client.
 MAX_RETRIES = 2
+# A backend's answers that say it cannot serve now, not that the request is bad: marked,
+# and the request goes on to the next eligible backend.
+UNAVAILABLE = frozenset({502, 503, 504})
 # Sent to every ollama backend unless ?backend=NAME picks one (the rest need one named).
 FAN_OUT_MANAGEMENT = frozenset({"pull", "delete"})
 NDJSON_TYPE = b"application/x-ndjson"
@@ -101,6 +105,19 @@ def _frame_kind(content_type: bytes | None) -> FrameKind | None:
 
 def _native(ex: Exchange) -> bool:
     return ex.route.family is ApiFamily.NATIVE
+
+
+def _restricted(backend: Backend) -> bool:
+    """Its ``models`` globs or ``max_model_gb`` hide some of what it lists."""
+    return backend.spec.globs is not None or backend.spec.max_model_bytes is not None
+
+
+def _free_slot(draft: RecordDraft) -> None:
+    """Give the request's slot back (once) as soon as its backend is done, charging the
+    output it got: before the ledger's commit and the client's last bytes."""
+    if draft.lease is not None:
+        tally = draft.tally
+        draft.lease.free_slot(tally.completion_tokens if tally.exact else tally.frames)
 
 
 def _routing_model(ex: Exchange) -> str | None:
@@ -192,14 +209,16 @@ class ProxyHandler:
             await self._record(draft, Outcome.ERROR)
             raise
         finally:
-            if draft.lease is not None:  # the slot first: synchronous, cannot be cancelled
-                tally = draft.tally
-                draft.lease.release(tally.completion_tokens if tally.exact else tally.frames)
-            if not draft.recorded:  # cancelled: the client left, or shutdown
-                await self._record(draft, Outcome.CLIENT_CLOSED if responder.client_gone
-                                   else Outcome.CANCELLED)
-            if upstream is not None:
-                await upstream.aclose()
+            _free_slot(draft)  # (if not yet) first: synchronous, it cannot be cancelled
+            try:
+                if not draft.recorded:  # cancelled: the client left, or shutdown
+                    await self._record(draft, Outcome.CLIENT_CLOSED if responder.client_gone
+                                       else Outcome.CANCELLED)
+                if upstream is not None:
+                    await upstream.aclose()
+            finally:  # its connection is back (or closed): the backend is done with it
+                if draft.lease is not None:
+                    draft.lease.release()
             self._metering.after(draft)
 
     async def _parse(self, ex: Exchange) -> dict[str, Any] | None:
@@ -212,8 +231,9 @@ class ProxyHandler:
 
     async def _send_upstream(self, ex: Exchange, draft: RecordDraft) -> UpstreamResponse:
         """Send to a backend the router picks; one that refuses, breaks before its
-        answer or answers a 5xx at once is marked, and the next one is tried
-        (``MAX_RETRIES``): nothing has reached the client yet."""
+        answer or answers 502, 503 or 504 is marked, and the next one is tried
+        (``MAX_RETRIES``; never for model management or a named backend): nothing has
+        reached the client yet."""
         body = ex.body()
         tried: set[Backend] = set()
         failure: ProxyError | None = None
@@ -252,19 +272,21 @@ class ProxyHandler:
                 tried.add(backend)
                 failure = err
                 continue
-            if response.status < 500:
-                backend.succeeded()
-            else:  # an overloaded Ollama answers 503 at once: it must not look fast
-                backend.failed(f"answered {response.status}")
-                tried.add(backend)
-                if attempt < MAX_RETRIES and self._router.eligible(
-                        _routing_model(ex), _native(ex), frozenset(tried)):
-                    await response.aclose()
-                    lease.release()
-                    draft.tally = UsageTally(exact=True)
-                    failure = None
-                    continue
-            return response
+            if response.status not in UNAVAILABLE or ex.pinned is not None \
+                    or ex.route.kind is RouteKind.MANAGEMENT:
+                if response.status < 500:
+                    backend.succeeded()
+                return response  # a 500 is about this request (a model error): forwarded
+            # unavailable (an overloaded Ollama answers 503 at once): it must not look fast
+            backend.failed(f"answered {response.status}")
+            tried.add(backend)
+            if attempt == MAX_RETRIES or not self._router.eligible(
+                    _routing_model(ex), _native(ex), frozenset(tried)):
+                return response
+            await response.aclose()
+            lease.release()
+            draft.tally = UsageTally(exact=True)
+            failure = None
         assert failure is not None
         raise failure
 
@@ -291,8 +313,11 @@ class ProxyHandler:
             if route.name not in FAN_OUT_MANAGEMENT:
                 raise BadRequest(f"{ex.request.path} with several ollama backends: name one with "
                                  f"?backend=NAME ({', '.join(b.name for b in kinds)})")
-        elif not route.lists_models or len(kinds) <= 1:
-            return False
+        elif not route.lists_models or (len(kinds) == 1 and not _restricted(kinds[0])):
+            return False  # one backend that serves all it lists: its own answer
+        if not kinds:  # no ollama backend at all: nothing to list natively
+            raise NotFound(f"{ex.request.path}: no ollama backend is configured; the models "
+                           "are listed at /v1/models")
         backends = self._router.eligible(None, native, frozenset())
         if not backends:
             raise no_backend(native)
@@ -307,6 +332,9 @@ class ProxyHandler:
             answers = await ask_all(backends, ex.request.method, ex.request.target,
                                     ex.request.headers, json.dumps(obj).encode(), ex.request_id,
                                     timeout_s=None, max_bytes=self._max_response_bytes)
+            # one down or ejected was not asked: the answer says so (a pull it missed)
+            answers += [Answer(b, error=b.health.last_error or "down or ejected: not asked")
+                        for b in kinds if b not in backends]
             status, payload = management_answer(answers, route.name)
             body = json.dumps(payload).encode()
             ctype = JSON_TYPE
@@ -365,6 +393,7 @@ class ProxyHandler:
             draft.tally = scan_whole_body(body)
         elif metered and upstream.status < 500:  # refused by the backend: nothing used
             draft.tally = UsageTally(exact=True)
+        _free_slot(draft)  # the backend is done: its slot goes on before the ledger's commit
         if ex.rewrites_reply and 200 <= upstream.status < 300 and body:
             body = ex.reply(body)
         if upstream.status >= 400 and ex.route.family is ApiFamily.OPENAI and \
@@ -415,7 +444,8 @@ class ProxyHandler:
                         # the backend's end marker (or its error, which ends a stream) is
                         # in this piece: make the record durable first, so a client that
                         # stops reading there (the ollama client raises on the error line)
-                        # is counted as is
+                        # is counted as is; the slot goes on first
+                        _free_slot(draft)
                         await self._record(draft, outcome())
                     await responder.write(out)
             out = scanner.finish()
@@ -431,6 +461,7 @@ class ProxyHandler:
         if failure is None and ex.route.metered and upstream.status < 400 \
                 and not tally.finished and tally.error is None:
             failure = "the backend ended the stream before it was complete"
+        _free_slot(draft)
         if failure is not None:
             await responder.write(error_frame(kind, failure))
         await self._record(draft, outcome())

@@ -15,7 +15,6 @@ from ollama_proxy.backends.catalogue import (
     Catalogue,
     ModelInfo,
     merged_openai_models,
-    merged_ps,
     merged_tags,
 )
 
@@ -288,7 +287,7 @@ def test_merged_ps_reads_name_or_model():
     """/api/ps entries are named by "name" or "model"; the shape stays {"models": [...]}."""
     a = tags({"model": "a:1", "size_vram": 5})
     b = tags({"name": "A:1"}, {"name": "b"})
-    assert json.loads(merged_ps([a, b])) == {"models": [{"model": "a:1", "size_vram": 5}, {"name": "b"}]}
+    assert json.loads(merged_tags([a, b])) == {"models": [{"model": "a:1", "size_vram": 5}, {"name": "b"}]}
 
 
 def test_merged_openai_models_dedupes_by_id():
@@ -303,7 +302,7 @@ def test_merged_openai_models_dedupes_by_id():
     }
 
 
-@pytest.mark.parametrize("merge", [merged_tags, merged_ps, merged_openai_models])
+@pytest.mark.parametrize("merge", [merged_tags, merged_openai_models])
 def test_a_merge_of_nothing_parseable_raises(merge):
     """ValueError only when no body parses (none at all counts)."""
     with pytest.raises(ValueError, match="no model list parsed"):
@@ -375,7 +374,7 @@ def usable(name: object) -> bool:
 @given(st.lists(JSON.map(lambda d: json.dumps(d).encode()) | st.binary(max_size=20), max_size=4))
 def test_merging_arbitrary_bodies_succeeds_or_raises_value_error(bodies):
     """Any bodies merge into a list reply of unique names, or raise ValueError."""
-    for merge, key, field in ((merged_tags, "models", "name"), (merged_ps, "models", "name"),
+    for merge, key, field in ((merged_tags, "models", "name"),
                               (merged_openai_models, "data", "id")):
         try:
             out = merge(bodies)
@@ -385,3 +384,20 @@ def test_merging_arbitrary_bodies_succeeds_or_raises_value_error(bodies):
         assert isinstance(entries, list) and all(isinstance(e, dict) for e in entries)
         names = [next(e[f] for f in (field, "model") if usable(e.get(f))) for e in entries]
         assert len({canonical_model(n) for n in names}) == len(names)
+
+
+def test_a_merge_shows_of_each_backend_only_what_it_is_sent():
+    """``keep[i]`` (backend i's globs and size cap) filters body i; a model one backend
+    may not serve is shown when another may."""
+    a = json.dumps({"models": [{"name": "llama3.2:latest"}, {"name": "big:70b"}]}).encode()
+    b = json.dumps({"models": [{"name": "big:70b"}, {"name": "qwen3:4b"}]}).encode()
+    small = Catalogue(kind="ollama", globs=("llama*",), max_model_bytes=None)
+    anything = Catalogue(kind="ollama", globs=("*",), max_model_bytes=None)
+    names = [m["name"] for m in json.loads(merged_tags([a, b], [small.serves, anything.serves]))
+             ["models"]]
+    assert names == ["llama3.2:latest", "big:70b", "qwen3:4b"]
+    only_small = [m["name"] for m in json.loads(merged_tags([a], [small.serves]))["models"]]
+    assert only_small == ["llama3.2:latest"]
+    openai = json.dumps({"data": [{"id": "qwen-a"}, {"id": "llama-b"}]}).encode()
+    kept = json.loads(merged_openai_models([openai], [small.serves]))["data"]
+    assert [m["id"] for m in kept] == ["llama-b"]

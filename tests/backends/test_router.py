@@ -720,3 +720,62 @@ async def test_the_only_backend_full_serves_an_unlisted_model_when_a_slot_frees(
     holder.release()
     await wait_all_tasks_blocked()
     assert p.error is None and p.lease is not None and p.lease.backend is b
+
+
+async def test_a_backend_down_since_the_start_does_not_stop_the_refresh_on_a_miss(monkeypatch):
+    """A backend whose list was never read (down since the start) "may serve anything",
+    but that must not keep a request for a model just pulled elsewhere from refreshing
+    the lists: the model is found. A name no list shows is a 503 meanwhile: the dead
+    one may have it."""
+    one, dead = backend("one"), backend("dead", models=None, up=False)
+    refreshed: list[str] = []
+
+    async def refresh(self: Backend) -> None:
+        refreshed.append(self.name)
+        if self is one:
+            learn(one, "m", "new")
+
+    monkeypatch.setattr(Backend, "refresh", refresh)
+    r = router(one, dead)
+    got = await lease(r, model="new")
+    assert (got.backend, refreshed) == (one, ["one"])  # the dead one is not asked
+    got.release()
+    with pytest.raises(NoBackendAvailable):
+        await lease(r, model="typo")
+
+
+async def test_free_slot_hands_the_slot_on_before_the_request_is_over(nursery, autojump_clock):
+    """The relay frees the slot when the backend is done (before the ledger's commit and
+    the client's last bytes): the waiter gets it then, while the request itself still
+    counts (its connection is not back yet) until ``release``."""
+    b = backend(slots=1)
+    r = router(b)
+    holder = await lease(r, user="h")
+    p = await ask(nursery, r)
+    holder.free_slot(completion_tokens=3)
+    await wait_all_tasks_blocked()
+    assert p.lease is not None and p.lease.backend is b
+    assert (b.in_flight, b.requests) == (1, 2)
+    holder.release()
+    holder.free_slot()
+    assert (b.in_flight, b.requests) == (1, 1)
+    p.lease.release()
+    assert (b.in_flight, b.requests) == (0, 0)
+
+
+async def test_a_backend_whose_list_is_not_read_yet_waits_behind_one_known_to_serve(
+        nursery, autojump_clock):
+    """A backend a reload just added has no list yet: it may serve anything, but not a
+    model another backend is known to serve: a request for that one waits for it (a
+    guess would be the new backend's 404); a model nobody is known to serve may go there."""
+    known, new = backend("known", slots=1), backend("new", models=None, slots=1)
+    r = router(known, new)
+    holder = await lease(r, model="m")
+    assert holder.backend is known
+    p = await ask(nursery, r, model="m")
+    assert p.lease is None and r.queued_for(new) == 0
+    other = await lease(r, model="elsewhere")
+    assert other.backend is new
+    holder.release()
+    await wait_all_tasks_blocked()
+    assert p.lease is not None and p.lease.backend is known

@@ -506,6 +506,25 @@ async def test_pull_fans_out_and_copy_needs_a_backend(nursery: trio.Nursery,
     assert fleet.landed() == {"a": 4, "b": 4}
 
 
+async def test_a_pull_says_which_backend_it_missed(nursery: trio.Nursery,
+                                                  tmp_path: Path) -> None:
+    """A pull to every ollama backend while one is down: that one is not asked, and the
+    answer is a 502 naming it (a 200 would hide that it lacks the model)."""
+    fleet = await start_fleet(nursery, str(tmp_path), {
+        "a": Simulator(models=[LLAMA]), "b": Simulator(models=[LLAMA])})
+    await fleet.kill("b")
+    await fleet.learn()
+    with trio.fail_after(TIMEOUT_S):
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.post(fleet.url + "/api/pull", headers=fleet.headers,
+                                         json={"model": "llama3.2", "stream": False})
+    assert response.status_code == 502, response.text
+    doc = response.json()
+    assert doc["backends"]["a"]["status"] == "success"
+    assert doc["backends"]["b"]["status"] == "unreachable" and doc["backends"]["b"]["error"]
+    assert "b" in doc["error"]
+
+
 async def test_an_openai_backend_gets_its_key_and_serves_v1_only(nursery: trio.Nursery,
                                                                  tmp_path: Path) -> None:
     """B is an OpenAI-compatible backend (kind = openai, api_key_env): /v1 requests for
@@ -555,3 +574,90 @@ async def test_max_model_gb_holds_with_one_backend_too(nursery: trio.Nursery,
                 assert "max_model_gb" in response.text
             assert (await ask(client, fleet, LLAMA.name)).status_code == 200
     assert models_sent(fleet.sims["a"]) == [LLAMA.name]
+
+
+# --------------------------------------------------------------------------- what is not retried
+
+
+async def test_a_500_is_the_requests_own_answer_not_the_backends_failure(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A 500 (Ollama's model errors: too little memory, a runner that crashed on this
+    prompt) is about the request: forwarded at once, never tried elsewhere, and no
+    backend counts it, so one user cannot eject every backend; a 503 is tried elsewhere."""
+    fleet = await start_fleet(nursery, str(tmp_path), {
+        "a": Simulator(models=[LLAMA]), "b": Simulator(models=[LLAMA])},
+        routing={"eject_after_failures": 1})
+    await fleet.learn()
+    with trio.fail_after(TIMEOUT_S):
+        async with httpx.AsyncClient(timeout=10) as client:
+            for _ in range(3):
+                answer = await ask(client, fleet, LLAMA.name, prompt="[[sim:status=500]]")
+                assert answer.status_code == 500
+            assert sum(fleet.landed().values()) == 3  # each tried once
+            view = await backends_view(client, fleet)
+            assert [view[n]["ejected"] for n in "ab"] == [False, False]
+            assert (await ask(client, fleet, LLAMA.name)).status_code == 200
+            overloaded = await ask(client, fleet, LLAMA.name, prompt="[[sim:status=503]]")
+    assert overloaded.status_code == 503
+    assert sum(fleet.landed().values()) == 4 + 2  # the 503 was tried on both
+
+
+async def test_a_named_backends_5xx_is_its_own_answer(nursery: trio.Nursery,
+                                                      tmp_path: Path) -> None:
+    """/api/pull?backend=a that a refuses with a 5xx: the client gets a's answer (not a
+    made-up 503), no other backend is asked, and a is not marked."""
+    sim_a = Simulator(models=[LLAMA])
+    sim_a.refuse_status = 503
+    fleet = await start_fleet(nursery, str(tmp_path), {"a": sim_a, "b": Simulator(models=[LLAMA])},
+                              routing={"eject_after_failures": 1})
+    await fleet.learn()
+    with trio.fail_after(TIMEOUT_S):
+        async with httpx.AsyncClient(timeout=10) as client:
+            answer = await client.post(fleet.url + "/api/show?backend=a",
+                                       headers=fleet.headers, json={"model": LLAMA.name})
+            assert answer.status_code == 200  # show is not refused: a is there
+            pulled = await client.post(fleet.url + "/api/pull?backend=a", headers=fleet.headers,
+                                       json={"model": "nosuch-model", "stream": False})
+            view = await backends_view(client, fleet)
+    assert pulled.status_code == 500, pulled.text  # the simulator's, as Ollama answers it
+    assert "no ollama backend" not in pulled.json()["error"]
+    assert [r.path for r in relayed(fleet.sims["b"])] == []
+    assert view["a"]["ejected"] is False
+
+
+# --------------------------------------------------------------------------- what lists show
+
+
+async def test_a_backends_globs_and_size_cap_shape_the_lists_too(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    """With one backend or several, /api/tags and /v1/models show what each backend is
+    sent (its ``models`` globs, its ``max_model_gb``): a listed model answers."""
+    fleet = await start_fleet(nursery, str(tmp_path), {"a": Simulator(models=[LLAMA, QWEN, BIG])},
+                              upstream={"a": {"models": "llama*", "max_model_gb": 8}})
+    await fleet.learn()
+    with trio.fail_after(TIMEOUT_S):
+        async with httpx.AsyncClient(timeout=10) as client:
+            tags = (await client.get(fleet.url + "/api/tags", headers=fleet.headers)).json()
+            v1 = (await client.get(fleet.url + "/v1/models", headers=fleet.headers)).json()
+            qwen = await ask(client, fleet, QWEN.name)
+    assert [m["name"] for m in tags["models"]] == [LLAMA.name]
+    assert [m["id"] for m in v1["data"]] == [LLAMA.name]
+    assert qwen.status_code == 404
+    assert [r.path for r in relayed(fleet.sims["a"])] == ["/api/tags", "/v1/models"]
+
+
+async def test_only_openai_backends_the_native_paths_say_so(nursery: trio.Nursery,
+                                                           tmp_path: Path) -> None:
+    """No ollama backend at all: /api/tags and /api/version are a 404 saying only /v1 is
+    served (a 503 would invite retries that never help); /v1/models lists the models."""
+    fleet = await start_fleet(nursery, str(tmp_path), {"a": Simulator(models=[LLAMA])},
+                              upstream={"a": {"kind": "openai"}})
+    await fleet.learn()
+    with trio.fail_after(TIMEOUT_S):
+        async with httpx.AsyncClient(timeout=10) as client:
+            answers = [await client.get(fleet.url + path, headers=fleet.headers)
+                       for path in ("/api/tags", "/api/version")]
+            v1 = await client.get(fleet.url + "/v1/models", headers=fleet.headers)
+    for answer in answers:
+        assert answer.status_code == 404 and "/v1" in answer.json()["error"], answer.text
+    assert [m["id"] for m in v1.json()["data"]] == [LLAMA.name]
