@@ -99,8 +99,13 @@ Raw = dict[str, tuple[str, str]]  # key -> (text, origin for messages)
 
 
 def _redact(text: str) -> str:
-    """Echo a bad value without any ``user:password@`` it holds."""
-    return re.sub(r"//[^/@\s]*@", "//***@", text)
+    """Echo a bad value without any ``user:password@`` it holds, and with control
+    characters escaped (an escape sequence from the file must not reach the terminal)."""
+    return _printable(re.sub(r"//[^/@\s]*@", "//***@", text))
+
+
+def _printable(text: str) -> str:
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _hint(word: str, choices: Sequence[str]) -> str:
@@ -158,7 +163,7 @@ def _read_file(path: str | None) -> tuple[str | None, dict[str, Raw]]:
         known = [row.name for row in rows(section)]
         entries: Raw = {}
         for key, text in parser.items(section, raw=True):
-            where = f"{path}: [{section}] {key}"
+            where = f"{path}: [{section}] {_printable(key)}"
             if section == ALIASES:  # free-form names, checked by _build_aliases
                 entries[key] = (text, where)
                 continue

@@ -212,12 +212,17 @@ def test_bad_value_table_covers_every_key() -> None:
     assert covered == {(row.section, row.name) for row in SCHEMA}
 
 
+def shown(value: str) -> str:
+    """A value as messages echo it: control characters as \\xNN."""
+    return "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or ord(c) == 127 else c for c in value)
+
+
 @pytest.mark.parametrize("section,key,bad,allowed", BAD_VALUES)
 def test_bad_value_names_file_section_key_value(tmp_path: Path, section: str, key: str,
                                                 bad: str, allowed: str) -> None:
     """A bad value's error names file, section, key, the value and what is allowed."""
     message = error_of(tmp_path, f"[{section}]\n{key} = {bad}\n")
-    assert message.startswith(f'{tmp_path / "proxy.ini"}: [{section}] {key} = "{bad}": ')
+    assert message.startswith(f'{tmp_path / "proxy.ini"}: [{section}] {key} = "{shown(bad)}": ')
     assert allowed in message
 
 
@@ -227,7 +232,8 @@ def test_bad_env_value_names_the_variable(tmp_path: Path, section: str, key: str
     """A bad value from the environment names the variable instead of file and section."""
     var = f"OLLAMA_PROXY_{section.upper().replace('.', '_').replace('-', '_')}_{key.upper()}"
     message = error_of(tmp_path, "[upstream.gpu-1]\n", env={var: bad})
-    assert message.startswith(f'environment variable {var} = "{bad}": ') and allowed in message
+    assert message.startswith(f'environment variable {var} = "{shown(bad)}": ')
+    assert allowed in message
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -627,3 +633,18 @@ def test_weight_limit_in_the_limits_section(tmp_path: Path) -> None:
     assert settings(config)["limits"]["weight"] == "0.25"
     env = load(tmp_path, "", env={"OLLAMA_PROXY_LIMITS_WEIGHT": "1000"})
     assert env.limits.weight == 1000.0
+
+
+@pytest.mark.parametrize("text", [
+    "[upstream.a]\nurl = http://127.0.0.1:1\nmodels = llama\x01x\x1b[31mRED\n",
+    "[aliases]\ng\x1b[2Jpt = llama3.2\n",
+])
+def test_a_control_character_from_the_file_is_echoed_escaped(tmp_path, text):
+    """A message quoting the file never carries its control characters (an escape
+    sequence would act on the reader's terminal): they are written as \\xNN."""
+    ini = tmp_path / "bad.ini"
+    ini.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(ini), env={})
+    assert "\\x1b[" in err.value.message
+    assert not any(ord(c) < 32 or ord(c) == 127 for c in err.value.message)
