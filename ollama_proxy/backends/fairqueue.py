@@ -81,13 +81,12 @@ class FairQueue:
 
     # -- counting ---------------------------------------------------------------------
 
-    def admit(self, user: str, weight: float, prompt_tokens: int, now: float, *,
+    def admit(self, user: str, weight: float, prompt_tokens: int, *,
               waiter: Waiter | None = None) -> Service:
         """A request takes a slot now (at once, or after ``grant_next`` chose it).
 
         After a grant the user was active all along, so no lift; ``waiter`` names which
-        grant this is (without it, the user's oldest grant). ``now`` is unused: VTC needs
-        no clock."""
+        grant this is (without it, the user's oldest grant)."""
         _check(weight, prompt_tokens)
         grants = self._granted.get(user)
         if grants:
@@ -162,7 +161,7 @@ class FairQueue:
             del self._granted[waiter.user]
         self._deactivate(waiter.user)
 
-    def grant_next(self, backend: object, now: float) -> Waiter | None:
+    def grant_next(self, backend: object) -> Waiter | None:
         """A slot is free at ``backend``: the waiter to give it to, taken off the queue, or
         None. Fair: the user with the lowest counter among those with a waiter that may use
         ``backend`` (ties: the earlier arrival); FIFO: the earliest such waiter. Within a

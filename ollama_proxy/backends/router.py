@@ -159,7 +159,7 @@ class Router:
         return any(b.catalogue.knows_size_over_cap(key) for b in self.backends.of_kind(native))
 
     def _admit(self, backend: Backend, user: str, weight: float, prompt_tokens: int) -> Lease:
-        service = self.queue.admit(user, weight, prompt_tokens, trio.current_time())
+        service = self.queue.admit(user, weight, prompt_tokens)
         backend.in_flight += 1  # after admit, which refuses a bad weight: no slot leaks
         return Lease(self, backend, service)
 
@@ -217,8 +217,7 @@ class Router:
                              retry_after_s=_retry_after(routing.queue_timeout_s))
         assert isinstance(backend, Backend)
         # the slot ``hand_on`` reserved for it (``in_flight`` already counts it)
-        service = self.queue.admit(user, weight, prompt_tokens, trio.current_time(),
-                                   waiter=waiter)
+        service = self.queue.admit(user, weight, prompt_tokens, waiter=waiter)
         return Lease(self, backend, service)
 
     def give_back(self, backend: Backend, service: Service, completion_tokens: int) -> None:
@@ -232,7 +231,7 @@ class Router:
         the best free backend it may use, as a newcomer would (a preferred or warm one
         free too: that one, and ``backend``'s slot goes to the next waiter)."""
         while not backend.retired and has_free_slot(backend):
-            waiter = self.queue.grant_next(backend, trio.current_time())
+            waiter = self.queue.grant_next(backend)
             if waiter is None:
                 return
             granted, key = self._wakers[waiter]

@@ -33,19 +33,19 @@ def waiter(user: str, *, arrived: float = 0.0, prompt: int = 0, weight: float = 
 
 def busy(q: FairQueue, user: str = "z") -> Service:
     """A running request at counter 0 that keeps the gateway from going idle."""
-    return q.admit(user, 1.0, 0, 0.0)
+    return q.admit(user, 1.0, 0)
 
 
 def served(q: FairQueue, user: str, prompt: int = 0, completion: int = 0) -> None:
     """One whole request of ``user``: admitted and finished."""
-    q.finish(q.admit(user, 1.0, prompt, 0.0), completion)
+    q.finish(q.admit(user, 1.0, prompt), completion)
 
 
 def grants(q: FairQueue, n: int, backend: str = "b") -> list[str]:
     """Who gets the next ``n`` slots (None once nobody waits)."""
     out = []
     for _ in range(n):
-        w = q.grant_next(backend, 0.0)
+        w = q.grant_next(backend)
         out.append(w.user if w else None)
     return out
 
@@ -68,7 +68,7 @@ def test_the_weights_are_one_and_two():
 def test_a_request_is_charged_prompt_then_completion(prompt, completion, weight, counter):
     q = queue()
     busy(q)
-    service = q.admit("a", weight, prompt, 0.0)
+    service = q.admit("a", weight, prompt)
     assert q.counters["a"] == prompt * INPUT_WEIGHT / weight
     q.finish(service, completion)
     assert q.counters["a"] == counter
@@ -77,7 +77,7 @@ def test_a_request_is_charged_prompt_then_completion(prompt, completion, weight,
 def test_finish_twice_charges_once():
     q = queue()
     busy(q)
-    service = q.admit("a", 1.0, 1, 0.0)
+    service = q.admit("a", 1.0, 1)
     q.finish(service, 10)
     q.finish(service, 10)
     q.finish(service, 30)
@@ -89,14 +89,14 @@ def test_live_progress_is_charged_by_the_delta_since_the_last_sync():
     since the last look (with nobody waiting there is no choice to make, and no sync)."""
     q = queue()
     busy(q)
-    service = q.admit("a", 1.0, 0, 0.0)
+    service = q.admit("a", 1.0, 0)
     streamed = [0]
     service.progress = lambda: streamed[0]
     q.push(waiter("w", backends=("elsewhere",)))  # someone waits, but not for "b"
     seen = []
     for tokens in (3, 3, 10, 12):
         streamed[0] = tokens
-        assert q.grant_next("b", 0.0) is None  # only the sync happens
+        assert q.grant_next("b") is None  # only the sync happens
         seen.append(q.counters["a"])
     assert seen == [6.0, 6.0, 20.0, 24.0]
     q.finish(service, 15)  # the rest: 3 more tokens
@@ -107,10 +107,10 @@ def test_live_progress_is_charged_by_the_delta_since_the_last_sync():
 def test_finish_below_what_progress_counted_refunds_nothing():
     q = queue()
     busy(q)
-    service = q.admit("a", 2.0, 0, 0.0)
+    service = q.admit("a", 2.0, 0)
     service.progress = lambda: 8
     q.push(waiter("w", backends=("elsewhere",)))
-    q.grant_next("b", 0.0)  # a sync: someone waits
+    q.grant_next("b")  # a sync: someone waits
     q.finish(service, 5)
     assert q.counters["a"] == 8.0  # 8 tokens * 2 / weight 2
 
@@ -118,7 +118,7 @@ def test_finish_below_what_progress_counted_refunds_nothing():
 def test_progress_is_synced_before_choosing():
     """The user whose running request streamed more is served later."""
     q = queue()
-    a, b = q.admit("a", 1.0, 0, 0.0), q.admit("b", 1.0, 0, 0.0)
+    a, b = q.admit("a", 1.0, 0), q.admit("b", 1.0, 0)
     a.progress, b.progress = (lambda: 50), (lambda: 10)
     q.push(waiter("a", arrived=1.0))
     q.push(waiter("b", arrived=2.0))
@@ -157,7 +157,7 @@ def test_one_user_is_served_first_come_first_served():
     mine = [waiter("a", arrived=float(i), prompt=i) for i in range(4)]
     for w in mine:
         q.push(w)
-    granted = [q.grant_next("b", 0.0) for _ in mine]
+    granted = [q.grant_next("b") for _ in mine]
     assert granted == mine
     assert [w.granted for w in mine] == ["b"] * 4
 
@@ -167,7 +167,7 @@ def test_a_granted_waiter_is_off_the_queue_and_not_yet_charged():
     busy(q)
     w = waiter("a", prompt=100)
     q.push(w)
-    assert q.grant_next("gpu", 0.0) is w
+    assert q.grant_next("gpu") is w
     assert (w.granted, q.waiting(), q.waiting_for("a")) == ("gpu", 0, 0)
     assert q.counters["a"] == 0.0
     assert q.active("a")
@@ -187,7 +187,7 @@ def test_a_waiter_that_may_not_use_the_backend_is_passed_over(pushed, backend, e
     for i, (user, backends) in enumerate(pushed):
         made.append(waiter(user, arrived=float(i), backends=backends))
         q.push(made[-1])
-    got = q.grant_next(backend, 0.0)
+    got = q.grant_next(backend)
     if expected is None:
         assert got is None
         assert q.waiting() == len(pushed)
@@ -238,24 +238,24 @@ def test_a_user_returning_from_idle_is_lifted_to_the_lowest_active_counter(own, 
     z = busy(q)
     served(q, "a", prompt=own)
     for i, prompt in enumerate(others):
-        q.admit(f"o{i}", 1.0, prompt, 0.0)
+        q.admit(f"o{i}", 1.0, prompt)
     q.finish(z, 0)
-    q.admit("a", 1.0, 0, 0.0)
+    q.admit("a", 1.0, 0)
     assert q.counters["a"] == counter
 
 
 def test_arriving_in_the_queue_lifts_too():
     q = queue()
-    q.admit("a", 1.0, 40, 0.0)
+    q.admit("a", 1.0, 40)
     q.push(waiter("b"))
     assert q.counters["b"] == 40.0
 
 
 def test_a_user_already_active_is_not_lifted():
     q = queue()
-    q.admit("a", 1.0, 40, 0.0)
-    q.admit("b", 1.0, 5, 0.0)  # lifted: 40 + 5
-    q.admit("a", 1.0, 100, 0.0)  # a: 140
+    q.admit("a", 1.0, 40)
+    q.admit("b", 1.0, 5)  # lifted: 40 + 5
+    q.admit("a", 1.0, 100)  # a: 140
     q.push(waiter("b"))  # b is running already: no lift to a's 140
     assert q.counters == {"a": 140.0, "b": 45.0}
 
@@ -263,12 +263,12 @@ def test_a_user_already_active_is_not_lifted():
 def test_a_granted_user_is_not_lifted_when_admitted():
     """Between grant_next and admit the user was waiting, not idle: its credit stays."""
     q = queue()
-    a = q.admit("a", 1.0, 0, 0.0)
+    a = q.admit("a", 1.0, 0)
     b = waiter("b", prompt=5)
     q.push(b)  # lifted to a's 0
     a.progress = lambda: 50  # a streams 100 worth meanwhile
-    assert q.grant_next("gpu", 0.0) is b
-    q.admit("b", 1.0, 5, 0.0)
+    assert q.grant_next("gpu") is b
+    q.admit("b", 1.0, 5)
     assert q.counters == {"a": 100.0, "b": 5.0}
 
 
@@ -279,7 +279,7 @@ def test_admit_names_which_grant_it_is():
     q.push(first)
     q.push(second)
     grants(q, 2)
-    service = q.admit("a", 1.0, 0, 0.0, waiter=second)
+    service = q.admit("a", 1.0, 0, waiter=second)
     q.abandon(first)
     assert q.active("a")
     q.finish(service, 0)  # had admit taken first's grant, second's would linger
@@ -288,15 +288,15 @@ def test_admit_names_which_grant_it_is():
 
 def test_an_abandoned_grant_makes_its_user_idle():
     q = queue()
-    q.admit("a", 1.0, 30, 0.0)
+    q.admit("a", 1.0, 30)
     w = waiter("b")
     q.push(w)
-    q.grant_next("gpu", 0.0)
+    q.grant_next("gpu")
     q.abandon(w)
     q.abandon(w)  # twice: a no-op
     assert not q.active("b")
     q.counters["a"] = 90.0
-    q.admit("b", 1.0, 0, 0.0)  # idle again: lifted anew
+    q.admit("b", 1.0, 0)  # idle again: lifted anew
     assert q.counters["b"] == 90.0
 
 
@@ -316,11 +316,11 @@ def test_an_idle_gateway_forgets_every_counter():
 
 def test_inactive_counters_a_return_would_lift_anyway_are_swept():
     q = queue()
-    q.admit("heavy", 1.0, 1000, 0.0)
+    q.admit("heavy", 1.0, 1000)
     for i in range(200):
         served(q, f"u{i}", prompt=1)  # each lifted to 1000, then 1001 > 1000: kept
     assert len(q.counters) == 201
-    q.admit("heavy", 1.0, 4000, 0.0)  # now 1001 is below every active counter
+    q.admit("heavy", 1.0, 4000)  # now 1001 is below every active counter
     for i in range(200, 400):
         served(q, f"u{i}")  # lifted to 5000 and no more: forgettable at once
     assert len(q.counters) <= 65
@@ -384,7 +384,7 @@ def test_remove_of_a_granted_or_removed_waiter_is_a_no_op():
     granted, gone, other = waiter("a", arrived=1.0), waiter("b", arrived=2.0), waiter("c", arrived=3.0)
     for w in (granted, gone, other):
         q.push(w)
-    q.grant_next("x", 0.0)
+    q.grant_next("x")
     q.remove(gone)
     before = (q.waiting(), dict(q.counters), q.active("a"))
     q.remove(granted)
@@ -398,7 +398,7 @@ def test_remove_of_a_granted_or_removed_waiter_is_a_no_op():
 def test_bad_weights_and_token_counts_are_refused(weight, prompt):
     q = queue()
     with pytest.raises(ValueError):
-        q.admit("a", weight, prompt, 0.0)
+        q.admit("a", weight, prompt)
     with pytest.raises(ValueError):
         q.push(waiter("a", weight=weight, prompt=prompt))
     assert (q.waiting(), q.active("a")) == (0, False)
@@ -427,7 +427,7 @@ def simulate(*, fair: bool, slots: int = 4, b_requests: int = 6) -> list[int]:
     seq = itertools.count()
 
     def start(user: str, w: Waiter | None = None) -> None:
-        service = q.admit(user, 1.0, prompt, clock[0], waiter=w)
+        service = q.admit(user, 1.0, prompt, waiter=w)
         began = clock[0]
         service.progress = lambda: min(completion, int(clock[0] - began))
         heapq.heappush(events, (began + completion, next(seq), "end", service))
@@ -455,7 +455,7 @@ def simulate(*, fair: bool, slots: int = 4, b_requests: int = 6) -> list[int]:
         q.finish(payload, completion)
         if payload.user == "b":
             heapq.heappush(events, (clock[0] + think, next(seq), "b", None))
-        granted = q.grant_next("gpu", clock[0])
+        granted = q.grant_next("gpu")
         assert granted is not None
         start(granted.user, granted)
         while q.waiting_for("a") < 16:
