@@ -52,6 +52,23 @@ class RequestRecord:
     metered: bool = False  # a generation or an embedding: it counts for the limits
     alias: str | None = None  # the [aliases] name the client used; ``model`` is its target
     queued_s: float = 0.0  # waited in the fair queue for a GPU slot
+    method: str = "POST"  # the client's HTTP method
+    # Ollama's own timings from its final frame (ns; None: the backend did not say)
+    total_ns: int | None = None
+    load_ns: int | None = None  # loading the model
+    prompt_eval_ns: int | None = None
+    eval_ns: int | None = None
+
+    @property
+    def gpu_seconds(self) -> float | None:
+        """The GPU's time on it: prompt evaluation + generation (None: not reported)."""
+        if self.prompt_eval_ns is None and self.eval_ns is None:
+            return None
+        return ((self.prompt_eval_ns or 0) + (self.eval_ns or 0)) / 1e9
+
+    @property
+    def load_seconds(self) -> float | None:
+        return None if self.load_ns is None else self.load_ns / 1e9
 
     def to_json(self) -> str:
         """One compact JSON object (asdict's deep copy is too slow per request)."""

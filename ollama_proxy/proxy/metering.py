@@ -112,6 +112,7 @@ class Metering:
             metered=ex.route.metered,
             alias=ex.alias,
             queued_s=round(draft.queued_s, 6),
+            method=ex.request.method,
         )
         draft.recorded = True
         for hook in self._on_built:
