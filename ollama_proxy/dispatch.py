@@ -183,6 +183,7 @@ def gateway_table(relay: RelayHandler, admin: AdminApi, status: Status) -> Dispa
         api("GET", "/admin/api/audit", AdminApi.audit),
         api("GET", "/admin/api/backends", AdminApi.backends),
         api("POST", "/admin/api/reload", AdminApi.reload),
+        api("GET", "/admin/api/openapi.json", AdminApi.openapi),
         api("GET", "/v1/me", AdminApi.me, Caller.KEY),
         api("GET", "/v1/usage", AdminApi.my_usage, Caller.KEY),
     ])

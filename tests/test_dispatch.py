@@ -104,6 +104,7 @@ EXPECTED = [
     ("GET", "/admin/api/audit", ("admin", "audit", True, {}), OPENAI, ADMIN, GET),
     ("GET", "/admin/api/backends", ("admin", "backends", True, {}), OPENAI, ADMIN, GET),
     ("POST", "/admin/api/reload", ("admin", "reload", True, {}), OPENAI, ADMIN, POST),
+    ("GET", "/admin/api/openapi.json", ("admin", "openapi", True, {}), OPENAI, ADMIN, GET),
     ("GET", "/v1/me", ("admin", "me", False, {}), OPENAI, KEY, GET),
     ("GET", "/v1/usage", ("admin", "my_usage", False, {}), OPENAI, KEY, GET),
 ]

@@ -28,6 +28,7 @@ from ..http.responder import Responder
 from ..store import accounts, admin_ops
 from ..store.accounts import DEFAULT_ROLE, KeyEntry
 from ..store.threads import Store
+from .openapi import document as openapi_document
 
 Params = Mapping[str, str]
 # One endpoint: the request of a caller the row admits → (status, JSON payload or None).
@@ -188,6 +189,10 @@ class AdminApi:
         except ValueError as exc:
             raise BadRequest('"limit" must be a whole number') from exc
         return 200, {"entries": await self._store.call(accounts.audit_log, max(1, min(limit, 10000)))}
+
+    async def openapi(self, request: Request, entry: KeyEntry,
+                      params: Params) -> tuple[int, Any]:
+        return 200, openapi_document()
 
     async def backends(self, request: Request, entry: KeyEntry,
                        params: Params) -> tuple[int, Any]:
