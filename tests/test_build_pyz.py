@@ -131,9 +131,11 @@ def test_archive_layout(built_pyz: Path) -> None:
         for project in ("trio", "h11", "attrs", "sortedcontainers", "idna", "outcome", "sniffio",
                         "exceptiongroup", "typing_extensions"):
             assert any(n.startswith(f"_vendor_licenses/{project}/") for n in names), project
-        # Every source file of the package is in the archive, unchanged.
-        for path in (REPO / "ollama_proxy").rglob("*.py"):
-            if "__pycache__" in path.parts:
+        # Every file of the package, sources and package data (openapi.json), is in the
+        # archive, unchanged.
+        for path in (REPO / "ollama_proxy").rglob("*"):
+            if (not path.is_file() or "__pycache__" in path.parts
+                    or path.name.startswith(".") or path.name.endswith(("~", ".pyc", ".pyo"))):
                 continue
             arc = path.relative_to(REPO).as_posix()
             assert zf.read(arc) == path.read_bytes(), arc
@@ -161,6 +163,18 @@ print('trio', trio.__version__, trio.run(main))
 """
 
 
+# Package data is read with importlib.resources, from inside the zip.
+PACKAGE_DATA_PROBE = """
+import sys
+pyz = sys.argv[1]
+sys.path.insert(0, pyz)
+from ollama_proxy.admin import openapi
+assert openapi.__file__.startswith(pyz), openapi.__file__
+doc = openapi.document()
+print('openapi', doc['openapi'], len(doc['paths']) > 10)
+"""
+
+
 def check_interpreter(python: str, pyz: Path, cwd: Path) -> None:
     assert_version_output(run_version(python, pyz, cwd))
     # -S too: no site-packages at all, as on a box with nothing installed.
@@ -171,6 +185,12 @@ def check_interpreter(python: str, pyz: Path, cwd: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "trio 0.35.0 ok" in proc.stdout
+    proc = subprocess.run(
+        [python, "-I", "-S", "-c", PACKAGE_DATA_PROBE, str(pyz)],
+        cwd=cwd, env=clean_env(cwd), capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "openapi 3.1.0 True" in proc.stdout
 
 
 @needs_main
