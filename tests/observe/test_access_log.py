@@ -13,7 +13,7 @@ import httpx
 import pytest
 import trio
 
-from gateway_stack import gateway_config, start_gateway, start_simulator
+from gateway_stack import MemorySink, gateway_config, start_gateway, start_simulator
 from ollama_proxy.access.keys import key_prefix, new_key
 from ollama_proxy.api.record import Outcome, RequestRecord
 from ollama_proxy.app import Gateway
@@ -172,3 +172,45 @@ async def test_a_file_gets_one_line_per_request_and_no_secret(nursery, tmp_path:
     for secret in (key, stranger, key[len(key_prefix(key)):], PROMPT, content):
         assert secret not in text
     assert streamed and "Bearer" not in text
+
+
+async def test_a_reload_opens_the_file_again(nursery, tmp_path: Path):
+    """A reload (as SIGHUP) opens the access log again: a renamed file (logrotate) is
+    left as it is and a new one started; a file that cannot be opened is a 400 and
+    the lines keep going where they went."""
+    _, _, sim_url = await start_simulator(nursery, Simulator())
+    ini, path = tmp_path / "gateway.ini", tmp_path / "access.log"
+
+    def write(access: Path) -> None:
+        ini.write_text(f"[server]\nlisten = 127.0.0.1:0\ndatabase = {tmp_path / 'db'}\n"
+                       f"[log]\naccess = {access}\n")
+
+    def loader():  # as the CLI does: same file, same --upstream
+        return load_config(str(ini), env={}, upstream_urls=[sim_url])
+
+    write(path)
+    key, sink = new_key(), MemorySink()
+    gateway = Gateway(loader(), admin_key=key, loader=loader, on_record=sink.observe)
+    host, port = await nursery.start(lambda task_status: gateway.run(task_status=task_status))
+    auth = {"Authorization": f"Bearer {key}"}
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}", headers=auth) as client:
+            async def chat_id() -> str:
+                reply = await client.post("/api/chat", json=CHAT)
+                await sink.record_of(reply.headers["x-request-id"])  # kept for its line
+                return reply.headers["x-request-id"]
+
+            first = await chat_id()
+            os.rename(path, tmp_path / "access.log.1")
+            assert (await client.post("/admin/api/reload")).json()["applied"] == []
+            second = await chat_id()
+            write(tmp_path / "missing" / "access.log")
+            bad = await client.post("/admin/api/reload")
+            assert bad.status_code == 400 and "[log] access" in bad.json()["error"]["message"]
+            third = await chat_id()
+    gateway.access_log.flush()
+
+    def ids(file: Path) -> list[str]:
+        return [json.loads(line)["request_id"] for line in file.read_text().splitlines()]
+    assert ids(tmp_path / "access.log.1") == [first]
+    assert ids(path) == [second, third]
