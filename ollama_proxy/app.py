@@ -176,7 +176,11 @@ class Gateway:
         self.recounter = Recounter(
             self.backends.backends, _counted(config),
             self.overheads, self.ledger.amend, on_exact=[self.limiter.amend])
-        self.access_log = AccessLog()
+        try:
+            self.access_log = AccessLog(config.log.access)
+        except OSError as err:
+            raise ConfigError(f"[log] access = {config.log.access}: cannot open it: "
+                              f"{err.strerror}") from None
         self.metering = Metering(
             self.ledger, on_built=[self.limiter.settle, self.overheads.observe],
             estimate_prompt=self.overheads.estimate, access_log=self.access_log,
@@ -226,6 +230,12 @@ class Gateway:
             new = await trio.to_thread.run_sync(self._loader)
         except ConfigError as err:
             raise BadRequest(f"config not reloaded, the running one is kept: {err.message}",
+                             code="invalid_config") from None
+        try:  # first, as it can fail: a file is opened again (rotated logs start anew)
+            self.access_log.reopen(new.log.access)
+        except OSError as err:
+            raise BadRequest(f"config not reloaded, the running one is kept: [log] access = "
+                             f"{new.log.access}: cannot open it: {err.strerror}",
                              code="invalid_config") from None
         before, after = _flat_settings(self.config), _flat_settings(new)
         changed = [name for name in dict.fromkeys([*before, *after])
@@ -314,6 +324,7 @@ class Gateway:
                 await self.backends.aclose()
                 await self.store.aclose()
                 await self.reports.aclose()
+            self.access_log.close()
 
     async def _count_backlog(self, backlog: Backlog, *,
                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -59,6 +59,7 @@ class ServerConfig:
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str
+    access: str  # stdout, stderr, off or a file path
 
 
 @dataclass(frozen=True, slots=True)

@@ -155,6 +155,13 @@ def file_path(text: str) -> str:
     return text
 
 
+def access_target(text: str) -> str:
+    """``[log] access``: stdout, stderr or off (any case), else a file path."""
+    if not text.strip():
+        raise ValueError("expected stdout, stderr, off or a file path")
+    return text.lower() if text.lower() in ("stdout", "stderr", "off") else text
+
+
 def optional_path(text: str) -> str | None:
     return text or None
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .config_parsers import (
+    access_target,
     auto_whole,
     backend_url,
     choice,
@@ -121,6 +122,11 @@ SCHEMA: tuple[Key, ...] = (
         "trusted_proxies", show=show_cidrs),
     Key("log", "level", choice("debug", "info", "warning", "error"), "info",
         "Log level: debug, info, warning or error.", "level"),
+    Key("log", "access", access_target, "stderr",
+        "Where the access log goes, one JSON line per request: stderr (through the log, as\n"
+        "ollama_proxy.usage at level info), stdout, off, or a file PATH it is appended to\n"
+        "(opened again on SIGHUP or a reload, so logrotate can rename it; copytruncate works too).",
+        "access"),
     Key("limits", "requests_per_minute", optional_whole, "",
         "Requests (generations and embeddings) a user may start in any 60 seconds; empty:\n"
         "unlimited, 0: none.", "requests_per_minute"),

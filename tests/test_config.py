@@ -153,6 +153,7 @@ BAD_VALUES = [
     ("server", "deny", "example.com", "expected IP addresses or CIDR blocks"),
     ("server", "trusted_proxies", "10.0.0.1;10.0.0.2", "is not one"),
     ("log", "level", "verbose", "expected one of: debug, info, warning, error"),
+    ("log", "access", "", "expected stdout, stderr, off or a file path"),
     ("limits", "requests_per_minute", "-1", "expected a whole number >= 0"),
     ("limits", "requests_per_day", "ten", "expected a whole number >= 0"),
     ("limits", "tokens_per_minute", "1.5", "expected a whole number >= 0"),

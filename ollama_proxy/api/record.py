@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from enum import Enum
 
 
@@ -69,11 +68,3 @@ class RequestRecord:
     @property
     def load_seconds(self) -> float | None:
         return None if self.load_ns is None else self.load_ns / 1e9
-
-    def to_json(self) -> str:
-        """One compact JSON object (asdict's deep copy is too slow per request)."""
-        return json.dumps({name: getattr(self, name) for name in RECORD_FIELDS},
-                          separators=(",", ":"))
-
-
-RECORD_FIELDS = tuple(f.name for f in fields(RequestRecord))

@@ -119,6 +119,15 @@ class Metering:
             hook(ex, record)
         return record
 
+    def stranger(self, draft: RecordDraft) -> None:
+        """A request no key let in (401): its record goes to the access log alone (a
+        line without a user), never to the ledger or the after phase's observers, so
+        unknown keys fill neither the ledger nor anyone's counts."""
+        record = self.built(draft, Outcome.REFUSED)
+        draft.record = None
+        if self._access_log is not None:
+            self._access_log.keep(record)
+
     async def durable(self, record: RequestRecord) -> None:
         """Phase two: the ledger has the record. A client leaving (a cancel) cannot stop
         it; a ledger that does not take it in ``DURABLE_TIMEOUT_S`` is logged."""

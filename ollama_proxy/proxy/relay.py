@@ -473,10 +473,10 @@ class ProxyHandler:
             await self._metering.durable(self._metering.built(draft, outcome))
 
     async def _fail(self, responder: Responder, draft: RecordDraft, err: ProxyError) -> None:
-        """Answer ``err``, recorded first (a stranger leaves no record)."""
+        """Answer ``err``, recorded first (a stranger only in the access log)."""
         draft.status = err.status
         if isinstance(err, Unauthorized):
-            draft.recorded = True
+            self._metering.stranger(draft)
         else:
             await self._record(draft, _outcome_of_error(err))
         await self._send_error(responder, draft.exchange, err)

@@ -344,6 +344,6 @@ async def test_first_start_prints_an_admin_key_once_and_never_logs_it(
 
         for run in (first, second):
             logs = run.text("stderr")
-            assert '"endpoint":"/api/chat"' in logs, run.describe()  # the usage log was on
+            assert '"path":"/api/chat"' in logs, run.describe()  # the usage log was on
             assert key not in logs and key[len(key_prefix(key)):] not in logs
             assert not KEY.findall(logs), "a key in the server's log output"

@@ -104,7 +104,7 @@ def test_demo_serves_both_clients_and_stops_on_sigterm(pyz: Path, tmp_path: Path
 
         assert child.terminate(EXIT_S) == 0, child.describe()
         ledger = usage_lines(child.text("stderr"))
-        assert [(u["endpoint"], u["outcome"], u["estimated"]) for u in ledger] == [
+        assert [(u["path"], u["outcome"], u["estimated"]) for u in ledger] == [
             ("/api/chat", "ok", False), ("/v1/chat/completions", "ok", False)], child.describe()
 
 
@@ -139,7 +139,7 @@ async def test_serve_relays_to_upstream_and_stops_on_sigterm(
             code = await trio.to_thread.run_sync(child.terminate, EXIT_S, abandon_on_cancel=True)
             assert code == 0, child.describe()
             [ledger] = usage_lines(child.text("stderr"))
-            assert (ledger["endpoint"], ledger["prompt_tokens"], ledger["completion_tokens"]) == (
+            assert (ledger["path"], ledger["prompt_tokens"], ledger["completion_tokens"]) == (
                 "/api/chat", seen.prompt_tokens, seen.completion_tokens)
 
 

@@ -90,6 +90,19 @@ def test_a_request_without_a_record_tells_the_after_phase_nothing():
     assert journal.seen == []
 
 
+def test_a_stranger_is_told_to_the_access_log_alone():
+    """A 401: a record for the access log's line, no ledger row, no after phase."""
+    journal = Journal()
+    metering = Metering(journal, on_built=[journal.built], access_log=KeptLog(journal),
+                        observers=[journal.observe])
+    d = draft()
+    d.status = 401
+    metering.stranger(d)
+    assert d.recorded and d.record is None
+    metering.after(d)
+    assert journal.seen == ["built refused", "access log"]
+
+
 def test_a_count_the_backend_never_gave_is_estimated_from_the_request():
     """No exact count: the prompt estimate is asked for, and the record says estimated."""
     metering = Metering(Journal(), estimate_prompt=lambda ex: 42)
