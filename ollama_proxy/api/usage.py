@@ -9,7 +9,9 @@ may hold counts.
 
 Counts a backend reports are believed up to ``MAX_REPORTED_TOKENS`` a
 request: a broken or hostile backend's 2**63 must not reach the ledger
-(SQLite refuses it) nor a user's quota.
+(SQLite refuses it) nor a user's quota. Ollama's timings (the final frame's
+``*_duration``, ns) are read from the same frame, up to ``MAX_REPORTED_NS``;
+a reply without them leaves them None.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ log = logging.getLogger("ollama_proxy.tally")  # "ollama_proxy.usage" is the acc
 # No request uses a billion tokens (the largest context windows are ~10 M): a count
 # beyond this is a broken or hostile backend's, clamped here and flagged estimated.
 MAX_REPORTED_TOKENS = 10**9
+# No request keeps a GPU busy for a day (10**14 ns: 27.8 h); beyond it, clamped too.
+MAX_REPORTED_NS = 10**14
 
 
 @dataclass(slots=True)
@@ -40,6 +44,11 @@ class UsageTally:
     frames: int = 0  # content-bearing frames relayed (the estimate when counts never come)
     finished: bool = False  # the backend's end marker (done:true / [DONE]) was seen
     error: str | None = None  # an in-band error the backend sent
+    # Ollama's timings of the work, in ns (None: the backend did not report it)
+    total_ns: int | None = None
+    load_ns: int | None = None
+    prompt_eval_ns: int | None = None
+    eval_ns: int | None = None
 
     def estimate(self, prompt_tokens_guess: int) -> None:
         """Fill in counts for a response that ended before the backend's totals."""
@@ -61,11 +70,47 @@ def _int(value: Any, tally: UsageTally) -> int:
     return value
 
 
+def _ns(value: Any) -> int | None:
+    """A duration as the backend gave it: None unless a whole number >= 0 (a bool, a
+    float, text or a negative number is no duration), at most ``MAX_REPORTED_NS``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        return None
+    if value > MAX_REPORTED_NS:
+        log.warning("a backend reported a duration of %d ns for one request; kept as %d",
+                    value, MAX_REPORTED_NS)
+        return MAX_REPORTED_NS
+    return value
+
+
+# (the key in Ollama's reply, the tally's field); the first two are also in /api/embed's
+_DURATIONS = (("total_duration", "total_ns"), ("load_duration", "load_ns"),
+              ("prompt_eval_duration", "prompt_eval_ns"), ("eval_duration", "eval_ns"))
+
+
+def _apply_durations(tally: UsageTally, obj: dict[str, Any], done: bool) -> None:
+    """Take Ollama's timings from its final frame or whole reply (native only).
+
+    A reply with none of them (another server, a load-only reply) leaves all None:
+    nothing is invented. With some, a missing one is Go's omitempty, a zero: on a
+    ``done`` frame (generate, chat) for all four; on /api/embed's reply, which has
+    no evaluation timings at all, for total and load only.
+    """
+    if not any(key in obj for key, _field in _DURATIONS):
+        return
+    for index, (key, field) in enumerate(_DURATIONS):
+        if key in obj:
+            value = _ns(obj[key])
+        else:
+            value = 0 if done or index < 2 else None
+        setattr(tally, field, value)
+
+
 def apply_usage_object(tally: UsageTally, obj: Any) -> bool:
     """Take counts from a parsed JSON document of either dialect; True if it had some.
 
     Native: ``prompt_eval_count``/``eval_count`` on a ``done:true`` frame or a
-    whole reply (missing means 0: Go's omitempty). OpenAI: a ``usage`` object;
+    whole reply (missing means 0: Go's omitempty), and the timings with them
+    (``_apply_durations``). OpenAI: a ``usage`` object;
     the last one wins (``/v1/completions`` repeats zeros on every chunk).
     """
     if not isinstance(obj, dict):
@@ -80,10 +125,12 @@ def apply_usage_object(tally: UsageTally, obj: Any) -> bool:
         tally.completion_tokens = completion
         tally.exact = True
         return True
-    if obj.get("done") is True or "prompt_eval_count" in obj or "eval_count" in obj:
+    done = obj.get("done") is True
+    if done or "prompt_eval_count" in obj or "eval_count" in obj:
         tally.prompt_tokens = _int(obj.get("prompt_eval_count"), tally)
         tally.completion_tokens = _int(obj.get("eval_count"), tally)
         tally.exact = True
+        _apply_durations(tally, obj, done)
         return True
     return False
 

@@ -109,11 +109,12 @@ def _cell(value: Any) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Left-aligned columns, numbers right-aligned; ``-`` for None."""
+    """Left-aligned columns, numbers right-aligned (``-`` for None, in line with them)."""
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    numeric = [bool(rows) and all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool)
-                                  for r in rows) for i in range(len(headers))]
+    numeric = [any(r[i] is not None for r in rows) and all(
+        r[i] is None or isinstance(r[i], (int, float)) and not isinstance(r[i], bool)
+        for r in rows) for i in range(len(headers))]
 
     def line(values: Sequence[str]) -> str:
         return "  ".join(v.rjust(w) if num else v.ljust(w)
@@ -293,12 +294,20 @@ def usage(ctx: Context, args: argparse.Namespace) -> Payload:
     return {"group_by": args.group_by, "rows": rows}
 
 
+def _sum_known(values: list[Any]) -> Any:
+    """The sum of the values that are known (GPU time is None where no backend said);
+    None when none is."""
+    known = [v for v in values if v is not None]
+    return round(sum(known), 6) if known else None
+
+
 def render_usage(p: Payload) -> str:
     rows = p["rows"]
     if not rows:
         return "no usage"
-    columns = ("requests", "prompt_tokens", "completion_tokens", "errors")
-    total = ["total", *(sum(r[c] for r in rows) for c in columns)]
+    columns = ("requests", "prompt_tokens", "completion_tokens", "errors", "gpu_seconds",
+               "load_seconds")
+    total = ["total", *(_sum_known([r[c] for r in rows]) for c in columns)]
     return table((p["group_by"], *columns), [[r["key"], *(r[c] for c in columns)] for r in rows]
                  + ([total] if len(rows) > 1 else []))
 

@@ -113,6 +113,10 @@ class Metering:
             alias=ex.alias,
             queued_s=round(draft.queued_s, 6),
             method=ex.request.method,
+            total_ns=tally.total_ns,
+            load_ns=tally.load_ns,
+            prompt_eval_ns=tally.prompt_eval_ns,
+            eval_ns=tally.eval_ns,
         )
         draft.recorded = True
         for hook in self._on_built:

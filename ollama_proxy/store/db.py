@@ -57,40 +57,85 @@ def _key(dims: tuple[str, ...], row: str = "") -> str:
     return ", ".join(f"ifnull({row}{d}, x'')" for d in dims)
 
 
-def _upsert_tail(dims: tuple[str, ...]) -> str:
-    adds = ", ".join(f"{c} = {c} + excluded.{c}" for c in SUMS)
+def _upsert_tail(dims: tuple[str, ...], sums: tuple[str, ...] = SUMS) -> str:
+    adds = ", ".join(f"{c} = {c} + excluded.{c}" for c in sums)
     return f"ON CONFLICT (start, {_key(dims)}) DO UPDATE SET {adds}"
 
 
-def fold_sql(table: str) -> str:
-    """Add the ledger rows with ``?1 < id <= ?2`` to ``table``."""
+# --- GPU time in the summaries (migration 7) ------------------------------------
+#
+# The ledger keeps Ollama's timings of each request in ns (NULL: the backend did
+# not report them, and on every row from before migration 7). A summary keeps,
+# per bucket, the sums over the rows that have them and how many rows those are:
+# a bucket with none reads as unknown (null), not as 0 s, also after deletions.
+# GPU time is prompt evaluation + generation (a row has it when it has either).
+
+NS_COLUMNS = ("total_ns", "load_ns", "prompt_eval_ns", "eval_ns")  # the ledger's
+TIME_SUMS = ("gpu_requests", "gpu_ns", "load_requests", "load_ns")  # the summaries'
+
+
+def time_values(row: str = "") -> tuple[str, ...]:
+    """SQL for what one ledger row adds to each of ``TIME_SUMS``."""
+    return (f"({row}prompt_eval_ns IS NOT NULL OR {row}eval_ns IS NOT NULL)",
+            f"(ifnull({row}prompt_eval_ns, 0) + ifnull({row}eval_ns, 0))",
+            f"({row}load_ns IS NOT NULL)", f"ifnull({row}load_ns, 0)")
+
+
+def fold_sql(table: str, timed: bool = True) -> str:
+    """Add the ledger rows with ``?1 < id <= ?2`` to ``table`` (``timed``: their GPU
+    time too; without, the fold of a file from before migration 7)."""
     length_s, dims = SUMMARIES[table]
     cols = ", ".join(dims)
-    return (f"INSERT INTO {table} (start, {cols}, {', '.join(SUMS)}) "
+    sums = SUMS + TIME_SUMS if timed else SUMS
+    times = "".join(f", SUM({v})" for v in time_values()) if timed else ""
+    return (f"INSERT INTO {table} (start, {cols}, {', '.join(sums)}) "
             f"SELECT {bucket_sql('time', length_s)}, {cols}, COUNT(*), SUM(prompt_tokens), "
-            f"SUM(completion_tokens), SUM({error_sql()}) FROM ledger "
-            f"WHERE id > ?1 AND id <= ?2 GROUP BY 1, {cols} {_upsert_tail(dims)}")
+            f"SUM(completion_tokens), SUM({error_sql()}){times} FROM ledger "
+            f"WHERE id > ?1 AND id <= ?2 GROUP BY 1, {cols} {_upsert_tail(dims, sums)}")
 
 
-def _take_out(table: str, extra: str = "") -> str:
-    """Trigger statements: subtract the ``old`` row from ``table``, drop an emptied bucket."""
+def _take_out(table: str, extra: str = "", timed: bool = False) -> str:
+    """Trigger statements: subtract the ``old`` row from ``table``, drop an emptied bucket
+    (``timed``: its GPU time too)."""
     length_s, dims = SUMMARIES[table]
     where = (f"start = {bucket_sql('old.time', length_s)} "
              f"AND ({_key(dims)}) = ({_key(dims, 'old.')}){extra}")
+    times = "".join(f", {c} = {c} - {v}" for c, v in zip(TIME_SUMS, time_values("old."))
+                    ) if timed else ""
     return (f"UPDATE {table} SET requests = requests - 1, "
             f"prompt_tokens = prompt_tokens - old.prompt_tokens, "
             f"completion_tokens = completion_tokens - old.completion_tokens, "
-            f"errors = errors - ({error_sql('old.')}) WHERE {where};\n"
+            f"errors = errors - ({error_sql('old.')}){times} WHERE {where};\n"
             f"DELETE FROM {table} WHERE {where} AND requests <= 0;\n")
 
 
-def _put_in(table: str) -> str:
-    """Trigger statement: add the ``new`` row to ``table``."""
+def _put_in(table: str, timed: bool = False) -> str:
+    """Trigger statement: add the ``new`` row to ``table`` (``timed``: its GPU time too)."""
     length_s, dims = SUMMARIES[table]
-    return (f"INSERT INTO {table} (start, {', '.join(dims)}, {', '.join(SUMS)}) VALUES "
+    sums = SUMS + TIME_SUMS if timed else SUMS
+    times = "".join(f", {v}" for v in time_values("new.")) if timed else ""
+    return (f"INSERT INTO {table} (start, {', '.join(dims)}, {', '.join(sums)}) VALUES "
             f"({bucket_sql('new.time', length_s)}, {', '.join('new.' + d for d in dims)}, 1, "
-            f"new.prompt_tokens, new.completion_tokens, {error_sql('new.')}) "
-            f"{_upsert_tail(dims)};\n")
+            f"new.prompt_tokens, new.completion_tokens, {error_sql('new.')}{times}) "
+            f"{_upsert_tail(dims, sums)};\n")
+
+
+def _triggers(timed: bool) -> str:
+    """The summaries follow a folded row that is changed (e.g. exact counts found later)
+    or deleted (pruning). A deletion also keeps the watermark at or below the highest
+    id, so that the next row SQLite numbers is never taken as folded."""
+    folded = f" AND old.id <= {WATERMARK}"
+    watched = ", load_ns, prompt_eval_ns, eval_ns" if timed else ""
+    return ("CREATE TRIGGER ledger_delete_unfold AFTER DELETE ON ledger BEGIN\n"
+            + "".join(_take_out(t, folded, timed) for t in SUMMARIES)
+            + "UPDATE meta SET value = (SELECT ifnull(MAX(id), 0) FROM ledger) "
+            "WHERE key = 'ledger_folded' AND CAST(value AS INTEGER) > "
+            "(SELECT ifnull(MAX(id), 0) FROM ledger);\nEND;\n"
+            "CREATE TRIGGER ledger_update_refold AFTER UPDATE OF time, user, model, status, "
+            f"outcome, prompt_tokens, completion_tokens{watched} ON ledger "
+            f"WHEN old.id <= {WATERMARK} BEGIN\n"
+            + "".join(_take_out(t, timed=timed) + _put_in(t, timed) for t in SUMMARIES)
+            + "END;\n")
 
 
 def _summaries_migration() -> str:
@@ -103,18 +148,18 @@ def _summaries_migration() -> str:
     out.append("CREATE INDEX usage_hour_user ON usage_hour (user, start);\n"
                # Every ledger row with an id up to this is in the summaries.
                "INSERT INTO meta (key, value) VALUES ('ledger_folded', '0');\n")
-    # A folded row changed (e.g. exact counts found later) or deleted (pruning):
-    # the summaries follow. A deletion also keeps the watermark at or below the
-    # highest id, so that the next row SQLite numbers is never taken as folded.
-    folded = f" AND old.id <= {WATERMARK}"
-    out.append("CREATE TRIGGER ledger_delete_unfold AFTER DELETE ON ledger BEGIN\n"
-               + "".join(_take_out(t, folded) for t in SUMMARIES)
-               + "UPDATE meta SET value = (SELECT ifnull(MAX(id), 0) FROM ledger) "
-               "WHERE key = 'ledger_folded' AND CAST(value AS INTEGER) > "
-               "(SELECT ifnull(MAX(id), 0) FROM ledger);\nEND;\n")
-    out.append("CREATE TRIGGER ledger_update_refold AFTER UPDATE OF time, user, model, status, "
-               f"outcome, prompt_tokens, completion_tokens ON ledger WHEN old.id <= {WATERMARK} "
-               "BEGIN\n" + "".join(_take_out(t) + _put_in(t) for t in SUMMARIES) + "END;\n")
+    out.append(_triggers(timed=False))
+    return "".join(out)
+
+
+def _gpu_time_migration() -> str:
+    """Migration 7: the ledger's timings (NULL on the rows already there) and their sums
+    in the summaries (zero rows with them in the buckets already there: unknown)."""
+    out = [f"ALTER TABLE ledger ADD COLUMN {c} INTEGER;\n" for c in NS_COLUMNS]
+    out += [f"ALTER TABLE {t} ADD COLUMN {c} INTEGER NOT NULL DEFAULT 0;\n"
+            for t in SUMMARIES for c in TIME_SUMS]
+    out.append("DROP TRIGGER ledger_delete_unfold;\nDROP TRIGGER ledger_update_refold;\n")
+    out.append(_triggers(timed=True))
     return "".join(out)
 
 
@@ -211,6 +256,8 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE ledger ADD COLUMN queued_s REAL NOT NULL DEFAULT 0;
     """,
+    # Migration 7: Ollama's timings of each request, and GPU time in the summaries.
+    _gpu_time_migration(),
 ]
 
 

@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from ..api.record import Outcome, RequestRecord
-from .db import SUMMARIES, WATERMARK, fold_sql
+from .db import NS_COLUMNS, SUMMARIES, WATERMARK, fold_sql
 
 _COLUMNS = ("time", "user", "key_prefix", "backend", "model", "endpoint", "status", "outcome",
             "prompt_tokens", "completion_tokens", "estimated", "stream", "duration_s", "ttfb_s",
-            "request_id", "client", "metered", "alias", "queued_s")
+            "request_id", "client", "metered", "alias", "queued_s", *NS_COLUMNS)
 _INSERT = (f"INSERT INTO ledger ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
 
@@ -38,6 +38,10 @@ MAX_STATUS = 999
 # Times outside [0, year 10000) have no UTC day in SQLite's date functions.
 MAX_TIME = 253402300800.0
 MAX_SECONDS = 1e9  # durations
+# Ollama's timings (ns) are clamped to this (more than a day: far above any real
+# request's). Tens of thousands of rows at the bound would pass SQLite's 64-bit
+# integers: reports add timings up as floating point (TOTAL), exact below 2**53 ns.
+MAX_NS = 10**14
 _SURROGATE = re.compile("[\ud800-\udfff]")  # a lone one cannot be encoded as UTF-8
 
 _TEXT = ("request_id", "endpoint", "outcome", "client")
@@ -83,7 +87,8 @@ def storable(record: RequestRecord, now: float) -> tuple[RequestRecord, tuple[st
     Text becomes valid UTF-8 (lone surrogates replaced by U+FFFD), at most
     ``MAX_TEXT_CHARS``; counts become whole numbers in [0, ``MAX_TOKENS``] and
     a changed count marks the row ``estimated``; the status a number in
-    [0, 999]; times and durations finite (an unusable time becomes ``now``).
+    [0, 999]; times and durations finite (an unusable time becomes ``now``); Ollama's
+    timings whole numbers in [0, ``MAX_NS``] or None (not a number: None).
     An unchanged record comes back as it is.
     """
     r = record
@@ -111,9 +116,21 @@ def storable(record: RequestRecord, now: float) -> tuple[RequestRecord, tuple[st
         changes["queued_s"] = _seconds(r.queued_s, MAX_SECONDS, 0.0)
     if r.ttfb_s is not None and not (type(r.ttfb_s) in _NUMBER and 0 <= r.ttfb_s <= MAX_SECONDS):
         changes["ttfb_s"] = _seconds(r.ttfb_s, MAX_SECONDS, 0.0)
+    for name in NS_COLUMNS:
+        value = getattr(r, name)
+        if value is not None and not (type(value) is int and 0 <= value <= MAX_NS):
+            changes[name] = _ns(value)
     if not changes:
         return r, ()
     return dataclasses.replace(r, **changes), tuple(changes)
+
+
+def _ns(value: object) -> int | None:
+    """A timing the ledger can store: a number made whole and clamped to [0, ``MAX_NS``];
+    anything else (a bool, NaN, text) is no timing (None)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return None
+    return _whole(min(max(value, 0), MAX_NS), MAX_NS)
 
 
 def storable_count(value: object) -> tuple[int, bool]:
@@ -126,7 +143,8 @@ def storable_count(value: object) -> tuple[int, bool]:
 def _row(r: RequestRecord) -> tuple[Any, ...]:
     return (r.time, r.user, r.key_prefix, r.backend, r.model, r.endpoint, r.status, r.outcome,
             r.prompt_tokens, r.completion_tokens, int(r.estimated), int(r.stream), r.duration_s,
-            r.ttfb_s, r.request_id, r.client, int(r.metered), r.alias, r.queued_s)
+            r.ttfb_s, r.request_id, r.client, int(r.metered), r.alias, r.queued_s, r.total_ns,
+            r.load_ns, r.prompt_eval_ns, r.eval_ns)
 
 
 # --- writing (inside the caller's transaction) --------------------------------------
@@ -250,7 +268,8 @@ def rows_since(conn: sqlite3.Connection, since: float) -> list[RequestRecord]:
                         completion_tokens=r[9], estimated=bool(r[10]), stream=bool(r[11]),
                         duration_s=r[12] if r[12] is not None else 0.0, ttfb_s=r[13],
                         client=r[15] or "", user=r[1], key_prefix=r[2], metered=bool(r[16]),
-                        alias=r[17], queued_s=r[18] or 0.0)
+                        alias=r[17], queued_s=r[18] or 0.0, total_ns=r[19], load_ns=r[20],
+                        prompt_eval_ns=r[21], eval_ns=r[22])
             for r in rows]
 
 

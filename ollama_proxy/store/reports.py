@@ -17,7 +17,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from .db import DAY_S, HOUR_S, WATERMARK, bucket_sql, error_sql
+from .db import DAY_S, HOUR_S, TIME_SUMS, WATERMARK, bucket_sql, error_sql, time_values
 
 GROUPS = ("user", "model", "day", "hour")
 # group_by -> how its key is shown, from the bucket's start (unix seconds, UTC)
@@ -74,8 +74,24 @@ def plan(group_by: str, *, user: bool, since: float | None, until: float | None,
     return parts + last
 
 
+# GPU time: how many rows have it (gr, lr) and the sum of theirs (g, l, in ns). Sums of
+# timings are floating point (TOTAL): exact to 2**53 ns (104 days), and never an
+# integer overflow, whatever a backend reported.
+_TIME_ALIASES = (("SUM", "gr"), ("TOTAL", "g"), ("SUM", "lr"), ("TOTAL", "l"))
+
+
+def _time_sums(values: tuple[str, ...]) -> str:
+    return ", ".join(f"{fn}({v}) AS {alias}" for (fn, alias), v in zip(_TIME_ALIASES, values))
+
+
+def seconds(rows: int | None, ns: float | None) -> float | None:
+    """Summed timings as seconds (to the µs); None when no row had them."""
+    return round(ns / 1e9, 6) if rows and ns is not None else None
+
+
 def _part_sql(part: Part, group_by: str, filters: dict[str, str]) -> tuple[str, list[Any]]:
-    """One part as a grouped SELECT of (bucket key, requests, prompt, completion, errors)."""
+    """One part as a grouped SELECT of (bucket key, requests, prompt, completion, errors,
+    GPU time)."""
     where: list[str] = []
     params: list[Any] = []
     if part.source in (LEDGER, UNFOLDED):
@@ -88,14 +104,14 @@ def _part_sql(part: Part, group_by: str, filters: dict[str, str]) -> tuple[str, 
         key = {"user": "user", "model": "model", "day": bucket_sql("time", DAY_S),
                "hour": bucket_sql("time", HOUR_S)}[group_by]
         sums = (f"COUNT(*) AS n, SUM(prompt_tokens) AS p, SUM(completion_tokens) AS c, "
-                f"SUM({error_sql()}) AS e")
+                f"SUM({error_sql()}) AS e, " + _time_sums(time_values()))
         table = "ledger NOT INDEXED" if unfolded else "ledger"
     else:
         time_col, table = "start", part.source
         key = {"user": "user", "model": "model", "day": bucket_sql("start", DAY_S),
                "hour": "start"}[group_by]
         sums = ("SUM(requests) AS n, SUM(prompt_tokens) AS p, SUM(completion_tokens) AS c, "
-                "SUM(errors) AS e")
+                "SUM(errors) AS e, " + _time_sums(TIME_SUMS))
     if part.start is not None:
         where.append(f"{time_col} >= ?")
         params.append(part.start)
@@ -117,6 +133,8 @@ def usage(conn: sqlite3.Connection, *, user: str | None = None, model: str | Non
 
     ``since`` is inclusive, ``until`` exclusive (unix seconds). A row is an
     error when its outcome is not ``ok`` or its status is 400 or more.
+    ``gpu_seconds`` (prompt evaluation + generation) and ``load_seconds`` sum the
+    rows whose backend reported them; None when none of the group's did.
     ``unfolded=False`` leaves out the rows above the watermark (``ledger.fold_state``).
     ``group_by`` is one of ``GROUPS`` (``admin_ops`` checks what an admin asks for); it
     picks SQL from fixed tables, so no other value can reach the query (a KeyError).
@@ -130,11 +148,13 @@ def usage(conn: sqlite3.Connection, *, user: str | None = None, model: str | Non
         params += part_params
     shown = _SHOWN.get(group_by, "b")
     # Each part is grouped already: the outer GROUP BY merges a few rows per key.
-    sql = (f"SELECT {shown}, SUM(n), SUM(p), SUM(c), SUM(e) FROM ("
+    sql = (f"SELECT {shown}, SUM(n), SUM(p), SUM(c), SUM(e), SUM(gr), TOTAL(g), SUM(lr), "
+           "TOTAL(l) FROM ("
            + " UNION ALL ".join(f"SELECT * FROM ({s})" for s in selects)
            + ") GROUP BY b ORDER BY b")
     return [{"key": r[0], "requests": r[1], "prompt_tokens": r[2], "completion_tokens": r[3],
-             "errors": r[4]} for r in conn.execute(sql, params)]
+             "errors": r[4], "gpu_seconds": seconds(r[5], r[6]), "load_seconds": seconds(r[7], r[8])}
+            for r in conn.execute(sql, params)]
 
 
 def user_totals(conn: sqlite3.Connection, user: str | None = None, *,

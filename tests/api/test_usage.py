@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from ollama_proxy.api.framing import FrameKind
 from ollama_proxy.api.usage import (
+    MAX_REPORTED_NS,
     MAX_REPORTED_TOKENS,
     StreamScanner,
     estimate_prompt_tokens,
@@ -252,6 +253,95 @@ def test_whole_body_usage(body, prompt, completion, exact):
     """Non-streamed replies of both dialects give their counts."""
     tally = scan_whole_body(body)
     assert (tally.prompt_tokens, tally.completion_tokens, tally.exact) == (prompt, completion, exact)
+
+
+# Ollama's final generate frame with every timing (docs/api.md's example).
+NATIVE_TIMED = (
+    b'{"model":"qwen3:4b","created_at":"2026-08-21T10:02:03.0417Z","response":"Hel","done":false}\n'
+    b'{"model":"qwen3:4b","created_at":"2026-08-21T10:02:04.5Z","response":"","done":true,"done_reason":"stop",'
+    b'"context":[151644,872,198],"total_duration":1520000000,"load_duration":31000000,'
+    b'"prompt_eval_count":12,"prompt_eval_duration":40000000,"eval_count":57,"eval_duration":1400000000}\n'
+)
+NONE4 = (None, None, None, None)
+
+
+def timings(tally):
+    return (tally.total_ns, tally.load_ns, tally.prompt_eval_ns, tally.eval_ns)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize(("kind", "data", "expected"), [
+    (FrameKind.NDJSON, NATIVE_TIMED, (1520000000, 31000000, 40000000, 1400000000)),
+    # omitempty: the timings left out of a final frame that has some are zeros
+    (FrameKind.NDJSON, NATIVE_CHAT, (800000000, 0, 0, 0)),
+    (FrameKind.NDJSON, NATIVE_MISSING, NONE4),  # no timings at all: not reported
+    (FrameKind.NDJSON, NATIVE_THINKING, NONE4),
+    (FrameKind.NDJSON, NATIVE_ERROR, NONE4),  # no final frame
+    (FrameKind.NDJSON, NATIVE_TIMED.split(b"\n")[0] + b"\n", NONE4),  # cut before it
+    (FrameKind.SSE, OPENAI_STREAM, NONE4),  # the OpenAI dialect has no timings
+    (FrameKind.SSE, LLAMACPP_STREAM, NONE4),
+    (FrameKind.SSE, COMPLETIONS_STREAM, NONE4),
+])
+def test_timings_of_a_stream(kind, data, expected, size):
+    """Ollama's timings come from the final frame alone, however the bytes are cut;
+    a stream without them (another dialect, no final frame) leaves them None."""
+    out, tally = run(kind, data, size)
+    assert out == data
+    assert timings(tally) == expected
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (NATIVE_TIMED.split(b"\n")[1], (1520000000, 31000000, 40000000, 1400000000)),
+    # /api/embed: total and load only; it has no evaluation timings to leave out
+    (b'{"model":"m","embeddings":[[0.1]],"total_duration":14143917,"load_duration":1019500,'
+     b'"prompt_eval_count":8}', (14143917, 1019500, None, None)),
+    (b'{"model":"m","embeddings":[[0.1]],"total_duration":5,"prompt_eval_count":8}',
+     (5, 0, None, None)),
+    (b'{"model":"m","embeddings":[[0.1]],"prompt_eval_count":8}', NONE4),
+    (b'{"model":"m","response":"","done":true,"done_reason":"load"}', NONE4),  # load only
+    (b'{"embedding":[0.1,0.2]}', NONE4),  # legacy /api/embeddings
+    (b'{"choices":[],"usage":{"prompt_tokens":26,"completion_tokens":3}}', NONE4),
+    # an OpenAI reply that happens to carry the keys: only the native dialect has timings
+    (b'{"usage":{"prompt_tokens":1,"completion_tokens":1},"total_duration":5}', NONE4),
+    (b'{"error":"model not found"}', NONE4),
+    (b"garbage", NONE4),
+])
+def test_timings_of_a_whole_reply(body, expected):
+    """Non-streamed replies: the native ones give their timings, others none."""
+    assert timings(scan_whole_body(body)) == expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (b"0", 0),
+    (b"1", 1),
+    (b"%d" % MAX_REPORTED_NS, MAX_REPORTED_NS),  # the bound is believed
+    (b"-1", None),  # not a duration: nothing invented
+    (b"true", None),
+    (b"false", None),
+    (b"1.5e9", None),
+    (b"1000.0", None),
+    (b'"1000"', None),
+    (b"null", None),
+    (b"[1]", None),
+    (b'{"ns":1}', None),
+])
+def test_bad_timings_are_left_out(value, expected):
+    """A timing is a whole number of ns >= 0; anything else is None (the others of the
+    frame are still read), and the counts stay exact."""
+    tally = scan_whole_body(b'{"done":true,"eval_count":3,"load_duration":7,"eval_duration":'
+                            + value + b"}")
+    assert timings(tally) == (0, 7, 0, expected)
+    assert (tally.completion_tokens, tally.exact, tally.clamped) == (3, True, False)
+
+
+@pytest.mark.parametrize("value", [MAX_REPORTED_NS + 1, 2**63, 2**64, 10**40])
+def test_absurd_timings_are_clamped(value, caplog):
+    """A timing beyond a day (SQLite refuses 2**63) is cut to the bound and logged; the
+    counts are not marked estimated by it."""
+    tally = scan_whole_body(b'{"done":true,"eval_count":3,"total_duration":%d}' % value)
+    assert timings(tally) == (MAX_REPORTED_NS, 0, 0, 0)
+    assert not tally.clamped
+    assert f"kept as {MAX_REPORTED_NS}" in caplog.text
 
 
 def test_estimate_prompt_tokens():

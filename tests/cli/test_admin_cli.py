@@ -70,8 +70,11 @@ def _failed(result: Result) -> str:
 
 
 def _record(user: str | None, model: str, prompt: int, completion: int, *, status: int = 200,
-            when: float | None = None) -> RequestRecord:
+            when: float | None = None, gpu_ms: int | None = None) -> RequestRecord:
+    """``gpu_ms``: Ollama's timings (that much generating, a tenth of it loading)."""
+    ns = None if gpu_ms is None else gpu_ms * 1_000_000
     return RequestRecord(
+        total_ns=ns, load_ns=None if ns is None else ns // 10, eval_ns=ns,
         request_id=f"r{time.monotonic_ns()}", time=when or time.time(), endpoint="/api/chat",
         model=model, backend="default", status=status,
         outcome="ok" if status < 400 else "upstream_error", prompt_tokens=prompt,
@@ -365,16 +368,18 @@ def test_usage_on_a_filled_ledger(cli: Cli) -> None:
     cli.create("bob")
     now = time.time()
     _fill_ledger(cli, [
-        _record("alice", "llama3", 10, 20, when=now - 10),
-        _record("alice", "qwen", 1, 2, when=now - 5),
+        _record("alice", "llama3", 10, 20, when=now - 10, gpu_ms=1500),
+        _record("alice", "qwen", 1, 2, when=now - 5, gpu_ms=250),
         _record("alice", "qwen", 3, 0, status=502, when=now - 4),
         _record("bob", "llama3", 100, 200, when=now - 3),
     ])
     rows = {r["key"]: r for r in cli.json("usage")["rows"]}
     assert rows["alice"] == {"key": "alice", "requests": 3, "prompt_tokens": 14,
-                             "completion_tokens": 22, "errors": 1}
+                             "completion_tokens": 22, "errors": 1, "gpu_seconds": 1.75,
+                             "load_seconds": 0.175}
     assert rows["bob"] == {"key": "bob", "requests": 1, "prompt_tokens": 100,
-                           "completion_tokens": 200, "errors": 0}
+                           "completion_tokens": 200, "errors": 0, "gpu_seconds": None,
+                           "load_seconds": None}
     by_model = {r["key"]: r["requests"] for r in cli.json("usage", "--group-by", "model")["rows"]}
     assert by_model == {"llama3": 2, "qwen": 2}
     only = cli.json("usage", "--user", "alice", "--model", "qwen", "--group-by", "model")["rows"]
@@ -385,8 +390,12 @@ def test_usage_on_a_filled_ledger(cli: Cli) -> None:
     assert cli.json("usage", "--until", "2000-01-01T00:00:00Z")["rows"] == []
 
     table = cli("usage").out.splitlines()
-    assert table[0].split() == ["user", "requests", "prompt_tokens", "completion_tokens", "errors"]
-    assert table[-1].split() == ["total", "4", "114", "222", "1"]
+    assert table[0].split() == ["user", "requests", "prompt_tokens", "completion_tokens", "errors",
+                                "gpu_seconds", "load_seconds"]
+    assert table[1:] == [  # bob's backend reported no GPU time: "-", not 0
+        "alice         3             14                 22       1         1.75         0.175",
+        "bob           1            100                200       0            -             -",
+        "total         4            114                222       1         1.75         0.175"]
     assert cli("usage", "--group-by", "hour").out.splitlines()[0].split()[0] == "hour"
     users = {u["name"]: u["usage"] for u in cli.json("users", "list")["users"]}
     assert users["alice"] == {"requests": 3, "prompt_tokens": 14, "completion_tokens": 22}

@@ -28,7 +28,8 @@ from ollama_proxy.store import db
 
 TIMEOUT_S = 10
 ROW_COLUMNS = ("request_id", "time", "user", "key_prefix", "backend", "model", "endpoint",
-               "status", "outcome", "prompt_tokens", "completion_tokens", "estimated", "stream")
+               "status", "outcome", "prompt_tokens", "completion_tokens", "estimated", "stream",
+               "total_ns", "load_ns", "prompt_eval_ns", "eval_ns")
 
 
 def db_path(stack: Stack) -> str:
@@ -129,14 +130,27 @@ def expected_groups(rows: list[dict[str, Any]], group_by: str) -> list[dict[str,
                 "day": when.strftime("%Y-%m-%d"), "hour": when.strftime("%Y-%m-%dT%H:00Z")
                 }[group_by]
 
+    def add_ns(total: dict[str, Any], name: str, ns: int | None) -> None:
+        """GPU time: summed over the rows that have it, None while none has."""
+        if ns is not None:
+            total[name] = (total[name] or 0) + ns
+
     totals: dict[Any, dict[str, Any]] = defaultdict(
-        lambda: {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0})
+        lambda: {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0,
+                 "gpu_seconds": None, "load_seconds": None})
     for row in rows:
         total = totals[key(row)]
         total["requests"] += 1
         total["prompt_tokens"] += row["prompt_tokens"]
         total["completion_tokens"] += row["completion_tokens"]
         total["errors"] += int(row["outcome"] != "ok" or row["status"] >= 400)
+        if row["prompt_eval_ns"] is not None or row["eval_ns"] is not None:
+            add_ns(total, "gpu_seconds", (row["prompt_eval_ns"] or 0) + (row["eval_ns"] or 0))
+        add_ns(total, "load_seconds", row["load_ns"])
+    for total in totals.values():
+        for name in ("gpu_seconds", "load_seconds"):
+            if total[name] is not None:
+                total[name] = round(total[name] / 1e9, 6)
     return [{"key": k, **v} for k, v in sorted(totals.items(), key=lambda kv: str(kv[0]))]
 
 
@@ -232,6 +246,8 @@ async def test_usage_reports_agree_with_the_rows(stack: Stack) -> None:
             rows = list(ledger_rows(stack).values())
             assert len(rows) == len(calls)
             assert {r["user"] for r in rows} == {"alice", "bob", "admin"}
+            # native rows have GPU time, /v1 rows none: the sums cover both kinds
+            assert {r["eval_ns"] is None for r in rows} == {True, False}
 
             async def get(path: str, key: str = stack.key) -> Any:
                 response = await client.get(path, headers=bearer(key))

@@ -111,3 +111,17 @@ def test_a_count_the_backend_never_gave_is_estimated_from_the_request():
     d.tally.frames = 7
     record = metering.built(d, Outcome.OK)
     assert (record.prompt_tokens, record.completion_tokens, record.estimated) == (42, 7, True)
+
+
+def test_the_record_carries_the_backends_timings_or_none():
+    """The tally's timings (Ollama's final frame) go into the record as they are; a
+    tally without them (another dialect, a failure) leaves the record's None."""
+    metering = Metering(Journal())
+    d = draft()
+    d.tally.total_ns, d.tally.load_ns, d.tally.prompt_eval_ns, d.tally.eval_ns = 9, 1, 3, 5
+    record = metering.built(d, Outcome.OK)
+    assert (record.total_ns, record.load_ns, record.prompt_eval_ns, record.eval_ns) == (9, 1, 3, 5)
+    assert (record.gpu_seconds, record.load_seconds) == (8e-9, 1e-9)
+    bare = metering.built(draft("/v1/chat/completions"), Outcome.OK)
+    assert (bare.total_ns, bare.load_ns, bare.prompt_eval_ns, bare.eval_ns) == (None,) * 4
+    assert (bare.gpu_seconds, bare.load_seconds) == (None, None)

@@ -14,6 +14,16 @@ from ollama_proxy.errors import StoreError
 from ollama_proxy.store import db, ledger, reports
 
 METERED_MIGRATION = next(m for m in db.MIGRATIONS if "ADD COLUMN metered" in m)
+GPU_TIME_MIGRATION = next(m for m in db.MIGRATIONS if "ADD COLUMN eval_ns" in m)
+
+
+def fold_old_file(conn: sqlite3.Connection) -> None:
+    """Fold every row of a file from before migration 7 (the folds of the day: no GPU time)."""
+    with db.transaction(conn):
+        for table in db.SUMMARIES:
+            conn.execute(db.fold_sql(table, timed=False), (0, 10**9))
+        conn.execute("UPDATE meta SET value = (SELECT MAX(id) FROM ledger) "
+                     "WHERE key = 'ledger_folded'")
 
 
 def test_fresh_file_reaches_current_version_in_wal_mode(tmp_path):
@@ -177,7 +187,11 @@ def test_shipped_migrations_never_change():
     shipped = ["f14d5f488daa9a381c8c22d67fc9eb13438ee416997b44b54c76a6654150918e",
                "9ef928b35b3d13d0731ae8f5074c1520ec0e4ce353ba87dc1e2e71fabceae3d4",
                "4088b51eb12c233caa6c4eb01caf5abd4a70648c60b50aa3c4853d39306804ae",  # expires_at
-               "f5736803827aad45dc1d1b97f057b54ccca8431e88f251495ce5dbf91a82f53b"]  # metered
+               "f5736803827aad45dc1d1b97f057b54ccca8431e88f251495ce5dbf91a82f53b",  # metered
+               "ef78fc91886509043c25228815a801a0594bf4d9f53c6d5db9baabcb7273ad44",  # alias
+               "3fed73fefe58d3b21abf1f9e8cfc2f233a37d6fdb03817fffeee5731987e301e",  # queued_s
+               # GPU time: made by the summaries' helpers too (their timed=True output)
+               "a4fd260467f54b110c6b249915cec9ad1d191c24be77a986630b1aac98a6e76c"]
     assert [hashlib.sha256(m.encode()).hexdigest()
             for m in db.MIGRATIONS[:len(shipped)]] == shipped
 
@@ -195,9 +209,10 @@ def test_rows_from_before_the_metered_column_get_it_from_their_path(tmp_path, mo
     old.executemany("INSERT INTO ledger (time, user, endpoint, status, outcome, prompt_tokens, "
                     "completion_tokens, estimated, stream) VALUES (0, 'ann', ?, 200, 'ok', 1, 2, "
                     "0, 0)", [(e,) for e in endpoints])
-    with db.transaction(old):
-        ledger.fold(old, 10**9)
-    before = old.execute("SELECT * FROM usage_day").fetchall()
+    fold_old_file(old)
+    summed = "SELECT start, user, model, requests, prompt_tokens, completion_tokens, errors " \
+             "FROM usage_day"
+    before = old.execute(summed).fetchall()
     old.close()
     monkeypatch.undo()
     conn = db.connect(path)
@@ -205,4 +220,43 @@ def test_rows_from_before_the_metered_column_get_it_from_their_path(tmp_path, mo
     # Only exact paths are metered (a prefix path is a listing or a blob).
     assert got == {e: int(e in ROUTES and ROUTES[e].metered) for e in endpoints}
     assert sum(got.values()) == 7
-    assert conn.execute("SELECT * FROM usage_day").fetchall() == before
+    assert conn.execute(summed).fetchall() == before
+
+
+def test_rows_from_before_gpu_time_keep_null_and_read_as_unknown(tmp_path, monkeypatch):
+    """The migration adding Ollama's timings leaves them NULL on the rows already there and
+    their buckets with no timed row: reports say null (unknown), not 0 s. A new timed row
+    in the same bucket counts alone; deleting an old row still takes it out (the triggers
+    were replaced, not lost)."""
+    path = str(tmp_path / "op.db")
+    migration = db.MIGRATIONS.index(GPU_TIME_MIGRATION)
+    assert migration == 6  # the 7th: from version 6 to 7
+    monkeypatch.setattr(db, "MIGRATIONS", db.MIGRATIONS[:migration])
+    old = db.connect(path)
+    old.executemany("INSERT INTO ledger (time, user, endpoint, status, outcome, prompt_tokens, "
+                    "completion_tokens, estimated, stream) VALUES (?, 'ann', '/api/chat', 200, "
+                    "'ok', 1, 2, 0, 0)", [(0,), (1,), (2,)])
+    fold_old_file(old)
+    old.close()
+    monkeypatch.undo()
+    conn = db.connect(path)
+    assert db.user_version(conn) == db.SCHEMA_VERSION
+    assert conn.execute("SELECT total_ns, load_ns, prompt_eval_ns, eval_ns FROM ledger"
+                        ).fetchall() == [(None,) * 4] * 3
+    for table in db.SUMMARIES:
+        assert conn.execute(f"SELECT {', '.join(db.TIME_SUMS)} FROM {table}").fetchall() == [
+            (0, 0, 0, 0)], table
+    for group_by in reports.GROUPS:
+        row, = reports.usage(conn, group_by=group_by)
+        assert (row["requests"], row["gpu_seconds"], row["load_seconds"]) == (3, None, None)
+    conn.execute("INSERT INTO ledger (time, user, endpoint, status, outcome, prompt_tokens, "
+                 "completion_tokens, estimated, stream, prompt_eval_ns, eval_ns, load_ns) "
+                 "VALUES (3, 'ann', '/api/chat', 200, 'ok', 1, 2, 0, 0, 250000000, 500000000, 0)")
+    conn.execute("DELETE FROM ledger WHERE id = 1")
+    row, = reports.usage(conn, group_by="day")
+    assert (row["requests"], row["gpu_seconds"], row["load_seconds"]) == (3, 0.75, 0.0)
+    with db.transaction(conn):
+        ledger.fold(conn, 100)
+    assert reports.usage(conn, group_by="day", unfolded=False) == [row]
+    assert conn.execute("SELECT requests, gpu_requests, gpu_ns FROM usage_day").fetchall() == [
+        (3, 1, 750000000)]

@@ -38,8 +38,17 @@ def conn(tmp_path):
     connection.close()
 
 
-def summary(conn: sqlite3.Connection, table: str) -> list[tuple]:
-    return conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2, 3").fetchall()
+def summary(conn: sqlite3.Connection, table: str, sums: tuple[str, ...] = db.SUMS) -> list[tuple]:
+    """A summary's rows: bucket start, its key (user, model), and ``sums``."""
+    columns = ("start", *db.SUMMARIES[table][1], *sums)
+    return conn.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY 1, 2, 3").fetchall()
+
+
+def timed(record: RequestRecord, total: int | None, load: int | None, prompt_eval: int | None,
+          evaluation: int | None) -> RequestRecord:
+    """``record`` with Ollama's timings (ns)."""
+    return dataclasses.replace(record, total_ns=total, load_ns=load, prompt_eval_ns=prompt_eval,
+                               eval_ns=evaluation)
 
 
 def watermark(conn: sqlite3.Connection) -> int:
@@ -76,6 +85,14 @@ def watermark(conn: sqlite3.Connection) -> int:
     ({"time": 1e300}, {"time": ledger.MAX_TIME - 1}, ("time",)),
     ({"duration_s": -math.inf}, {"duration_s": 0.0}, ("duration_s",)),
     ({"ttfb_s": math.nan}, {"ttfb_s": 0.0}, ("ttfb_s",)),
+    # Ollama's timings: whole ns in [0, MAX_NS]; not a number is no timing (None)
+    ({"eval_ns": 2**63}, {"eval_ns": ledger.MAX_NS}, ("eval_ns",)),
+    ({"total_ns": math.inf}, {"total_ns": ledger.MAX_NS}, ("total_ns",)),
+    ({"load_ns": -5}, {"load_ns": 0}, ("load_ns",)),
+    ({"prompt_eval_ns": 1.5e9}, {"prompt_eval_ns": 1_500_000_000}, ("prompt_eval_ns",)),
+    ({"total_ns": math.nan}, {"total_ns": None}, ("total_ns",)),
+    ({"prompt_eval_ns": True}, {"prompt_eval_ns": None}, ("prompt_eval_ns",)),
+    ({"eval_ns": "5"}, {"eval_ns": None}, ("eval_ns",)),
 ])
 def test_storable_fixes_what_sqlite_cannot_take(changes, fixed, expected):
     """Text becomes UTF-8-encodable and capped, counts whole and in range (flagged
@@ -89,7 +106,9 @@ def test_storable_fixes_what_sqlite_cannot_take(changes, fixed, expected):
 
 
 @pytest.mark.parametrize("record", [rec(time=T0 + 0.5, model="llamé:3b", prefix="op-k"),
-                                    rec(user=None, model=None), rec()])  # an int time is fine
+                                    rec(user=None, model=None), rec(),  # an int time is fine
+                                    dataclasses.replace(rec(), total_ns=ledger.MAX_NS, load_ns=0,
+                                                        prompt_eval_ns=1, eval_ns=None)])
 def test_storable_leaves_a_clean_record_alone(record):
     """A record with nothing to fix comes back as the same object (no copy per row)."""
     stored, names = ledger.storable(record, NOW)
@@ -127,9 +146,11 @@ def test_rows_come_back_as_the_records_written(conn):
     written = [rec(T0 + 3600, user="bob", status=429, outcome="refused", prompt=0, completion=0),
                dataclasses.replace(rec(T0 + 7200), alias="gpt-4o-mini"),
                dataclasses.replace(rec(T0 + 86400, user=None, model=None),
-                                   endpoint="/api/tags", metered=False)]
+                                   endpoint="/api/tags", metered=False),
+               timed(rec(T0 + 86401, request_id="timed"), 9_000, 0, 2_000, 5_000),
+               timed(rec(T0 + 86402, request_id="embed"), 9_000, 1_000, None, None)]
     ids = insert(conn, [rec(T0), *written])
-    assert ids == [1, 2, 3, 4]
+    assert ids == [1, 2, 3, 4, 5, 6]
     back = ledger.rows_since(conn, T0 + 1)
     assert back == written
     assert all(isinstance(getattr(back[0], name), bool)
@@ -265,3 +286,48 @@ def test_summaries_answer_with_their_sums(conn):
     assert reports.user_totals(conn) == {
         "alice": {"requests": 2, "prompt_tokens": 11, "completion_tokens": 40}}
     assert reports.user_totals(conn, unfolded=False)["alice"]["requests"] == 1
+
+
+# --- GPU time in the summaries --------------------------------------------------------------
+
+def gpu(conn: sqlite3.Connection, table: str) -> list[tuple]:
+    """A summary's buckets with their GPU time sums (rows with it, ns; rows with a load, ns)."""
+    return summary(conn, table, ("requests", *db.TIME_SUMS))
+
+
+HOUR0 = T0 - T0 % 3600
+
+
+def test_gpu_time_is_folded_over_the_rows_that_have_it(conn):
+    """A bucket sums the timings of the rows that report them and counts those rows; rows
+    without (another backend) add nothing, not even a zero that would read as known."""
+    ms = 1_000_000
+    insert(conn, [timed(rec(T0, request_id="a"), 9 * ms, 4 * ms, 2 * ms, 3 * ms),
+                  timed(rec(T0 + 1, request_id="b"), 9 * ms, None, None, 7 * ms),  # no load
+                  rec(T0 + 2, request_id="c"),  # nothing reported
+                  rec(T0 + 3, user="bob", request_id="d")], fold=True)
+    assert gpu(conn, "usage_hour") == [(HOUR0, "alice", "llama3", 3, 2, 12 * ms, 1, 4 * ms),
+                                       (HOUR0, "bob", "llama3", 1, 0, 0, 0, 0)]
+    assert gpu(conn, "usage_hour_model") == [(HOUR0, "llama3", 4, 2, 12 * ms, 1, 4 * ms)]
+    assert reports.usage(conn, unfolded=False) == [
+        {"key": "alice", "requests": 3, "prompt_tokens": 30, "completion_tokens": 60,
+         "errors": 0, "gpu_seconds": 0.012, "load_seconds": 0.004},
+        {"key": "bob", "requests": 1, "prompt_tokens": 10, "completion_tokens": 20,
+         "errors": 0, "gpu_seconds": None, "load_seconds": None}]
+
+
+def test_deleting_or_moving_timed_rows_keeps_the_gpu_sums_in_step(conn):
+    """The triggers take a row's timings out with it: a bucket left with no timed row
+    reads as unknown again, not as 0 s; a moved row takes its timings along."""
+    insert(conn, [timed(rec(T0, request_id="a"), 9, 4, 2, 3), rec(T0 + 1, request_id="b")],
+           fold=True)
+    conn.execute("UPDATE ledger SET time = time + 7200 WHERE request_id = 'a'")
+    assert gpu(conn, "usage_hour") == [(HOUR0, "alice", "llama3", 1, 0, 0, 0, 0),
+                                       (HOUR0 + 7200, "alice", "llama3", 1, 1, 5, 1, 4)]
+    conn.execute("UPDATE ledger SET eval_ns = 10, load_ns = NULL WHERE request_id = 'a'")
+    assert gpu(conn, "usage_hour")[1] == (HOUR0 + 7200, "alice", "llama3", 1, 1, 12, 0, 0)
+    conn.execute("UPDATE ledger SET time = time - 7200 WHERE request_id = 'a'")
+    assert gpu(conn, "usage_day") == [(T0 - T0 % 86400, "alice", "llama3", 2, 1, 12, 0, 0)]
+    conn.execute("DELETE FROM ledger WHERE request_id = 'a'")
+    assert gpu(conn, "usage_day") == [(T0 - T0 % 86400, "alice", "llama3", 1, 0, 0, 0, 0)]
+    assert reports.usage(conn)[0]["gpu_seconds"] is None

@@ -25,11 +25,17 @@ DAY0 = T0 - T0 % D  # 2026-11-27T00:00Z
 
 def rec(time: float, user: str | None = "alice", model: str | None = "llama3", *,
         status: int = 200, outcome: str = "ok", prompt: int = 10,
-        completion: int = 20) -> RequestRecord:
+        completion: int = 20, ns: tuple[int | None, int | None, int | None] = (None,) * 3
+        ) -> RequestRecord:
+    """``ns``: Ollama's load, prompt eval and eval timings (the total: their sum, if any)."""
+    load, prompt_eval, evaluation = ns
+    total = None if ns == (None,) * 3 else sum(n or 0 for n in ns)
     return RequestRecord(request_id=f"req-{time}", time=time, endpoint="/api/chat", model=model,
                        backend="gpu1", status=status, outcome=outcome, prompt_tokens=prompt,
                        completion_tokens=completion, estimated=False, stream=True,
-                       duration_s=1.5, ttfb_s=0.25, client="10.0.0.7", user=user)
+                       duration_s=1.5, ttfb_s=0.25, client="10.0.0.7", user=user,
+                       total_ns=total, load_ns=load, prompt_eval_ns=prompt_eval,
+                       eval_ns=evaluation)
 
 
 def raw_usage(conn: sqlite3.Connection, *, user: str | None = None, model: str | None = None,
@@ -45,12 +51,27 @@ def raw_usage(conn: sqlite3.Connection, *, user: str | None = None, model: str |
         if value is not None:
             where.append(clause)
             params.append(value)
+    condition = " WHERE " + " AND ".join(where) if where else ""
     sql = (f"SELECT {expr} AS k, COUNT(*), COALESCE(SUM(prompt_tokens), 0), "
            "COALESCE(SUM(completion_tokens), 0), "
            "SUM(CASE WHEN outcome != 'ok' OR status >= 400 THEN 1 ELSE 0 END) FROM ledger"
-           + (" WHERE " + " AND ".join(where) if where else "") + " GROUP BY k ORDER BY k")
+           + condition + " GROUP BY k ORDER BY k")
+    # GPU time, summed here in Python: over the rows that have it, None when none has.
+    gpu: dict[Any, list[int]] = {}
+    load: dict[Any, list[int]] = {}
+    for k, load_ns, prompt_eval_ns, eval_ns in conn.execute(
+            f"SELECT {expr}, load_ns, prompt_eval_ns, eval_ns FROM ledger{condition}", params):
+        if prompt_eval_ns is not None or eval_ns is not None:
+            gpu.setdefault(k, []).append((prompt_eval_ns or 0) + (eval_ns or 0))
+        if load_ns is not None:
+            load.setdefault(k, []).append(load_ns)
+
+    def secs(found: dict[Any, list[int]], k: Any) -> float | None:
+        return round(sum(found[k]) / 1e9, 6) if k in found else None
+
     return [{"key": r[0], "requests": r[1], "prompt_tokens": r[2], "completion_tokens": r[3],
-             "errors": r[4]} for r in conn.execute(sql, params)]
+             "errors": r[4], "gpu_seconds": secs(gpu, r[0]), "load_seconds": secs(load, r[0])}
+            for r in conn.execute(sql, params)]
 
 
 @pytest.fixture
@@ -60,9 +81,10 @@ def conn(tmp_path):
     connection.close()
 
 
+# alice's rows have GPU time (one with a load), bob's do not (older rows, another backend)
 ROWS = [
-    rec(T0),
-    rec(T0 + 60, model="qwen"),
+    rec(T0, ns=(3_000_000_000, 250_000_000, 1_500_000_000)),
+    rec(T0 + 60, model="qwen", ns=(None, 40_000_000, 500_000_000)),
     rec(T0 + 3600, user="bob", status=429, outcome="refused", prompt=0, completion=0),
     rec(T0 + 86400, user="bob", outcome="client_closed", completion=3),
     rec(T0 + 86400 + 1, user=None, model=None, status=401, outcome="refused", prompt=0,
@@ -84,9 +106,12 @@ def filled(request, conn):
 def test_group_by_user(filled):
     """Per user: requests, tokens, errors (non-ok outcome or status >= 400); no user first."""
     assert reports.usage(filled) == [
-        {"key": None, "requests": 1, "prompt_tokens": 0, "completion_tokens": 0, "errors": 1},
-        {"key": "alice", "requests": 2, "prompt_tokens": 20, "completion_tokens": 40, "errors": 0},
-        {"key": "bob", "requests": 2, "prompt_tokens": 10, "completion_tokens": 3, "errors": 2},
+        {"key": None, "requests": 1, "prompt_tokens": 0, "completion_tokens": 0, "errors": 1,
+         "gpu_seconds": None, "load_seconds": None},
+        {"key": "alice", "requests": 2, "prompt_tokens": 20, "completion_tokens": 40, "errors": 0,
+         "gpu_seconds": 2.29, "load_seconds": 3.0},
+        {"key": "bob", "requests": 2, "prompt_tokens": 10, "completion_tokens": 3, "errors": 2,
+         "gpu_seconds": None, "load_seconds": None},
     ]
 
 
@@ -110,11 +135,12 @@ def test_filters_since_until_user_model(filled):
     assert [r["requests"] for r in reports.usage(filled, since=T0 + 60, until=T0 + 86400)] == [1, 1]
     assert reports.usage(filled, user="bob", group_by="day") == [
         {"key": "2026-11-27", "requests": 1, "prompt_tokens": 0, "completion_tokens": 0,
-         "errors": 1},
+         "errors": 1, "gpu_seconds": None, "load_seconds": None},
         {"key": "2026-11-28", "requests": 1, "prompt_tokens": 10, "completion_tokens": 3,
-         "errors": 1}]
+         "errors": 1, "gpu_seconds": None, "load_seconds": None}]
     assert reports.usage(filled, model="qwen") == [
-        {"key": "alice", "requests": 1, "prompt_tokens": 10, "completion_tokens": 20, "errors": 0}]
+        {"key": "alice", "requests": 1, "prompt_tokens": 10, "completion_tokens": 20, "errors": 0,
+         "gpu_seconds": 0.54, "load_seconds": None}]
     assert reports.usage(filled, since=T0 + 10 * 86400) == []
 
 
@@ -164,9 +190,11 @@ MODELS = st.sampled_from([None, "llama3", "qwen"])
 HOURS = st.sampled_from([-25, -24, -1, 0, 1, 23, 24])
 SECONDS = st.sampled_from([0.0, 0.5, 1.0, 1800.0, 3599.0, 3599.5]) | st.floats(0, 3599.9)
 TIME = st.builds(lambda h, s: DAY0 + h * H + s, HOURS, SECONDS)
+NS = st.none() | st.sampled_from([0, 1, 10**9]) | st.integers(0, ledger.MAX_NS)
 ROW = st.builds(rec, time=TIME, user=USERS, model=MODELS, status=st.sampled_from([200, 404, 500]),
                 outcome=st.sampled_from(["ok", "client_closed"]),
-                prompt=st.integers(0, 10**9), completion=st.integers(0, 10**9))
+                prompt=st.integers(0, 10**9), completion=st.integers(0, 10**9),
+                ns=st.tuples(NS, NS, NS))
 EDGE = st.none() | TIME
 
 
