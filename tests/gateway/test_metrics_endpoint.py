@@ -1,5 +1,5 @@
 """GET /metrics end to end: requests through the in-process gateway in front of the
-simulated Ollama (an answer, a stream, a 401, a 429 from a limit) show in the counters
+simulated Ollama (an answer, a stream, a 401, a 429 from a limit, a 400) show in the counters
 as prometheus_client's parser reads them; who may read the page."""
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ async def test_requests_show_in_the_counters(nursery):
                                        json=chat(llama, False))  # over 3 a minute
             stranger = await client.post(stack.url + "/api/chat", headers=bearer("op-nope"),
                                          json=chat(llama, False))
-            assert [r.status_code for r in (third, fourth, stranger)] == [200, 429, 401]
-            await stack.sink.wait_for(lambda records: len(records) == 4)
+            bad = await client.post(stack.url + "/api/chat", headers=bearer(key), content=b"{")
+            assert [r.status_code for r in (third, fourth, stranger, bad)] == [200, 429, 401, 400]
+            await stack.sink.wait_for(lambda records: len(records) == 5)
             # a stranger leaves no record: its request's after phase, once its task runs
             for _ in range(1000):
                 if stack.gateway.metrics.rejections.values.get(("unauthorized",)):
@@ -66,10 +67,13 @@ async def test_requests_show_in_the_counters(nursery):
          ("model", ODD.name), ("user", "ann")): 1,
         (("backend", ""), ("code", "429"), ("endpoint", "/api/chat"), ("model", ""),
          ("user", "ann")): 1,
+        (("backend", ""), ("code", "400"), ("endpoint", "/api/chat"), ("model", ""),
+         ("user", "ann")): 1,
     }
     assert '\\"' in text and "\\\\" in text  # the odd name's quote and backslash, escaped
     assert samples(text, "ollama_proxy_rejections_total") == {
-        (("reason", "rate_limit"),): 1, (("reason", "unauthorized"),): 1}
+        (("reason", "rate_limit"),): 1, (("reason", "unauthorized"),): 1,
+        (("reason", "bad_request"),): 1}
     tokens = samples(text, "ollama_proxy_tokens_total")
     assert {(dict(k)["type"], dict(k)["model"]) for k in tokens} == {
         ("prompt", llama), ("completion", llama), ("prompt", ODD.name), ("completion", ODD.name)}
@@ -79,7 +83,7 @@ async def test_requests_show_in_the_counters(nursery):
     for name in ("ollama_proxy_time_to_first_token_seconds_count",
                  "ollama_proxy_time_per_output_token_seconds_count"):
         assert samples(text, name) == {(("backend", "default"), ("model", ODD.name)): 1}, name
-    assert sum(samples(text, "ollama_proxy_request_duration_seconds_count").values()) == 4
+    assert sum(samples(text, "ollama_proxy_request_duration_seconds_count").values()) == 5
     assert samples(text, "ollama_proxy_backend_up") == {(("backend", "default"),): 1}
     assert samples(text, "ollama_proxy_in_flight_requests") == {(("backend", "default"),): 0}
     assert samples(text, "ollama_proxy_queue_depth") == {(("backend", "default"),): 0}
