@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import trio
 
+from . import __version__
 from .access.counters_from_ledger import Backlog, load_counters
 from .access.identity import KeyIndex
 from .access.limiter import Limiter
 from .admin.api import AdminApi
+from .admin.metrics_page import MetricsPage
 from .admin.status import Status
 from .api.prompt_overhead import PromptOverheads
 from .api.record import RequestRecord
@@ -30,6 +32,7 @@ from .http.messages import Request
 from .http.responder import Responder
 from .http.server import HttpServer, ServerSettings
 from .observe.access_log import AccessLog
+from .observe.metrics import BackendState, GatewayMetrics
 from .proxy.metering import Metering
 from .proxy.recount import Recounter
 from .proxy.relay import ProxyHandler
@@ -171,7 +174,10 @@ class Gateway:
         self.router = Router(self.backends)
         self.store = Store(config.server.database)  # accounts: keys, users, audit
         self.reports = Store(config.server.database)  # usage reports, never in the way of those
-        self.ledger = LedgerWriter(config.server.database, wait=config.server.ledger_wait)
+        self.metrics = GatewayMetrics(per_user=config.metrics.per_user, version=__version__,
+                                      backends=self._backend_states)
+        self.ledger = LedgerWriter(config.server.database, wait=config.server.ledger_wait,
+                                   on_commit=self.metrics.ledger_committed)
         # Streams whose backend reports no usage, counted with its tokenizer afterwards.
         self.recounter = Recounter(
             self.backends.backends, _counted(config),
@@ -184,7 +190,8 @@ class Gateway:
         self.metering = Metering(
             self.ledger, on_built=[self.limiter.settle, self.overheads.observe],
             estimate_prompt=self.overheads.estimate, access_log=self.access_log,
-            recounter=self.recounter, observers=[on_record] if on_record else [])
+            recounter=self.recounter, observers=[on_record] if on_record else [],
+            metrics=self.metrics.observe)
         self._admin_key = admin_key
         self.secret = b""  # the key-hashing secret, once the database is open
         self._nursery: trio.Nursery | None = None  # background tasks, while running
@@ -193,6 +200,12 @@ class Gateway:
         self.admin: AdminApi | None = None
         self.table: DispatchTable | None = None  # every path, once relay and admin exist
         self.server = HttpServer(self._handle, server_settings(config.server, config.upstreams))
+
+    def _backend_states(self) -> list[BackendState]:
+        """Each backend's gauges for /metrics, read when scraped."""
+        router = self.router
+        return [(b.name, bool(b.health.up), b.requests, router.queued_for(b))
+                for b in self.backends.backends]
 
     async def _handle(self, request: Request, responder: Responder) -> None:
         assert self.table is not None
@@ -300,7 +313,9 @@ class Gateway:
                                       aliases=self.config.aliases,
                                       max_response_bytes=cfg.max_response_bytes)
             assert self.admin is not None
-            self.table = gateway_table(self.relay.handle, self.admin, Status(self.backends))
+            metrics = MetricsPage(self.metrics.render, self.config.metrics.allow, index)
+            self.table = gateway_table(self.relay.handle, self.admin, Status(self.backends),
+                                       metrics.handle)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.ledger.run)
                 if backlog is not None:  # a long one is summed while the gateway serves

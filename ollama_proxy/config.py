@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import configparser
 import difflib
+import ipaddress
 import os
 import re
 import ssl
@@ -63,6 +64,12 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    allow: tuple[IpNetwork, ...] = (ipaddress.ip_network("127.0.0.1"), ipaddress.ip_network("::1"))
+    per_user: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     url: str
@@ -94,6 +101,7 @@ class Config:
     source: str | None
     aliases: Aliases = NO_ALIASES  # [aliases]: model names that stand for others
     routing: RoutingSettings = RoutingSettings()
+    metrics: MetricsConfig = MetricsConfig()
 
 
 Raw = dict[str, tuple[str, str]]  # key -> (text, origin for messages)
@@ -359,6 +367,7 @@ def load_config(path: str | None = None, *, env: Mapping[str, str] | None = None
         source=source,
         aliases=aliases,
         routing=RoutingSettings(**_fields("routing", _parse_section("routing", sections["routing"]))),
+        metrics=MetricsConfig(**_fields("metrics", _parse_section("metrics", sections["metrics"]))),
     )
 
 
@@ -376,7 +385,8 @@ def settings(config: Config) -> dict[str, dict[str, str]]:
     """The effective settings as the ini writes them, by section; secrets only as ``(set)``."""
     out: dict[str, dict[str, str]] = {}
     named: list[tuple[str, Any]] = [("server", config.server), ("log", config.log),
-                                    ("limits", config.limits), ("routing", config.routing)]
+                                    ("limits", config.limits), ("routing", config.routing),
+                                    ("metrics", config.metrics)]
     named += [(f"{UPSTREAM}.{u.name}", u) for u in config.upstreams]
     for section, obj in named:
         values = out[section] = {}

@@ -37,7 +37,7 @@ from .isotime import iso
 
 ENV_PREFIX = "OLLAMA_PROXY_"
 UPSTREAM = "upstream"  # schema section shared by every [upstream.NAME]
-SECTIONS = ("server", "log", "limits", "routing")  # the fixed sections, besides [upstream.NAME]
+SECTIONS = ("server", "log", "limits", "routing", "metrics")  # the fixed sections, besides [upstream.NAME]
 # Free-form NAME = TARGET lines, no schema rows: from the file only (an environment
 # variable's name cannot spell a model name's dots, colons and slashes).
 ALIASES = "aliases"
@@ -191,6 +191,14 @@ SCHEMA: tuple[Key, ...] = (
         "When requests wait for slots, give a freed slot to the waiting user served least lately,\n"
         "counted in tokens divided by the user's weight limit (true); false: first come first\n"
         "served (for comparison).", "fair_queue"),
+    Key("metrics", "allow", cidrs, "127.0.0.1, ::1",
+        "Client addresses that may read GET /metrics without a key, as addresses or CIDR blocks\n"
+        "separated by commas or spaces (as [server] allow); an admin key may read it from\n"
+        "anywhere, anyone else gets 403. Empty: no address, admin keys only.", "allow",
+        show=show_cidrs),
+    Key("metrics", "per_user", flag, "true",
+        "Label the per-request metrics with the user's name (true); false drops the user label\n"
+        "(fewer series, and no user names on the metrics page).", "per_user"),
     Key(UPSTREAM, "url", backend_url, "http://127.0.0.1:11434",
         "Backend base URL, http://HOST[:PORT][/PATH] or https://HOST[:PORT][/PATH]; a PATH is\n"
         "put in front of every request path, e.g. http://gpu1:8000/ollama.", "url"),

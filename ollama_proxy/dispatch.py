@@ -159,8 +159,10 @@ def proxied_rows(relay: RelayHandler) -> list[Row]:
             for path, route in paths]
 
 
-def gateway_table(relay: RelayHandler, admin: AdminApi, status: Status) -> DispatchTable:
-    """Every path the gateway answers."""
+def gateway_table(relay: RelayHandler, admin: AdminApi, status: Status,
+                  metrics: Handler) -> DispatchTable:
+    """Every path the gateway answers (``metrics``: /metrics, which checks the
+    caller's address or admin key itself)."""
     native, anyone = ApiFamily.NATIVE, Caller.ANYONE
     get_head = frozenset({"GET", "HEAD"})
 
@@ -171,6 +173,7 @@ def gateway_table(relay: RelayHandler, admin: AdminApi, status: Status) -> Dispa
     return DispatchTable([
         Row("/", get_head, native, anyone, status.root),
         Row("/health", get_head, native, anyone, status.health),
+        Row("/metrics", get_head, native, anyone, metrics),
         *proxied_rows(relay),
         api("POST", "/admin/api/users", AdminApi.create_user),
         api("GET", "/admin/api/users", AdminApi.list_users),

@@ -50,6 +50,7 @@ class ProxyError(Exception):
     status = 500
     code = "internal_error"
     openai_type: str | None = None  # the OpenAI error "type", when not the status's usual one
+    reason: str | None = None  # a refusal's reason in the metrics' rejections_total
 
     def __init__(
         self,
@@ -77,6 +78,7 @@ class ProxyError(Exception):
 class BadRequest(ProxyError):
     status = 400
     code = "invalid_request"
+    reason = "bad_request"
 
 
 class Unauthorized(ProxyError):
@@ -84,6 +86,7 @@ class Unauthorized(ProxyError):
 
     status = 401
     code = "invalid_api_key"
+    reason = "unauthorized"
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return [(b"www-authenticate", b"Bearer")]
@@ -94,6 +97,7 @@ class Forbidden(ProxyError):
 
     status = 403
     code = "forbidden"
+    reason = "forbidden"
 
 
 class NotFound(ProxyError):
@@ -124,6 +128,7 @@ class Conflict(ProxyError):
 class PayloadTooLarge(ProxyError):
     status = 413
     code = "payload_too_large"
+    reason = "too_large"
 
 
 class RequestTimeout(ProxyError):
@@ -177,11 +182,17 @@ class NoBackendAvailable(ProxyError):
 
 
 class Overloaded(ProxyError):
-    """The fair queue is full, or the request waited its whole ``queue_timeout_s``."""
+    """The fair queue is full (``QueueTimeout``: the request waited its whole
+    ``queue_timeout_s``)."""
 
     status = 503
     code = "overloaded"
     openai_type = "server_error"
+    reason = "queue_full"
+
+
+class QueueTimeout(Overloaded):
+    reason = "queue_timeout"
 
 
 class TooManyQueued(ProxyError):
@@ -189,6 +200,7 @@ class TooManyQueued(ProxyError):
 
     status = 429
     code = "too_many_queued"
+    reason = "queue_full"
 
 
 class LimitError(ProxyError):
@@ -201,9 +213,11 @@ class LimitError(ProxyError):
 
     def __init__(self, message: str, *, status: int, code: str, openai_type: str | None = None,
                  retry_after_s: int | None = None,
-                 extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+                 extra_headers: list[tuple[bytes, bytes]] | None = None,
+                 reason: str | None = None) -> None:
         super().__init__(message, status=status, code=code, retry_after_s=retry_after_s)
         self.openai_type = openai_type
+        self.reason = reason
         self.extra_headers = extra_headers or []
 
     def headers(self) -> list[tuple[bytes, bytes]]:

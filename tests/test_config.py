@@ -14,6 +14,7 @@ from ollama_proxy.config import (
     DEFAULT_CONFIG_FILE,
     GB,
     Config,
+    MetricsConfig,
     RoutingSettings,
     ServerConfig,
     UpstreamConfig,
@@ -79,6 +80,13 @@ def test_routing_dataclass_defaults_are_the_schema_defaults() -> None:
         assert getattr(RoutingSettings(), row.field) == row.parse(row.default), row.name
 
 
+def test_metrics_dataclass_defaults_are_the_schema_defaults() -> None:
+    """MetricsConfig() (a Config built without [metrics]) holds the schema's defaults."""
+    for row in rows("metrics"):
+        assert row.field is not None
+        assert getattr(MetricsConfig(), row.field) == row.parse(row.default), row.name
+
+
 def test_config_is_frozen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Config objects are immutable."""
     config = defaults(tmp_path, monkeypatch)
@@ -108,6 +116,7 @@ def test_shipped_example_equals_defaults(tmp_path: Path, monkeypatch: pytest.Mon
     assert shipped.server == expected.server and shipped.log == expected.log
     assert shipped.limits == expected.limits == Limits()
     assert shipped.routing == expected.routing == RoutingSettings()
+    assert shipped.metrics == expected.metrics == MetricsConfig()
     assert [dataclasses.replace(u, name="default") for u in shipped.upstreams] == list(expected.upstreams)
     assert [u.name for u in shipped.upstreams] == ["local"]
 
@@ -178,6 +187,8 @@ BAD_VALUES = [
     ("routing", "eject_after_failures", "0", "expected a whole number >= 1"),
     ("routing", "eject_s", "inf", "expected a number of seconds > 0"),
     ("routing", "fair_queue", "yes", "expected true or false"),
+    ("metrics", "allow", "localhost", "expected IP addresses or CIDR blocks"),
+    ("metrics", "per_user", "no", "expected true or false"),
     ("upstream.gpu-1", "url", "ftp://gpu1", "expected http://HOST[:PORT][/PATH]"),
     ("upstream.gpu-1", "url", "http://", "expected http://HOST"),
     ("upstream.gpu-1", "url", "gpu1:11434", "expected http://HOST"),
@@ -244,7 +255,7 @@ def test_bad_env_value_names_the_variable(tmp_path: Path, section: str, key: str
      "[upstream.a] weight: unknown key; allowed: url, ca_file, tls_verify, kind, models,"),
     ("[routing]\nslots = 1\n", "[routing] slots: unknown key; allowed: refresh_s,"),
     ("[servr]\n",
-     "[servr]: unknown section; allowed: [server], [log], [limits], [routing], [upstream.NAME], "
+     "[servr]: unknown section; allowed: [server], [log], [limits], [routing], [metrics], [upstream.NAME], "
      "[aliases] (did you mean server?)"),
     ("[routng]\n", "(did you mean routing?)"),
     ("[upstream]\n", "[upstream]: unknown section"),

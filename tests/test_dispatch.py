@@ -52,7 +52,11 @@ class FakeStatus:
         responder.called = ("status", "health")
 
 
-TABLE = gateway_table(relay, FakeAdmin(), FakeStatus())
+async def metrics(request, responder, params):
+    responder.called = ("metrics",)
+
+
+TABLE = gateway_table(relay, FakeAdmin(), FakeStatus(), metrics)
 
 
 def request(method: str, path: str) -> Request:
@@ -65,6 +69,7 @@ GET, GET_HEAD, POST = {"GET"}, {"GET", "HEAD"}, {"POST"}
 EXPECTED = [
     ("GET", "/", ("status", "root"), NATIVE, ANYONE, GET_HEAD),
     ("HEAD", "/health", ("status", "health"), NATIVE, ANYONE, GET_HEAD),
+    ("GET", "/metrics", ("metrics",), NATIVE, ANYONE, GET_HEAD),
     ("POST", "/api/generate", ("relay", "generate"), NATIVE, KEY, POST),
     ("POST", "/api/chat", ("relay", "chat"), NATIVE, KEY, POST),
     ("POST", "/api/embed", ("relay", "embed"), NATIVE, KEY, POST),

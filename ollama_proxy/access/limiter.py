@@ -52,15 +52,18 @@ def refusal(decision: Decision, route: Route, model: str | None,
         # hidden, as in the listing (an expired user still hears that it expired)
         return LimitError(f"The model '{model}' does not exist or you do not have access to it.",
                           status=404, code="model_not_found", openai_type="invalid_request_error",
-                          extra_headers=extra)
+                          extra_headers=extra, reason="forbidden")
     kind: str | None = None
+    reason = "forbidden"
     if decision.status == 429:
         kind = ("insufficient_quota" if decision.code == "insufficient_quota"
                 else "tokens" if decision.limit in TOKEN_LIMITS else "requests")
+        reason = ("concurrency" if decision.limit == "max_concurrent"
+                  else "quota" if decision.code == "insufficient_quota" else "rate_limit")
     assert decision.code is not None
     return LimitError(decision.message, status=decision.status, code=decision.code,
                       openai_type=kind, retry_after_s=decision.retry_after_s,
-                      extra_headers=extra)
+                      extra_headers=extra, reason=reason)
 
 
 def _judged_model(ex: Exchange, limits: Limits) -> str | None:

@@ -16,7 +16,14 @@ from typing import Callable
 import trio
 
 from ..api.models import canonical_model
-from ..errors import ModelNotServed, NoBackendAvailable, NotFound, Overloaded, TooManyQueued
+from ..errors import (
+    ModelNotServed,
+    NoBackendAvailable,
+    NotFound,
+    Overloaded,
+    QueueTimeout,
+    TooManyQueued,
+)
 from .choice import choose, has_free_slot
 from .fairqueue import FairQueue, QueueFull, Service, UserQueueFull, Waiter
 from .registry import RETRY_AFTER_DOWN_S, Backend, BackendSet
@@ -212,7 +219,7 @@ class Router:
                 self.queue.remove(waiter)
         backend = waiter.granted
         if backend is None:
-            raise Overloaded(f"no GPU slot freed within queue_timeout_s "
+            raise QueueTimeout(f"no GPU slot freed within queue_timeout_s "
                              f"({routing.queue_timeout_s:g} s); retry later",
                              retry_after_s=_retry_after(routing.queue_timeout_s))
         assert isinstance(backend, Backend)

@@ -42,13 +42,17 @@ class Ledger(Protocol):
 
 # Told of a record the moment it is built (``built`` phase); must not block.
 BuiltHook = Callable[[Exchange, RequestRecord], None]
+# Told of each request once its response is over (``after``): its record (None: a caller
+# without a valid key, who leaves none), why the gateway refused it (the error's
+# ``reason``) and a stream's seconds to its first content frame (``GatewayMetrics.observe``).
+MetricsHook = Callable[[RequestRecord | None, str | None, float | None], None]
 
 
 class RecordDraft:
     """What is known of one request's record while the request runs."""
 
     __slots__ = ("exchange", "backend", "lease", "queued_s", "status", "tally", "ttfb_s", "scanner", "record",
-                 "recorded", "started")
+                 "recorded", "started", "reason", "first_token_s")
 
     def __init__(self, exchange: Exchange) -> None:
         self.exchange = exchange
@@ -62,6 +66,8 @@ class RecordDraft:
         self.record: RequestRecord | None = None
         self.recorded = False  # built, or none to build (a stranger leaves no row)
         self.started = time.perf_counter()
+        self.reason: str | None = None  # the refusal's reason (``ProxyError.reason``)
+        self.first_token_s: float | None = None  # a stream's first content frame, from started
 
 
 class Metering:
@@ -74,13 +80,15 @@ class Metering:
                  estimate_prompt: Callable[[Exchange], int] = lambda ex: estimate_prompt_tokens(
                      ex.body_obj),
                  access_log: AccessLog | None = None, recounter: Recounter | None = None,
-                 observers: Sequence[Callable[[RequestRecord], None]] = ()) -> None:
+                 observers: Sequence[Callable[[RequestRecord], None]] = (),
+                 metrics: MetricsHook | None = None) -> None:
         self._ledger = ledger
         self._on_built = tuple(on_built)
         self._estimate_prompt = estimate_prompt
         self._access_log = access_log
         self._recounter = recounter
         self._observers = tuple(observers)
+        self._metrics = metrics
 
     def capture_bytes(self, backend: Backend, ex: Exchange) -> int:
         """How many bytes of a stream starting now to keep for the recount (0: none)."""
@@ -146,6 +154,8 @@ class Metering:
     def after(self, draft: RecordDraft) -> None:
         """Phase three, once the response is over (nothing for a request without a record)."""
         record = draft.record
+        if self._metrics is not None:
+            self._metrics(record, draft.reason, draft.first_token_s)
         if record is None:
             return
         if self._access_log is not None:

@@ -433,6 +433,7 @@ class ProxyHandler:
         # A drain's grace ends the stream by closing its backend connection: a write to a
         # slow client is never cut in the middle.
         responder.on_stop(upstream.stop)
+        first: float | None = None  # the first content frame's time (a local: cheap per chunk)
         try:
             while True:
                 data = await upstream.receive()
@@ -440,6 +441,8 @@ class ProxyHandler:
                     break
                 out = scanner.feed(data)
                 if out:
+                    if first is None and tally.frames:
+                        first = draft.first_token_s = round(time.perf_counter() - draft.started, 6)
                     if tally.finished or tally.error is not None:
                         # the backend's end marker (or its error, which ends a stream) is
                         # in this piece: make the record durable first, so a client that
@@ -475,6 +478,7 @@ class ProxyHandler:
     async def _fail(self, responder: Responder, draft: RecordDraft, err: ProxyError) -> None:
         """Answer ``err``, recorded first (a stranger only in the access log)."""
         draft.status = err.status
+        draft.reason = err.reason
         if isinstance(err, Unauthorized):
             self._metering.stranger(draft)
         else:

@@ -73,8 +73,11 @@ class LedgerWriter:
 
     MAX_BATCH = 1000  # rows per transaction
 
-    def __init__(self, path: str, *, wait: bool = True) -> None:
+    def __init__(self, path: str, *, wait: bool = True,
+                 on_commit: Callable[[float], None] | None = None) -> None:
         self._path = path
+        # told each batch's seconds, in the writer thread (the metrics' ledger_commit_seconds)
+        self.on_commit = on_commit
         self._wait = wait  # False: record() returns before the commit (no crash durability)
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._queued = 0  # number of the last job queued (trio thread)
@@ -190,8 +193,12 @@ class LedgerWriter:
         while True:
             batch, stop = self._next_batch(group.fold_due - time.monotonic())
             if batch:
+                started = time.perf_counter()
                 group.commit(conn, batch)
-                self._after_commit(batch)
+                elapsed = time.perf_counter() - started
+                self._after_commit(batch)  # the waiters first
+                if self.on_commit is not None:
+                    self.on_commit(elapsed)
             if stop or time.monotonic() >= group.fold_due:
                 group.fold_step(conn)
             if stop:

@@ -420,3 +420,25 @@ async def test_quota_counted_requests_wait_for_the_backlog():
             lim.quota_pending = None
             summed.set()
     assert admitted == ["free", "quota"]
+
+
+@pytest.mark.parametrize(("limits", "path", "body", "reason"), [
+    ({"token_quota": 0}, "/api/chat", CHAT, "quota"),
+    ({"requests_per_day": 0}, "/api/embed", {"model": "m", "input": "x"}, "quota"),
+    ({"max_concurrent": 0}, "/api/chat", CHAT, "concurrency"),
+    ({"allowed_models": ["qwen*"]}, "/api/chat", CHAT, "forbidden"),
+    ({"allowed_models": ["qwen*"]}, "/v1/models/llama3.2", None, "forbidden"),
+    ({"expires_at": EXPIRED}, "/api/tags", None, "forbidden"),
+])
+async def test_each_refusal_names_its_reason_for_the_metrics(limits, path, body, reason):
+    err = await refused(limiter(), exchange(path, body, key(limits), "POST" if body else "GET"))
+    assert err.reason == reason
+
+
+async def test_a_full_window_and_a_busy_user_are_rate_limit_and_concurrency():
+    lim = limiter(requests_per_minute=1, max_concurrent=1)
+    first = exchange("/api/chat", CHAT)
+    await lim(first)
+    assert (await refused(lim, exchange("/api/chat", CHAT))).reason == "concurrency"
+    lim.settle(first, usage(first, 1, 1))
+    assert (await refused(lim, exchange("/api/chat", CHAT))).reason == "rate_limit"

@@ -242,6 +242,7 @@ async def test_waiting_longer_than_queue_timeout_is_overloaded(nursery, autojump
     await p.done.wait()
     assert isinstance(p.error, Overloaded)
     assert (p.error.status, p.error.code, p.error.retry_after_s) == (503, "overloaded", 3)
+    assert p.error.reason == "queue_timeout"
     assert p.error.headers() == [(b"retry-after", b"3")]
     assert "queue_timeout_s (10 s)" in p.error.message
     assert (waiting(r), r.queued_for(b), r.queue.active("a")) == (0, 0, False)
@@ -257,6 +258,7 @@ async def test_a_full_queue_is_overloaded_at_once(nursery, autojump_clock):
     with pytest.raises(Overloaded) as refused:
         await lease(r, user="late")
     assert (refused.value.status, refused.value.retry_after_s) == (503, 25)
+    assert refused.value.reason == "queue_full"
     assert "2 requests are already waiting" in refused.value.message
     assert waiting(r) == 2 and not r.queue.active("late")
     assert await grant_order(r, holder, queued) == ["0", "1"]

@@ -149,7 +149,7 @@ def test_every_admin_path_of_the_dispatch_table_is_documented() -> None:
     name as operationId and its caller as security (scope admin: an admin's key; no
     scope: any key); the document names no other operation. A new admin path cannot be
     forgotten here."""
-    table = gateway_table(relay, FakeAdmin(), FakeStatus())  # type: ignore[arg-type]
+    table = gateway_table(relay, FakeAdmin(), FakeStatus(), relay)  # type: ignore[arg-type]
     rows = {}
     for row in table.rows:
         made_by = getattr(row.handler, "made_by", None)
