@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from urllib.parse import unquote
 
+from .admin import console_page
 from .admin.api import AdminApi, Call
 from .admin.status import Status
 from .api.routes import PREFIX_ROUTES, ROUTES, Route
@@ -160,9 +161,9 @@ def proxied_rows(relay: RelayHandler) -> list[Row]:
 
 
 def gateway_table(relay: RelayHandler, admin: AdminApi, status: Status,
-                  metrics: Handler) -> DispatchTable:
+                  metrics: Handler, console: Handler = console_page.serve) -> DispatchTable:
     """Every path the gateway answers (``metrics``: /metrics, which checks the
-    caller's address or admin key itself)."""
+    caller's address or admin key itself; ``console``: the web console's files)."""
     native, anyone = ApiFamily.NATIVE, Caller.ANYONE
     get_head = frozenset({"GET", "HEAD"})
 
@@ -174,6 +175,7 @@ def gateway_table(relay: RelayHandler, admin: AdminApi, status: Status,
         Row("/", get_head, native, anyone, status.root),
         Row("/health", get_head, native, anyone, status.health),
         Row("/metrics", get_head, native, anyone, metrics),
+        *(Row(path, get_head, native, anyone, console) for path in console_page.FILES),
         *proxied_rows(relay),
         api("POST", "/admin/api/users", AdminApi.create_user),
         api("GET", "/admin/api/users", AdminApi.list_users),

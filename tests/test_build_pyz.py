@@ -172,6 +172,8 @@ from ollama_proxy.admin import openapi
 assert openapi.__file__.startswith(pyz), openapi.__file__
 doc = openapi.document()
 print('openapi', doc['openapi'], len(doc['paths']) > 10)
+from ollama_proxy.admin import console_page
+print('console', sum(len(console_page.asset(p).body) for p in console_page.FILES) > 1000)
 """
 
 
@@ -191,6 +193,7 @@ def check_interpreter(python: str, pyz: Path, cwd: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "openapi 3.1.0 True" in proc.stdout
+    assert "console True" in proc.stdout
 
 
 @needs_main

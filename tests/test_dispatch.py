@@ -56,7 +56,11 @@ async def metrics(request, responder, params):
     responder.called = ("metrics",)
 
 
-TABLE = gateway_table(relay, FakeAdmin(), FakeStatus(), metrics)
+async def console(request, responder, params):
+    responder.called = ("console",)
+
+
+TABLE = gateway_table(relay, FakeAdmin(), FakeStatus(), metrics, console)
 
 
 def request(method: str, path: str) -> Request:
@@ -70,6 +74,9 @@ EXPECTED = [
     ("GET", "/", ("status", "root"), NATIVE, ANYONE, GET_HEAD),
     ("HEAD", "/health", ("status", "health"), NATIVE, ANYONE, GET_HEAD),
     ("GET", "/metrics", ("metrics",), NATIVE, ANYONE, GET_HEAD),
+    ("GET", "/admin", ("console",), NATIVE, ANYONE, GET_HEAD),
+    ("GET", "/admin/console.css", ("console",), NATIVE, ANYONE, GET_HEAD),
+    ("HEAD", "/admin/console.js", ("console",), NATIVE, ANYONE, GET_HEAD),
     ("POST", "/api/generate", ("relay", "generate"), NATIVE, KEY, POST),
     ("POST", "/api/chat", ("relay", "chat"), NATIVE, KEY, POST),
     ("POST", "/api/embed", ("relay", "embed"), NATIVE, KEY, POST),

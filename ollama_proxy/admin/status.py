@@ -1,6 +1,6 @@
 """The gateway's answers that need no key: ``/`` (as Ollama answers it, so that
-clients probing for an Ollama find one) and ``/health`` (for load balancers and
-monitors)."""
+clients probing for an Ollama find one; a browser is sent on to the console at
+``/admin``) and ``/health`` (for load balancers and monitors)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ class Status:
 
     async def root(self, request: Request, responder: Responder,
                    params: Mapping[str, str]) -> None:
+        if b"text/html" in (request.header(b"accept") or b""):  # a browser: the console
+            await responder.respond(302, [(b"location", b"/admin")], b"")
+            return
         await responder.respond(200, [(b"content-type", b"text/plain; charset=utf-8")],
                                 b"Ollama is running")
 
