@@ -28,6 +28,8 @@ A throwaway database was made for this run, with two users:
   admin  (role admin) key {admin_key}
   demo   (role user)  key {user_key}
 
+Web console: open {base}/admin in a browser and log in with one of these keys.
+
   curl {base}/api/chat {auth} -d '{{"model": "llama3.2", "messages": [{{"role": "user", "content": "Hello"}}]}}'
   curl {base}/v1/chat/completions {auth} -H 'Content-Type: application/json' \\
        -d '{{"model": "llama3.2", "stream": true, "messages": [{{"role": "user", "content": "Hello"}}]}}'

@@ -88,6 +88,10 @@ def test_demo_serves_both_clients_and_stops_on_sigterm(pyz: Path, tmp_path: Path
     with pyz_child(pyz, "demo", "--listen", "127.0.0.1:0", "--tokens-per-s", "0", cwd=tmp_path) as child:
         base = url_after(child, "stdout", "ollama-proxy demo: gateway on")
         user_key = key_after(child, "stdout", "demo   (role user)")
+        assert url_after(child, "stdout", "Web console: open") == base
+        page = httpx.get(base + "/admin", timeout=10)  # the console's files, from inside the .pyz
+        assert page.status_code == 200 and '<script src="/admin/console.js"' in page.text
+        assert httpx.get(base + "/admin/console.js", timeout=10).status_code == 200
 
         with ollama.Client(host=base, timeout=10,
                            headers={"Authorization": f"Bearer {user_key}"}) as client:
