@@ -30,6 +30,7 @@ from ollama_proxy.store import db
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.select import Select  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 WAIT_S = 10
@@ -115,6 +116,7 @@ def browser() -> Iterator[Any]:
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1200,900"):
         options.add_argument(flag)
+    options.add_experimental_option("prefs", {"download.default_directory": profile})
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(driver_path))
     try:
         yield driver
@@ -367,3 +369,50 @@ def test_hostile_names_and_messages_render_as_text(live: LiveStack, browser: Any
     browser.find_element(By.ID, "pg-send").click()
     assert HOSTILE in wait(browser, lambda d: text_of(d, "#pg-error"))
     no_script_ran(browser)
+
+
+def test_admin_keys_delete_usage_csv_and_audit(live: LiveStack, browser: Any) -> None:
+    stack = live.stack
+    assert stack is not None
+    key = new_user(stack, "ivan")
+    chat(stack, key, "hi [[sim:tokens=6]]")
+    login(browser, stack, stack.key)
+    # A second key, shown once; then revoked.
+    open_view(browser, "users", "#users-table")
+    user_row(browser, "ivan").find_element(By.CSS_SELECTOR, '[data-action="keys"]').click()
+    wait(browser, lambda d: d.find_element(By.ID, "new-key")).click()
+    second = wait(browser, lambda d: text_of(d, "#user-detail #secret-key"))
+    assert httpx.get(stack.url + "/v1/me", headers={"Authorization": f"Bearer {second}"},
+                     timeout=5).json()["name"] == "ivan"
+    revoke = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#user-detail button.danger"))
+    assert len(revoke) == 2
+    revoke[-1].click()
+    wait(browser, lambda d: "revoked" in text_of(d, "#user-detail"))
+    # Usage by model, and its CSV as the download carries it.
+    open_view(browser, "usage", "#usage-out table")
+    browser.execute_script("window.__csv = null; const make = URL.createObjectURL;"
+                           "URL.createObjectURL = (blob) => { blob.text().then((t) => { window.__csv = t; });"
+                           " return make(blob); };")
+    Select(browser.find_element(By.ID, "usage-group")).select_by_value("model")
+    browser.find_element(By.CSS_SELECTOR, "#usage-form button[type=submit]").click()
+    wait(browser, lambda d: "llama3.2" in text_of(d, "#usage-out"))
+    browser.find_element(By.ID, "usage-csv").click()
+    csv = wait(browser, lambda d: d.execute_script("return window.__csv"))
+    since = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=29)).date()
+    rows = httpx.get(stack.url + f"/admin/api/usage?group_by=model&since={since}",
+                     headers=stack.headers, timeout=5).json()["rows"]
+    lines = csv.strip().split("\r\n")
+    assert lines[0] == "key,requests,prompt_tokens,completion_tokens,errors,gpu_seconds,load_seconds"
+    assert sorted(line.split(",")[:2] for line in lines[1:]) == sorted(
+        [r["key"] or "", str(r["requests"])] for r in rows)
+    # Delete, confirmed; then the audit log tells it all.
+    open_view(browser, "users", "#users-table")
+    user_row(browser, "ivan").find_element(By.CSS_SELECTOR, '[data-action="delete"]').click()
+    alert = wait(browser, lambda d: d.switch_to.alert)
+    assert "ivan" in alert.text
+    alert.accept()
+    wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, '#users-table tr[data-user="ivan"]'))
+    open_view(browser, "audit", "table")
+    audit = text_of(browser, "#view-audit")
+    for action in ("user.create", "key.create", "key.revoke", "user.delete"):
+        assert action in audit, action
