@@ -416,3 +416,32 @@ def test_admin_keys_delete_usage_csv_and_audit(live: LiveStack, browser: Any) ->
     audit = text_of(browser, "#view-audit")
     for action in ("user.create", "key.create", "key.revoke", "user.delete"):
         assert action in audit, action
+
+
+def test_the_overview_shows_a_request_in_flight_as_it_runs(live: LiveStack, browser: Any) -> None:
+    stack = live.stack
+    assert stack is not None
+    key = new_user(stack, "judy")
+    login(browser, stack, stack.key)
+    wait(browser, lambda d: text_of(d, "#ov-in-flight") == "0")
+    streaming, done = threading.Event(), threading.Event()
+
+    def slow_stream() -> None:
+        with httpx.stream("POST", stack.url + "/api/chat", timeout=30,
+                          headers={"Authorization": f"Bearer {key}"},
+                          json={"model": "llama3.2", "messages": [
+                              {"role": "user", "content": "[[sim:rate=20]] [[sim:tokens=2000]]"}]}) as r:
+            chunks = r.iter_bytes()  # held: a dropped iterator would close the stream
+            next(chunks)
+            streaming.set()
+            done.wait(30)  # then leave: the stream is cut short
+
+    worker = threading.Thread(target=slow_stream, daemon=True)
+    worker.start()
+    try:
+        assert streaming.wait(10)
+        wait(browser, lambda d: text_of(d, "#ov-in-flight") == "1")  # the next 2 s refresh
+    finally:
+        done.set()
+        worker.join(30)
+    wait(browser, lambda d: text_of(d, "#ov-in-flight") == "0")
