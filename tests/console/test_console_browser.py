@@ -272,7 +272,7 @@ def test_the_charts_match_the_usage_api(live: LiveStack, browser: Any, shots: st
     assert len(browser.find_elements(By.CSS_SELECTOR, "#me-usage-chart rect.bar")) == 30
 
 
-def test_a_user_sees_only_their_own_data_even_on_a_phone(live: LiveStack, browser: Any,
+def test_a_user_sees_only_their_own_data_on_a_phone_in_either_theme(live: LiveStack, browser: Any,
                                                         shots: str) -> None:
     stack = live.stack
     assert stack is not None
@@ -294,6 +294,11 @@ def test_a_user_sees_only_their_own_data_even_on_a_phone(live: LiveStack, browse
         assert browser.execute_script(
             "return document.documentElement.scrollWidth <= window.innerWidth")
         browser.save_screenshot(os.path.join(shots, "my-usage-360px.png"))
+        for scheme, background in (("dark", "rgb(20, 23, 28)"), ("light", "rgb(255, 255, 255)")):
+            browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {
+                "features": [{"name": "prefers-color-scheme", "value": scheme}]})
+            assert browser.execute_script(
+                "return getComputedStyle(document.body).backgroundColor") == background
         browser.refresh()  # the key is kept for the tab
         wait(browser, lambda d: text_of(d, "#who") == "erin (user)")
         assert browser.execute_script(f"return sessionStorage.getItem('ollama-proxy-key') === '{key}'")

@@ -98,25 +98,22 @@ function errorText(response, data) {
 // ---------------------------------------------------------------- charts
 
 // A bar chart of points [{label, value}]: each bar carries data-label and data-value.
+// Its texts sit outside the SVG, which stretches to the width it is given.
 function barChart(points, title, id) {
-  const width = 600, height = 170, top = 18, bottom = 22, left = 4;
+  const width = 600, height = 150, top = 6;
   const max = Math.max(0, ...points.map((p) => p.value));
-  const step = (width - left) / Math.max(1, points.length);
+  const step = width / Math.max(1, points.length);
   const chart = svg('svg', { class: 'chart', id, viewBox: `0 0 ${width} ${height}`,
     preserveAspectRatio: 'none', role: 'img', 'aria-label': title });
-  chart.append(svg('text', { x: left, y: 12 }, `${title} (max ${fmt(max, 2)})`));
-  chart.append(svg('line', { x1: 0, x2: width, y1: height - bottom, y2: height - bottom }));
   points.forEach((p, i) => {
-    const h = max > 0 ? (height - top - bottom) * p.value / max : 0;
-    const bar = svg('rect', { class: 'bar', x: left + i * step + step * 0.1, width: Math.max(1, step * 0.8),
-      y: height - bottom - h, height: h, 'data-label': p.label, 'data-value': p.value },
-    svg('title', {}, `${p.label}: ${fmt(p.value, 3)}`));
-    chart.append(bar);
+    const h = max > 0 ? (height - top) * p.value / max : 0;
+    chart.append(svg('rect', { class: 'bar', x: i * step + step * 0.1, width: Math.max(1, step * 0.8),
+      y: height - h, height: h, 'data-label': p.label, 'data-value': p.value },
+    svg('title', {}, `${p.label}: ${fmt(p.value, 3)}`)));
   });
-  const ends = points.length ? [points[0], points[points.length - 1]] : [];
-  ends.forEach((p, i) => chart.append(svg('text', { x: i ? width - 4 : left, y: height - 6,
-    'text-anchor': i ? 'end' : 'start' }, p.label)));
-  return chart;
+  const ends = points.length ? [points[0].label, points[points.length - 1].label] : [];
+  return el('figure', { class: 'figure' }, el('figcaption', {}, `${title} (max ${fmt(max, 2)})`), chart,
+    el('div', { class: 'axis' }, ends.map((label) => el('span', {}, label))));
 }
 
 // The keys of consecutive days (or hours) from `since`, so that a chart has a bar for
