@@ -170,11 +170,14 @@ class AdminApi:
 
     async def me(self, request: Request, entry: KeyEntry,
                  params: Params) -> tuple[int, Any]:
-        """The caller's effective limits (defaults and own overrides merged) and what is left."""
+        """The caller's effective limits (defaults and own overrides merged), what is left,
+        and its keys (prefixes and dates, revoked ones flagged; never a key)."""
         limits = self._limiter.limits_for(entry)
         await self._limiter.quota_known(limits)
+        keys = await self._store.call(accounts.list_keys, entry.user)
         return 200, {"name": entry.user, "role": entry.role, "limits": limits.to_dict(),
-                     "key": entry.prefix, "remaining": self._limiter.remaining(entry)}
+                     "key": entry.prefix, "remaining": self._limiter.remaining(entry),
+                     "keys": [k.to_json() for k in keys]}
 
     async def reload(self, request: Request, entry: KeyEntry,
                      params: Params) -> tuple[int, Any]:

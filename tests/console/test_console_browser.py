@@ -23,6 +23,7 @@ import pytest
 import trio
 
 from gateway_stack import Stack, start_stack
+from ollama_proxy.access.keys import key_prefix
 from ollama_proxy.sim.models import DEFAULT_MODELS
 from ollama_proxy.sim.server import Simulator
 from ollama_proxy.store import db
@@ -291,6 +292,8 @@ def test_a_user_sees_only_their_own_data_on_a_phone_in_either_theme(live: LiveSt
         cells = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#me-usage-table tbody td")]
         assert cells[1:4] == ["1", str(own_usage(stack, key)[0]["prompt_tokens"]), "4"]
         assert "50" in text_of(browser, "#me-limits")
+        own_keys = text_of(browser, "#me-keys")
+        assert key_prefix(key) in own_keys and "active (this one)" in own_keys
         assert browser.execute_script(
             "return document.documentElement.scrollWidth <= window.innerWidth")
         browser.save_screenshot(os.path.join(shots, "my-usage-360px.png"))

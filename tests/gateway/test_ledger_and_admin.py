@@ -310,6 +310,13 @@ async def test_user_keys_show_prefix_and_last_use(stack: Stack) -> None:
             assert all(k["last_used_at"] is None for k in before["keys"])
             await run_call(client, metered_calls()[1], bearer(used), "last-used")
             user = await admin_call(client, stack, "GET", "/admin/api/users/alice")
+            me = await client.get("/v1/me", headers=bearer(used))
+            assert me.status_code == 200, me.text
+    # /v1/me: the caller's own keys, as the admin sees them (last use aside: this call is one).
+    def undated(keys: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{**k, "last_used_at": None} for k in keys]
+    assert undated(me.json()["keys"]) == undated(user["keys"])
+    assert used not in me.text and unused["key"] not in me.text
     by_prefix = {k["prefix"]: k for k in user["keys"]}
     assert list(by_prefix) == [key_prefix(used), unused["prefix"], revoked["prefix"]]
     assert set(user["keys"][0]) >= {"prefix", "created_at", "last_used_at", "revoked"}

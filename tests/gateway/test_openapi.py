@@ -272,6 +272,7 @@ async def calls(check: Checker, stack: Stack, admin: str) -> None:
     # The caller's own: any active user's key, an admin's too; a suspended user's is 403.
     me = await check("GET", "/v1/me", 200, ann)
     assert me["name"] == "ann" and me["limits"]["allowed_models"] == ["llama*"]
+    assert [k["prefix"] for k in me["keys"]] == [k["prefix"] for k in detail["keys"]]
     await check("GET", "/v1/me", 200, admin)
     await check("GET", "/v1/me", 401)
     await check("GET", "/v1/me", 403, cid)

@@ -216,7 +216,11 @@ VIEWS.me = async (section) => {
       usage.rows.slice().reverse().map((r) => [r.key, fmt(r.requests, 0), fmt(r.prompt_tokens, 0),
         fmt(r.completion_tokens, 0), fmt(r.gpu_seconds, 2)]), [1, 2, 3, 4])),
     el('h3', {}, 'Limits and what remains'),
-    el('div', { id: 'me-limits' }, table(['Limit', 'Value', 'Remaining'], limitRows, [2])));
+    el('div', { id: 'me-limits' }, table(['Limit', 'Value', 'Remaining'], limitRows, [2])),
+    el('h3', {}, 'My keys'),
+    el('div', { id: 'me-keys' }, table(['Prefix', 'Created', 'Last used', 'Expires', 'State'],
+      (me.keys || []).map((k) => [el('code', {}, k.prefix), k.created_at, k.last_used_at || 'never',
+        k.expires_at || 'never', k.revoked ? 'revoked' : (k.prefix === me.key ? 'active (this one)' : 'active')]))));
 };
 
 function limitText(value) {
