@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="simulated generation speed (default 20; 0 = as fast as possible)")
     demo.add_argument("--first-byte-delay-s", type=float, default=0.0,
                       help="simulated model-load delay before each answer (default 0)")
+    demo.add_argument("--traffic", action="store_true",
+                      help="a few demo users send requests in the background, so that the "
+                           "console's charts have something to show")
 
     check = add("check-config", cmd_check_config,
                 "validate the config and print the effective settings")
