@@ -61,6 +61,8 @@ async def serve(request: Request, responder: Responder, params: Mapping[str, str
     headers = [*SECURITY_HEADERS, (b"etag", file.etag), (b"cache-control", b"no-cache")]
     if_none_match = request.header(b"if-none-match")
     if if_none_match is not None and _matches(if_none_match, file.etag):
-        await responder.respond(304, headers, b"")
+        # no body, and the length is the file's (RFC 9110 8.6), not 0: a cache keeps it whole
+        await responder.start(304, headers, length=len(file.body))
+        await responder.end()
         return
     await responder.respond(200, [(b"content-type", file.content_type), *headers], file.body)

@@ -29,16 +29,13 @@ class MetricsPage:
 
     async def handle(self, request: Request, responder: Responder,
                      params: Mapping[str, str]) -> None:
-        if not self.allowed(request.client):
+        # A request a proxy forwarded (X-Forwarded-For) is not the allowed address's own,
+        # whatever its address: a reverse proxy on the box would make every caller local.
+        forwarded = request.header(b"x-forwarded-for") is not None
+        if forwarded or not self.allowed(request.client):
             try:
                 authorize(self._index.identify(request), admin=True)
             except ProxyError:  # no key, a wrong one or not an admin's: all the same here
                 raise Forbidden("/metrics is served to the [metrics] allow addresses and to "
                                 "admin keys") from None
-        body = self._render()
-        headers = [(b"content-type", CONTENT_TYPE)]
-        if request.method == "HEAD":
-            await responder.start(200, headers, length=len(body))
-            await responder.end()
-        else:
-            await responder.respond(200, headers, body)
+        await responder.respond(200, [(b"content-type", CONTENT_TYPE)], self._render())

@@ -79,6 +79,8 @@ async def user_traffic(host: str, port: int, key: str, seed: int) -> None:
                 log.info("demo traffic: %s answered %d", path, response.status)
         except (UpstreamUnreachable, UpstreamTimeout, UpstreamProtocolError) as exc:
             log.info("demo traffic: %s failed: %s", path, exc)
+        except Exception:  # the demo's sample traffic never ends the demo
+            log.exception("demo traffic: %s failed", path)
         await trio.sleep(rng.uniform(*TRAFFIC_PAUSE_S))
 
 

@@ -105,6 +105,9 @@ def open_sink(target: str) -> Sink | None:
     return _FileSink(target)
 
 
+WARN_EVERY_S = 60.0  # a failing sink is said at most this often
+
+
 class AccessLog:
     """Keeps each request's record and writes its line later.
 
@@ -120,6 +123,8 @@ class AccessLog:
     def __init__(self, target: str = STDERR) -> None:
         self._sink = open_sink(target)
         self._pending: list[RequestRecord] = []
+        self.lost = 0  # lines the sink refused (the ledger still has their rows)
+        self._warned_at = float("-inf")
 
     def keep(self, record: RequestRecord) -> None:
         if self._sink is None:
@@ -131,7 +136,15 @@ class AccessLog:
     def flush(self) -> None:
         pending, self._pending = self._pending, []
         if pending and self._sink is not None:
-            self._sink([access_line(record) for record in pending])
+            try:
+                self._sink([access_line(record) for record in pending])
+            except (OSError, ValueError) as err:  # a full disk, a closed pipe: not the gateway's end
+                self.lost += len(pending)
+                now = time.monotonic()
+                if now - self._warned_at >= WARN_EVERY_S:
+                    self._warned_at = now
+                    logging.getLogger("ollama_proxy.access").error(
+                        "access log lines lost (%d so far): %s", self.lost, err)
 
     def reopen(self, target: str) -> None:
         """Write to ``target`` from now on (a config reload, SIGHUP): a file is opened

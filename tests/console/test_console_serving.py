@@ -45,6 +45,7 @@ async def test_each_file_is_served_without_a_key_and_cached_by_etag(stack: Stack
     assert first.content == console_page.asset(path).body
     assert (again.status_code, again.content) == (304, b"")
     assert again.headers["etag"] == first.headers["etag"]
+    assert again.headers["content-length"] == str(len(first.content))  # the file's, no body
     assert_secured(again)
     assert listed.status_code == 304
     assert (other.status_code, other.content) == (200, first.content)

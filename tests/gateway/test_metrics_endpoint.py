@@ -134,3 +134,19 @@ async def test_per_user_false_names_no_user(nursery):
             text = (await client.get(url + "/metrics")).text
     assert samples(text, "ollama_proxy_requests_total")
     assert 'user="' not in text
+
+
+async def test_a_request_through_a_local_proxy_is_not_the_allowed_addresss_own(nursery):
+    """127.0.0.1 is allowed (the default), but a request that a reverse proxy on the box
+    forwarded (X-Forwarded-For) needs an admin key: the proxy makes every caller local."""
+    sim = Simulator()
+    host, port = await nursery.start(run_simulator, sim, "127.0.0.1", 0)
+    _, url, _, admin_key = await start_gateway(nursery, gateway_config([f"http://{host}:{port}"]))
+    forwarded = {"X-Forwarded-For": "203.0.113.9"}
+    with trio.fail_after(TIMEOUT_S):
+        async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
+            local = await client.get(url + "/metrics")
+            proxied = await client.get(url + "/metrics", headers=forwarded)
+            admin = await client.get(url + "/metrics", headers={**forwarded,
+                                                                **bearer(admin_key)})
+    assert (local.status_code, proxied.status_code, admin.status_code) == (200, 403, 200)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -214,3 +215,17 @@ async def test_a_reload_opens_the_file_again(nursery, tmp_path: Path):
         return [json.loads(line)["request_id"] for line in file.read_text().splitlines()]
     assert ids(tmp_path / "access.log.1") == [first]
     assert ids(path) == [second, third]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full on this system")
+def test_a_sink_that_refuses_loses_lines_not_the_gateway(caplog):
+    """A full disk (or a closed pipe): the lines are counted as lost and said once a
+    minute at most; flush never raises (it runs in the request path and the log's task)."""
+    log = AccessLog("/dev/full")
+    with caplog.at_level(logging.ERROR, logger="ollama_proxy.access"):
+        for _ in range(3):
+            log.keep(record())
+            log.flush()
+    assert log.lost == 3
+    assert len([r for r in caplog.records if "access log lines lost" in r.getMessage()]) == 1
+    log.close()

@@ -164,6 +164,7 @@ function logout() {
   state.key = null;
   state.me = null;
   stopTimer();
+  if (state.abort) state.abort.abort();
   for (const view of document.querySelectorAll('.view')) { view.hidden = true; view.replaceChildren(); }
   document.getElementById('nav').hidden = true;
   document.getElementById('logout').hidden = true;
@@ -189,8 +190,17 @@ function show(name) {
     view.hidden = view.id !== 'view-' + name;
     if (view.hidden) view.replaceChildren();
   }
-  const section = document.getElementById('view-' + name);
-  VIEWS[name](section).catch((err) => section.append(el('p', { class: 'error', role: 'alert' }, message(err))));
+  // A fresh box per showing: a view still loading from an earlier showing writes into its
+  // own box, detached by now, and starts no timer (every).
+  const box = document.createElement('div');
+  document.getElementById('view-' + name).replaceChildren(box);
+  VIEWS[name](box).catch((err) => box.append(el('p', { class: 'error', role: 'alert' }, message(err))));
+}
+
+function every(box, refresh) {
+  if (!box.isConnected) return;
+  stopTimer();
+  state.timer = setInterval(() => refresh().catch(() => {}), 2000);
 }
 
 // ---------------------------------------------------------------- any user: own usage
@@ -367,7 +377,7 @@ VIEWS.overview = async (section) => {
       el('div', { class: 'card' }, el('b', {}, `${up}/${b.backends.length}`), el('span', {}, 'backends up')));
   };
   await refresh();
-  state.timer = setInterval(() => refresh().catch(() => {}), 2000);
+  every(section, refresh);
 };
 
 // ---------------------------------------------------------------- admin: users
@@ -531,7 +541,11 @@ VIEWS.usage = async (section) => {
       c === 'key' ? (r.key === null ? '(none)' : r.key) : fmt(r[c], c.endsWith('seconds') ? 3 : 0))), [1, 2, 3, 4, 5, 6])].filter(Boolean));
   };
   const csv = () => {
-    const cell = (v) => { const s = v === null || v === undefined ? '' : String(v); return /[",\n\r]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s; };
+    const cell = (v) => {
+      let s = v === null || v === undefined ? '' : String(v);
+      if (typeof v === 'string' && /^[=+\-@\t\r]/.test(s)) s = "'" + s;  // never a spreadsheet formula
+      return /[",\n\r]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
+    };
     const text = [columns.join(','), ...rows.map((r) => columns.map((c) => cell(r[c])).join(','))].join('\r\n') + '\r\n';
     const url = URL.createObjectURL(new Blob([text], { type: 'text/csv' }));
     const link = el('a', { href: url, download: `usage-by-${group.value}.csv` });
@@ -562,7 +576,7 @@ VIEWS.backends = async (section) => {
   };
   section.append(el('h2', {}, 'Backends'), out);
   await refresh();
-  state.timer = setInterval(() => refresh().catch(() => {}), 2000);
+  every(section, refresh);
 };
 
 VIEWS.audit = async (section) => {
@@ -585,6 +599,17 @@ document.addEventListener('DOMContentLoaded', () => {
     }
   });
   document.getElementById('logout').addEventListener('click', logout);
+  // The API description needs an admin's key, which a plain link does not send.
+  document.getElementById('openapi').addEventListener('click', async (event) => {
+    if (!state.key) return;
+    event.preventDefault();
+    try {
+      const doc = await api('GET', '/admin/api/openapi.json');
+      const url = URL.createObjectURL(new Blob([JSON.stringify(doc, null, 2)], { type: 'application/json' }));
+      window.open(url, '_blank', 'noopener');
+      setTimeout(() => URL.revokeObjectURL(url), 60000);
+    } catch (err) { window.alert(message(err)); }
+  });
   for (const button of document.querySelectorAll('#nav button')) {
     button.addEventListener('click', () => show(button.dataset.view));
   }
