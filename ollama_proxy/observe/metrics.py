@@ -273,6 +273,8 @@ class GatewayMetrics:
                         ("backend",))
         self.rejections = Counter(p + "rejections_total", "Requests the gateway refused, by why.",
                                   ("reason",))
+        for reason in REJECTION_REASONS:  # each a series from the start (for rate())
+            self.rejections.inc((reason,), 0)
         self.gpu = Counter(p + "gpu_seconds_total",
                            "GPU time the backends reported (prompt evaluation + generation).",
                            ("model", *user, "backend"))
