@@ -316,6 +316,7 @@ class Gateway:
             metrics = MetricsPage(self.metrics.render, self.config.metrics.allow, index)
             self.table = gateway_table(self.relay.handle, self.admin, Status(self.backends),
                                        metrics.handle)
+            self.table.on_refused = self.metrics.refused
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.ledger.run)
                 if backlog is not None:  # a long one is summed while the gateway serves

@@ -82,6 +82,9 @@ class DispatchTable:
 
     def __init__(self, rows: Iterable[Row]) -> None:
         self.rows = tuple(rows)
+        # told the reason of each refusal it answers (the admin API's 401 and 403, /metrics'
+        # 403, a bad body): the relay counts its own, these are the rest
+        self.on_refused: Callable[[str], None] | None = None
         self._exact: dict[str, dict[str, Row]] = {}
         patterns: dict[str, tuple[re.Pattern[str], dict[str, Row]]] = {}
         for row in self.rows:
@@ -139,6 +142,8 @@ class DispatchTable:
         except ProxyError as err:
             if responder.started:  # too late for a status: the server cuts the answer short
                 raise
+            if err.reason is not None and self.on_refused is not None:
+                self.on_refused(err.reason)
             await _answer(responder, row.family, err)
 
 

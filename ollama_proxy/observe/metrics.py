@@ -293,6 +293,10 @@ class GatewayMetrics:
             self.queue_depth, self.in_flight, self.up, self.rejections, self.gpu, self.commit,
             self.build)
 
+    def refused(self, reason: str) -> None:
+        """A refusal outside the relay (the admin API, /metrics): counted, no record."""
+        self.rejections.inc((reason,))
+
     def observe(self, record: RequestRecord | None, reason: str | None = None,
                 first_token_s: float | None = None) -> None:
         """Once per request, after its response: a few dict lookups."""

@@ -150,3 +150,24 @@ async def test_a_request_through_a_local_proxy_is_not_the_allowed_addresss_own(n
             admin = await client.get(url + "/metrics", headers={**forwarded,
                                                                 **bearer(admin_key)})
     assert (local.status_code, proxied.status_code, admin.status_code) == (200, 403, 200)
+
+
+async def test_refusals_outside_the_relay_are_counted_too(nursery):
+    """A wrong key on the admin API (401), a user's key there (403) and a stranger at
+    /metrics (403): each is a rejection by its reason, as a refused proxied request is."""
+    sim = Simulator()
+    host, port = await nursery.start(run_simulator, sim, "127.0.0.1", 0)
+    _, url, _, admin_key = await start_gateway(nursery, gateway_config([f"http://{host}:{port}"]))
+    with trio.fail_after(TIMEOUT_S):
+        async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
+            created = await client.post(url + "/admin/api/users", headers=bearer(admin_key),
+                                        json={"name": "bob"})
+            user_key = created.json()["key"]
+            wrong = await client.get(url + "/admin/api/users", headers=bearer("op-wrong"))
+            user = await client.get(url + "/admin/api/users", headers=bearer(user_key))
+            stranger = await client.get(url + "/metrics",
+                                        headers={"X-Forwarded-For": "203.0.113.9"})
+            text = (await client.get(url + "/metrics")).text
+    assert (wrong.status_code, user.status_code, stranger.status_code) == (401, 403, 403)
+    assert {k: v for k, v in samples(text, "ollama_proxy_rejections_total").items() if v} == {
+        (("reason", "unauthorized"),): 1, (("reason", "forbidden"),): 2}
