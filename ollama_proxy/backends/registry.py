@@ -113,15 +113,21 @@ class Backend:
             headers.append((b"authorization", b"Bearer " + self.api_key.encode()))
         return headers
 
+    async def fetch(self, method: str, target: str, headers: list[tuple[bytes, bytes]],
+                    body: bytes, max_bytes: int = MAX_LIST_BYTES) -> tuple[int, bytes]:
+        """One whole exchange, read to its end, its connection given back; ``ProxyError``
+        if it fails."""
+        response = await self.pool.request(method, self.target(target), headers, body)
+        try:
+            data = await response.read_all(max_bytes)
+        finally:
+            await response.aclose()
+        return response.status, data or b""
+
     async def get(self, path: str, timeout_s: float) -> tuple[int, bytes]:
         """One GET of the gateway's own; ``ProxyError`` or ``trio.TooSlowError`` if it fails."""
         with trio.fail_after(timeout_s):
-            response = await self.pool.request("GET", self.target(path), self.headers(), b"")
-            try:
-                body = await response.read_all(MAX_LIST_BYTES)
-            finally:
-                await response.aclose()
-        return response.status, body or b""
+            return await self.fetch("GET", path, self.headers(), b"")
 
     def failed(self, error: str) -> None:
         """A request could not be served here (refused, broke before its answer, 502-504)."""

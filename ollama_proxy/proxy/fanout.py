@@ -70,13 +70,8 @@ async def ask_all(backends: Sequence[Backend], method: str, target: str,
             api_key=backend.api_key, request_id=request_id)
         try:
             with trio.fail_after(timeout_s) if timeout_s else trio.CancelScope():
-                response = await backend.pool.request(method, backend.target(target), headers,
-                                                      body)
-                try:
-                    answer.body = await response.read_all(max_bytes) or b""
-                finally:
-                    await response.aclose()
-            answer.status = response.status
+                answer.status, answer.body = await backend.fetch(method, target, headers, body,
+                                                                 max_bytes)
         except trio.TooSlowError:
             answer.error = f"no answer within {timeout_s:g} s"
         except ProxyError as err:
